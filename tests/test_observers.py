@@ -1,0 +1,200 @@
+"""Observers and quantizers against torch.ao, numpy and a plain TensorRT entropy reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.ao.quantization import MinMaxObserver, PerChannelMinMaxObserver
+
+from vitq import BitTypeConfig, QuantConfig
+from vitq.quant.observers import BatchStats, KLObserver, MinmaxObserver, OmseObserver, PercentileObserver
+from vitq.quant.quantizers import fake_quant_log2, fake_quant_uniform, uniform_qparams
+
+g = torch.Generator().manual_seed(0)
+ADVERSARIAL = {
+    "random": torch.randn(64, 32, generator=g),
+    "positive": torch.rand(64, 32, generator=g) + 0.1,
+    "negative": -torch.rand(64, 32, generator=g) - 0.1,
+    "constant": torch.full((64, 32), 3.25),
+    "zero": torch.zeros(64, 32),
+    "tiny": torch.randn(64, 32, generator=g) * 1e-30,
+    "huge": torch.randn(64, 32, generator=g) * 1e30,
+    "outlier": torch.cat([torch.randn(63, 32, generator=g), torch.full((1, 32), 80.0)]),
+}
+
+
+def _cfg(obs="MinmaxObserver", mode="layer_wise", bits=8, signed=True, **kw):
+    return QuantConfig(observer_type=obs, calibration_mode=mode, bit_type=BitTypeConfig(bits=bits, signed=signed), **kw)
+
+
+@pytest.mark.parametrize("name", list(ADVERSARIAL))
+@pytest.mark.parametrize(("signed", "bits"), [(True, 8), (False, 8), (True, 4), (False, 3)])
+def test_minmax_per_tensor_equals_torch_ao(name, signed, bits):
+    x = ADVERSARIAL[name]
+    bt = BitTypeConfig(bits=bits, signed=signed)
+    ao = MinMaxObserver(dtype=torch.qint8 if signed else torch.quint8, quant_min=bt.qmin, quant_max=bt.qmax,
+                        qscheme=torch.per_tensor_symmetric if signed else torch.per_tensor_affine)
+    for chunk in x.split(16):  # several batches: running min/max
+        ao(chunk)
+    ref_s, ref_z = ao.calculate_qparams()
+    obs = MinmaxObserver(_cfg(bits=bits, signed=signed))
+    for chunk in x.split(16):
+        obs.observe(chunk)
+    s, z = uniform_qparams(*obs.compute(), bt)
+    assert torch.equal(s.reshape(1), ref_s.reshape(1)) and torch.equal(z.reshape(1), ref_z.reshape(1).long())
+    out = fake_quant_uniform(x, s, z, bt.qmin, bt.qmax)
+    ref = torch.fake_quantize_per_tensor_affine(x, float(ref_s), int(ref_z), bt.qmin, bt.qmax)
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("name", list(ADVERSARIAL))
+@pytest.mark.parametrize("signed", [True, False])
+def test_minmax_per_channel_weights_equal_torch_ao(name, signed):
+    w = ADVERSARIAL[name].T.contiguous()  # (out=32, in=64), channel axis 0
+    bt = BitTypeConfig(bits=8, signed=signed)
+    ao = PerChannelMinMaxObserver(ch_axis=0, dtype=torch.qint8 if signed else torch.quint8, quant_min=bt.qmin,
+                                  quant_max=bt.qmax,
+                                  qscheme=torch.per_channel_symmetric if signed else torch.per_channel_affine)
+    ao(w)
+    ref_s, ref_z = ao.calculate_qparams()
+    obs = MinmaxObserver(_cfg(mode="channel_wise", signed=signed)).observe(w.T)
+    s, z = uniform_qparams(*obs.compute(), bt)
+    assert torch.equal(s, ref_s) and torch.equal(z, ref_z.long())
+    out = fake_quant_uniform(w, s.view(-1, 1), z.view(-1, 1), bt.qmin, bt.qmax)
+    ref = torch.fake_quantize_per_channel_affine(w, ref_s, ref_z.int(), 0, bt.qmin, bt.qmax)
+    assert torch.equal(out, ref)
+
+
+def test_fake_quant_has_straight_through_gradient():
+    x = torch.randn(16, 8, requires_grad=True)
+    s, z = uniform_qparams(x.min(), x.max(), BitTypeConfig(bits=4))
+    y = fake_quant_uniform(x, s, z, -8, 7)
+    assert not torch.equal(y, x)
+    y.pow(2).sum().backward()
+    assert torch.allclose(x.grad, 2 * y.detach())
+    p = torch.rand(4, 8).softmax(-1).requires_grad_()
+    fake_quant_log2(p, 4).sum().backward()
+    assert torch.equal(p.grad, torch.ones_like(p))
+
+
+def test_log2_quantizer():
+    x = torch.tensor([1.0, 0.5, 0.3, 0.25, 1e-9, 0.0])
+    out = fake_quant_log2(x, 3)  # codes 0..7; code 7 means 0
+    expected = torch.tensor([1.0, 0.5, 2.0 ** -round(-np.log2(0.3)), 0.25, 0.0, 0.0])
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("alpha", [0.9, 0.99, 0.9999])
+def test_percentile_matches_numpy_and_smoothing(alpha):
+    gen = torch.Generator().manual_seed(1)
+    xs = [torch.randn(500, 12, generator=gen) * (i + 1) for i in range(3)]
+    sigma = 0.2
+    for mode in ("layer_wise", "channel_wise"):
+        obs = PercentileObserver(_cfg("PercentileObserver", mode, percentile_alpha=alpha, percentile_sigma=sigma))
+        ref_lo = ref_hi = None
+        for x in xs:
+            obs.observe(x)
+            axis = 0 if mode == "channel_wise" else None
+            lo, hi = np.quantile(x.numpy(), 1 - alpha, axis=axis), np.quantile(x.numpy(), alpha, axis=axis)
+            if ref_lo is None:
+                ref_lo, ref_hi = lo, hi
+            else:
+                ref_lo, ref_hi = ref_lo + sigma * (lo - ref_lo), ref_hi + sigma * (hi - ref_hi)
+            if x is xs[0]:  # the first batch alone is exactly numpy's quantile
+                np.testing.assert_allclose(obs.min_val.numpy(), lo, rtol=1e-6, atol=1e-7)
+                np.testing.assert_allclose(obs.max_val.numpy(), hi, rtol=1e-6, atol=1e-7)
+        got_lo, got_hi = obs.compute()
+        np.testing.assert_allclose(got_lo.numpy(), ref_lo, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got_hi.numpy(), ref_hi, rtol=1e-5, atol=1e-6)
+
+
+def _mse(x, lo, hi, bt, axis_shape=None):
+    s, z = uniform_qparams(lo, hi, bt)
+    if axis_shape is not None:
+        s, z = s.view(axis_shape), z.view(axis_shape)
+    return float((fake_quant_uniform(x, s, z, bt.qmin, bt.qmax) - x).pow(2).mean())
+
+
+@pytest.mark.parametrize("mode", ["layer_wise", "channel_wise"])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_omse_beats_minmax_on_heavy_tails(mode, bits):
+    x = torch.distributions.StudentT(2.0).sample((4000, 16))
+    bt = BitTypeConfig(bits=bits)
+    shape = (1, -1) if mode == "channel_wise" else None
+    mm = MinmaxObserver(_cfg(mode=mode, bits=bits)).observe(x).compute()
+    om = OmseObserver(_cfg("OmseObserver", mode, bits=bits)).observe(x).compute()
+    assert _mse(x, *om, bt, shape) < _mse(x, *mm, bt, shape)
+    if bits == 4:  # at 4 bits the clipping of heavy tails pays off clearly
+        assert _mse(x, *om, bt, shape) < 0.8 * _mse(x, *mm, bt, shape)
+
+
+def tensorrt_entropy_reference(hist: np.ndarray, levels: int, start: int = 128) -> int:
+    """Plain loop: P = bins[:i] + outliers into bin i-1; Q = bins[:i] merged into `levels` groups."""
+    best, best_i = None, None
+    for i in range(max(start, levels), len(hist) + 1):
+        p = hist[:i].astype(np.float64).copy()
+        p[i - 1] += hist[i:].sum()
+        m = i // levels
+        q = np.zeros(i)
+        for grp in range(levels):
+            a, b = grp * m, (i if grp == levels - 1 else grp * m + m)
+            seg = hist[a:b]
+            nonzero = (seg > 0).sum()
+            if nonzero:
+                q[a:b] = np.where(seg > 0, seg.sum() / nonzero, 0.0)
+        p, q = p / p.sum(), q / q.sum()
+        mask = p > 0
+        kl = float((p[mask] * np.log(p[mask] / np.maximum(q[mask], 1e-12))).sum())
+        if best is None or kl < best:
+            best, best_i = kl, i
+    return best_i
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_kl_matches_tensorrt_reference(bits):
+    gen = torch.Generator().manual_seed(3)
+    x = torch.cat([torch.distributions.StudentT(3.0).sample((20000,)), torch.randn(50, generator=gen) * 25])
+    bins = 512
+    obs = KLObserver(_cfg("KLObserver", bits=bits, kv_bins=bins)).observe(x.view(-1, 1))
+    amax = float(x.abs().max())
+    hist = np.histogram(x.abs().numpy(), bins=bins, range=(0, amax))[0]
+    assert np.array_equal(obs.hist[0].numpy(), hist)
+    ref_i = tensorrt_entropy_reference(hist, levels=2 ** (bits - 1))
+    lo, hi = obs.compute()
+    assert float(hi) == pytest.approx(ref_i * amax / bins, rel=1e-6)
+    assert float(lo) == -float(hi)
+    assert 128 <= ref_i < bins  # the outliers really were clipped
+
+
+def test_kl_histogram_grows_by_merging_bins():
+    obs = KLObserver(_cfg("KLObserver", kv_bins=64))
+    obs.observe(torch.linspace(0, 1, 1000).view(-1, 1))
+    obs.observe(torch.linspace(0, 3.5, 1000).view(-1, 1))  # 3.5x larger: width doubles twice
+    assert float(obs.width[0]) == pytest.approx(4 / 64)
+    assert float(obs.hist.sum()) == 2000
+    assert float(obs.hist[0, 16:].sum()) == pytest.approx(float((torch.linspace(0, 3.5, 1000) >= 1.0).sum()))
+
+
+@pytest.mark.parametrize("obs_name", ["MinmaxObserver", "PercentileObserver", "OmseObserver", "KLObserver"])
+def test_channel_wise_equals_per_column_layer_wise(obs_name):
+    """Vectorized channel_wise gives each column the range layer_wise gives it alone."""
+    x = torch.distributions.StudentT(3.0).sample((3000, 5)) * torch.arange(1, 6)
+    cw = _make(obs_name, "channel_wise").observe(x).compute()
+    for c in range(5):
+        lw = _make(obs_name, "layer_wise").observe(x[:, c:c + 1]).compute()
+        assert float(cw[0][c]) == pytest.approx(float(lw[0]), rel=1e-5, abs=1e-6)
+        assert float(cw[1][c]) == pytest.approx(float(lw[1]), rel=1e-5, abs=1e-6)
+
+
+def _make(name, mode):
+    from vitq.quant.observers import OBSERVER_REGISTRY
+
+    return OBSERVER_REGISTRY[name](_cfg(name, mode, kv_bins=256, percentile_alpha=0.99))
+
+
+def test_batch_stats_sample_is_bounded_and_seeded():
+    x = torch.randn(10000, 8)
+    a, b = BatchStats.from_2d(x, 8000, seed=5), BatchStats.from_2d(x, 8000, seed=5)
+    assert a.sample.shape == (1000, 8) and torch.equal(a.sample, b.sample)
+    assert torch.equal(a.cmax, x.max(0).values)  # min/max stay exact

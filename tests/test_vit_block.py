@@ -1,0 +1,134 @@
+"""QuantTimmVitBlock: exact FP pass-through, SQNR of trained blocks, lifecycle, profiling, config forms."""
+
+from __future__ import annotations
+
+import copy
+
+import pandas as pd
+import pytest
+import torch
+from conftest import PRESETS
+from timm.models.vision_transformer import Block, VisionTransformer
+
+from vitq import BitTypeConfig, LayerQuantConfig, QuantConfig, load_config_from_yaml
+from vitq.models.vit import quantize_vit
+from vitq.models.vit_block import QuantTimmVitBlock
+from vitq.quant.config import POINTS
+
+OFF = LayerQuantConfig(default=QuantConfig(enabled=False))
+
+
+def _sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
+    return float(10 * torch.log10(ref.pow(2).sum() / (out - ref).pow(2).sum()))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("variant", ["plain", "layerscale", "qk_norm", "drop_path"])
+def test_disabled_block_equals_timm_block(fused, variant):
+    torch.manual_seed(0)
+    kw = {"layerscale": {"init_values": 0.1}, "qk_norm": {"qk_norm": True}, "drop_path": {"drop_path": 0.2}}
+    block = Block(dim=48, num_heads=4, qkv_bias=True, **kw.get(variant, {})).eval()
+    block.attn.fused_attn = fused
+    x = torch.randn(4, 17, 48)
+    q = QuantTimmVitBlock(copy.deepcopy(block), OFF)
+    with torch.no_grad():
+        with q.calibration():
+            q(x)
+        assert torch.allclose(q(x), block(x), atol=1e-6, rtol=0)
+
+
+def _reference_block_io(reference, digits, index=1):
+    model, _ = reference
+    feats = {}
+    handle = model.blocks[index].register_forward_hook(lambda m, i, o: feats.setdefault("x", i[0]))
+    with torch.no_grad():
+        model(digits.eval.tensors[0])
+    handle.remove()
+    return copy.deepcopy(model.blocks[index]), feats["x"]
+
+
+@pytest.mark.parametrize(("preset", "min_db"), [("int8", 30.0), ("w4a8", 15.0)])
+def test_trained_block_sqnr(reference, digits, preset, min_db):
+    block, x = _reference_block_io(reference, digits)
+    q = QuantTimmVitBlock(copy.deepcopy(block), str(PRESETS / f"{preset}.yaml"), enable_profiling=True)
+    with torch.inference_mode():
+        with q.calibration():
+            q(x[:256])
+        ref, out = block(x[256:]), q(x[256:])
+    db = _sqnr(ref, out)
+    print(f"{preset}: block output SQNR {db:.1f} dB")
+    assert db >= min_db
+    prof = q.profile()
+    assert list(prof["point"]) == list(POINTS)
+    assert (prof.loc[prof["point"].isin(["norm1", "mlp_act", "residual2"]), "sqnr_db"] > 20).all()
+
+
+def test_lifecycle_scales_and_three_config_forms(reference, digits):
+    block, x = _reference_block_io(reference, digits)
+    forms = [str(PRESETS / "int8.yaml"), load_config_from_yaml(PRESETS / "int8.yaml"),
+             QuantConfig(calibration_mode="channel_wise", bit_type=BitTypeConfig(bits=8, signed=True, name="int8"),
+                         observer_type="PercentileObserver")]
+    for form in forms:
+        q = QuantTimmVitBlock(copy.deepcopy(block), form, enable_profiling=True)
+        with torch.inference_mode():
+            with q.calibration():
+                y_cal = q(x[:128])
+            assert torch.equal(y_cal, block(x[:128]))  # outputs stay FP while calibrating
+            y = q(x[128:])
+        assert not torch.equal(y, block(x[128:]))
+        qkv = q.quantizers["attn_qkv"]
+        assert qkv.scale.shape == (block.attn.qkv.out_features,)  # channel_wise weights: per output feature
+        assert isinstance(qkv.zero_point, torch.Tensor)
+        assert q.quantizers["kv_act"].scale.numel() in (1, block.attn.num_heads)
+        assert isinstance(q.profile(), pd.DataFrame)
+
+
+def test_set_config_reuses_statistics(reference, digits):
+    block, x = _reference_block_io(reference, digits)
+    q = QuantTimmVitBlock(copy.deepcopy(block), str(PRESETS / "int8.yaml"))
+    with torch.inference_mode():
+        with q.calibration():
+            q(x[:128])
+        low = LayerQuantConfig(default=QuantConfig(bit_type=BitTypeConfig(bits=3), observer_type="OmseObserver"))
+        q.set_config(low)
+        y_low = q(x[128:])
+        fresh = QuantTimmVitBlock(copy.deepcopy(block), low)
+        with fresh.calibration():
+            fresh(x[:128])
+        assert torch.equal(y_low, fresh(x[128:]))
+        assert _sqnr(block(x[128:]), y_low) < 15
+
+
+def test_int_softmax_and_log2_path(reference, digits):
+    block, x = _reference_block_io(reference, digits)
+    q = QuantTimmVitBlock(copy.deepcopy(block), str(PRESETS / "fqvit.yaml"))
+    with torch.inference_mode():
+        with q.calibration():
+            q(x[:128])
+        out = q(x[128:])
+    assert torch.isfinite(out).all() and _sqnr(block(x[128:]), out) > 15
+
+
+def test_gradients_flow_through_quantized_model(reference, digits):
+    model, _ = reference
+    qm = quantize_vit(model, load_config_from_yaml(PRESETS / "w4a8.yaml"))
+    x, y = digits.eval.tensors[0][:64], digits.eval.tensors[1][:64]
+    with torch.no_grad(), qm.calibration():
+        qm(x)
+    loss = torch.nn.functional.cross_entropy(qm(x), y)
+    loss.backward()
+    grads = [p.grad for p in qm.model.blocks[0].block.mlp.fc1.parameters()]
+    assert all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_quantize_vit_wraps_every_block():
+    m = VisionTransformer(img_size=16, patch_size=4, num_classes=5, embed_dim=32, depth=3, num_heads=2).eval()
+    qm = quantize_vit(m, OFF)
+    assert all(isinstance(b, QuantTimmVitBlock) for b in qm.model.blocks)
+    assert not any(isinstance(b, QuantTimmVitBlock) for b in m.blocks)  # the original stays FP
+    assert len(qm.quantizers) == 3 * 14
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        with qm.calibration():
+            qm(x)
+        assert torch.allclose(qm(x), m(x), atol=1e-6)

@@ -1,0 +1,286 @@
+"""Quantization modules: one ``QAct`` per quantization point, ``QLinear`` (fake-quantized weight) and
+``QIntSoftmax`` (I-BERT integer softmax with a quantized output).
+
+A point goes through three states: ``fp`` (pass-through), ``calib`` (records :class:`BatchStats` of
+the FP values, quantization off) and ``quant`` (ranges frozen, fake quantization on when enabled).
+Statistics are kept after calibration, so :meth:`QAct.set_config` derives the ranges of any other
+config (observer, bits, alpha, ...) without another forward pass; ranges are memoized per config.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vitq.quant.config import QuantConfig
+from vitq.quant.observers import BatchStats, create_observer, to_channel_last
+from vitq.quant.quantizers import QUANTIZERS
+
+__all__ = ["NonFiniteActivationError", "QAct", "QIntSoftmax", "QLinear", "calibration_of", "int_softmax"]
+
+STATS_MAX_ELEMENTS = 1 << 18  # per point and calibration batch; more rows are sampled (seeded)
+
+
+class NonFiniteActivationError(ValueError):
+    """Calibration saw NaN or infinite values at a quantization point."""
+
+
+@dataclass
+class _Profile:
+    count: int = 0
+    signal: float = 0.0
+    noise: float = 0.0
+
+    def add(self, fp: Tensor, q: Tensor) -> None:
+        self.count += fp.numel()
+        self.signal += float(fp.double().pow(2).sum())
+        self.noise += float((fp.double() - q.double()).pow(2).sum())
+
+
+class QAct(nn.Module):
+    """One quantization point: statistics, range derivation and fake quantization.
+
+    ``axis`` is the channel axis of the ``ndim``-dimensional tensors it sees (for ``channel_wise``).
+    """
+
+    def __init__(self, key: str, cfg: QuantConfig, axis: int, ndim: int, block_index: int | None = None,
+                 profiling: bool = False, max_sample_elements: int | None = STATS_MAX_ELEMENTS) -> None:
+        super().__init__()
+        self.key = key
+        self.block_index = block_index
+        self.axis = axis
+        self.ndim = ndim
+        self.cfg = cfg
+        self.profiling = profiling
+        self.max_sample_elements = max_sample_elements
+        self.state = "fp"
+        self.stats: list[BatchStats] = []
+        self.scale: Tensor | None = None
+        self.zero_point: Tensor | None = None
+        self.range: tuple[Tensor, Tensor] | None = None
+        self._memo: dict[tuple, tuple[Tensor, Tensor]] = {}
+        self._bcast: tuple[Tensor, Tensor] | None = None
+        self.prof = _Profile()
+
+    # ------------------------------------------------------------------ identity
+    @property
+    def label(self) -> str:
+        return self.key if self.block_index is None else f"blocks.{self.block_index}.{self.key}"
+
+    @property
+    def active(self) -> bool:
+        """True when this point changes or watches values (calibrating, or quantizing and enabled)."""
+        return self.state == "calib" or (self.state == "quant" and self.cfg.enabled)
+
+    # ------------------------------------------------------------------ calibration
+    def begin_calibration(self) -> None:
+        self.stats = []
+        self._memo.clear()
+        self.state = "calib"
+
+    def record(self, x: Tensor) -> None:
+        x2d = to_channel_last(x, self.axis)
+        seed = zlib.crc32(f"{self.label}/{len(self.stats)}".encode())
+        s = BatchStats.from_2d(x2d, self.max_sample_elements, seed)
+        if not (torch.isfinite(s.cmin).all() and torch.isfinite(s.cmax).all()):
+            raise NonFiniteActivationError(
+                f"{self.label}: calibration saw NaN/inf activations (batch {len(self.stats)}); "
+                "check the model's weights and the input images")
+        self.stats.append(s)
+
+    def freeze(self) -> None:
+        """End calibration: derive ranges for the current config and switch quantization on."""
+        self.state = "quant"
+        self._derive()
+
+    def set_config(self, cfg: QuantConfig) -> None:
+        """Use another config; ranges come from the kept statistics (no forward pass)."""
+        self.cfg = cfg
+        self.prof = _Profile()
+        if self.state == "quant":
+            self._derive()
+
+    def range_key(self) -> tuple:
+        c = self.cfg
+        return (c.observer_type, c.calibration_mode, c.quantization_method, c.bit_type.bits, c.bit_type.signed,
+                c.percentile_alpha, c.percentile_sigma, c.kv_bins)
+
+    def _derive(self) -> None:
+        self._bcast = None
+        if not self.cfg.enabled:
+            return
+        if not self.stats:
+            raise RuntimeError(f"{self.label}: no calibration statistics; run calibration first")
+        key = self.range_key()
+        if key not in self._memo:
+            obs = create_observer(self.cfg)
+            for s in self.stats:
+                obs.update(s)
+            self._memo[key] = obs.compute()
+        self.range = self._memo[key]
+        quantizer = QUANTIZERS[self.cfg.quantization_method](self.cfg.bit_type)
+        self.scale, self.zero_point = quantizer.qparams(*self.range)
+        shape = (-1,) + (1,) * (self.ndim - 1 - self.axis) if self.scale.ndim else ()
+        self._bcast = (self.scale.reshape(shape), self.zero_point.reshape(shape))
+        self._quantizer = quantizer
+
+    def observed_minmax(self) -> tuple[float, float]:
+        if not self.stats:
+            return math.nan, math.nan
+        return (float(torch.stack([s.cmin.min() for s in self.stats]).min()),
+                float(torch.stack([s.cmax.max() for s in self.stats]).max()))
+
+    # ------------------------------------------------------------------ forward
+    def quantize(self, x: Tensor) -> Tensor:
+        assert self._bcast is not None
+        return self._quantizer.fake_quant(x, *self._bcast)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.state == "calib":
+            self.record(x)
+            return x
+        if self.state != "quant" or not self.cfg.enabled:
+            return x
+        q = self.quantize(x)
+        if self.profiling:
+            self.prof.add(x.detach(), q.detach())
+        return q
+
+    def profile_row(self) -> dict:
+        lo, hi = self.observed_minmax()
+        c = self.cfg
+        row = {"block": self.block_index, "point": self.key, "enabled": c.enabled, "bits": c.bit_type.bits,
+               "signed": c.bit_type.signed, "observer": c.observer_type, "mode": c.calibration_mode,
+               "method": c.quantization_method, "observed_min": lo, "observed_max": hi,
+               "range_min": math.nan, "range_max": math.nan, "scale": math.nan, "zero_point": math.nan,
+               "n_channels": 0, "mse": math.nan, "sqnr_db": math.nan}
+        if c.enabled and self.scale is not None and self.range is not None:
+            row.update(range_min=float(self.range[0].min()), range_max=float(self.range[1].max()),
+                       scale=float(self.scale.float().mean()), zero_point=float(self.zero_point.float().mean()),
+                       n_channels=int(self.scale.numel()))
+        if self.prof.count:
+            row["mse"] = self.prof.noise / self.prof.count
+            if self.prof.noise:
+                row["sqnr_db"] = 10 * math.log10(self.prof.signal / self.prof.noise) if self.prof.signal else -math.inf
+            else:
+                row["sqnr_db"] = math.inf if self.prof.signal else math.nan
+        return row
+
+
+class QLinear(nn.Module):
+    """A Linear whose weight is fake-quantized by the point ``wq`` (per output feature when channel_wise).
+
+    Under inference/no-grad the quantized weight is computed once per config and reused.
+    """
+
+    def __init__(self, linear: nn.Linear, wq: QAct) -> None:
+        super().__init__()
+        self.linear = linear
+        self.wq = wq
+        self._cached: Tensor | None = None
+
+    def weight_stats(self) -> None:
+        """Weights are static: their 'calibration' is one exact look at the tensor."""
+        w = self.linear.weight.detach()
+        self.wq.stats = [BatchStats.from_2d(to_channel_last(w, 0), None)]
+        self.wq._memo.clear()
+
+    def refresh(self) -> None:
+        self._cached = None
+        if self.wq.state == "quant" and self.wq.cfg.enabled:
+            with torch.no_grad():
+                self._cached = self.wq.quantize(self.linear.weight.detach())
+
+    def quantized_weight(self) -> Tensor:
+        w = self.linear.weight
+        if self.wq.state != "quant" or not self.wq.cfg.enabled:
+            return w
+        if torch.is_grad_enabled() and w.requires_grad:
+            return self.wq.quantize(w)
+        if self._cached is None:
+            self.refresh()
+        assert self._cached is not None
+        return self._cached
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.quantized_weight(), self.linear.bias)
+
+
+_IEXP_COEF = (0.35815147, 0.96963238, 1.0)
+_LN2 = -0.6931
+_IEXP_N = 30
+
+
+def _int_exp(x_int: Tensor, sf: Tensor) -> Tensor:
+    """I-BERT i-exp of non-positive integers ``x_int`` at scale ``sf``; returns exp up to a constant factor."""
+    x0_int = torch.floor(_LN2 / sf)
+    x_int = torch.maximum(x_int, _IEXP_N * x0_int)
+    q = torch.floor(x_int / x0_int)
+    r = x_int - x0_int * q
+    b_int = torch.floor(_IEXP_COEF[1] / _IEXP_COEF[0] / sf)
+    c_int = torch.floor(_IEXP_COEF[2] / _IEXP_COEF[0] / sf**2)
+    z = (r + b_int) * r + c_int
+    return torch.clamp(torch.floor(z * torch.exp2(_IEXP_N - q)), min=0)
+
+
+def int_softmax(scores: Tensor, scale: Tensor) -> Tensor:
+    """Integer softmax (I-BERT) of scores that lie on the grid ``scale`` (already fake-quantized)."""
+    x_int = torch.round(scores / scale)
+    x_int = x_int - x_int.amax(dim=-1, keepdim=True)
+    e = _int_exp(x_int, scale)
+    return e / e.sum(dim=-1, keepdim=True).clamp(min=1)
+
+
+class QIntSoftmax(nn.Module):
+    """Softmax over the last axis with its output quantized by ``intSoft`` (Uniform, or Log2 = FQ-ViT's LIS).
+
+    When both the scores (``kv_act``) and the output are quantized, the softmax itself runs in
+    integer arithmetic (I-BERT i-exp) on the quantized scores.
+    """
+
+    def __init__(self, out_q: QAct) -> None:
+        super().__init__()
+        self.out_q = out_q
+
+    def forward(self, scores: Tensor, score_q: QAct) -> Tensor:
+        integer = (self.out_q.state == "quant" and self.out_q.cfg.enabled and score_q.state == "quant"
+                   and score_q.cfg.enabled and score_q.cfg.quantization_method == "Uniform"
+                   and not bool(score_q.zero_point.any()))
+        if integer:
+            probs = int_softmax(scores, score_q._bcast[0])
+        else:
+            probs = scores.softmax(dim=-1)
+        return self.out_q(probs)
+
+
+def calibration_of(points: Iterable[QAct], linears: Iterable[QLinear]) -> Iterator[None]:
+    """Generator behind ``calibration()`` context managers of blocks and whole models."""
+    points, linears = list(points), list(linears)
+    for p in points:
+        p.begin_calibration()
+    for lin in linears:
+        lin.wq.state = "calib"
+        lin._cached = None
+    try:
+        yield
+    except BaseException:
+        for p in points:
+            p.state, p.stats = "fp", []
+        raise
+    else:
+        for lin in linears:
+            lin.weight_stats()
+        for p in points:
+            p.freeze()
+        for lin in linears:
+            lin.refresh()
+
+
+calibration = contextmanager(calibration_of)

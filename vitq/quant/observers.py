@@ -1,0 +1,339 @@
+"""Range observers, looked up by the YAML names: Minmax, Percentile, OMSE and KL (TensorRT entropy).
+
+Observers work on calibration statistics in a channel-last 2-D layout: a :class:`BatchStats` holds one
+batch's exact per-channel min/max and a (bounded) sample of its rows. ``observe(x2d)`` builds one
+from a raw tensor, so the same code serves direct use and ranges derived from cached statistics.
+Every observer supports ``layer_wise`` (one range) and ``channel_wise`` (a range per column),
+vectorized over channels and candidates.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from vitq.quant.config import QuantConfig
+from vitq.quant.quantizers import fake_quant_uniform, uniform_qparams
+
+__all__ = ["BatchStats", "KLObserver", "MinmaxObserver", "OBSERVER_REGISTRY", "Observer", "OmseObserver",
+           "PercentileObserver", "create_observer", "quantile", "to_channel_last"]
+
+OMSE_MAX_ELEMENTS = 1 << 16  # bounded sample on which OMSE scores its 90 clip candidates
+_CHUNK_ELEMENTS = 1 << 22
+
+
+def to_channel_last(x: Tensor, axis: int) -> Tensor:
+    """``x`` as (rows, channels) with ``axis`` as the column axis."""
+    x = x.detach()
+    return x.movedim(axis, -1).reshape(-1, x.shape[axis])
+
+
+@dataclass
+class BatchStats:
+    """One calibration batch of one point: exact per-channel min/max and a sample of rows (R, C)."""
+
+    sample: Tensor
+    cmin: Tensor
+    cmax: Tensor
+
+    @classmethod
+    def from_2d(cls, x2d: Tensor, max_elements: int | None = None, seed: int = 0) -> BatchStats:
+        x2d = x2d.detach().float()
+        cmin, cmax = torch.aminmax(x2d, dim=0)
+        rows, cols = x2d.shape
+        if max_elements is not None and rows * cols > max_elements:
+            keep = max(1, max_elements // cols)
+            g = torch.Generator().manual_seed(seed)
+            idx = torch.randperm(rows, generator=g)[:keep].sort().values
+            x2d = x2d.index_select(0, idx)
+        return cls(x2d.clone(), cmin, cmax)
+
+    def sorted(self, channel_wise: bool) -> Tensor:
+        """The sample sorted per column (channel_wise) or flattened and sorted; computed once."""
+        key = "_sorted_c" if channel_wise else "_sorted_t"
+        cached = self.__dict__.get(key)
+        if cached is None:
+            cached = self.sample.sort(dim=0).values if channel_wise else self.sample.reshape(-1).sort().values
+            self.__dict__[key] = cached
+        return cached
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.sample, self.cmin, self.cmax))
+
+
+def quantile(x: Tensor, q: float, dim: int | None = None) -> Tensor:
+    """``numpy.quantile`` (linear interpolation) along ``dim`` (all elements when None), any size."""
+    if dim is None:
+        x, dim = x.reshape(-1), 0
+    return quantile_sorted(x.sort(dim=dim).values, q, dim)
+
+
+def quantile_sorted(s: Tensor, q: float, dim: int = 0) -> Tensor:
+    """Quantile of values already sorted along ``dim`` (numpy's linear method and its ``_lerp``)."""
+    n = s.shape[dim]
+    pos = q * (n - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, n - 1)
+    t = pos - lo
+    a, b = s.select(dim, lo).double(), s.select(dim, hi).double()
+    diff = b - a
+    out = b - diff * (1 - t) if t >= 0.5 else a + diff * t
+    return out.float()
+
+
+class Observer:
+    """Base class: ``update`` with batch statistics, then ``compute`` → (min, max) of the range."""
+
+    name = "Observer"
+
+    def __init__(self, cfg: QuantConfig) -> None:
+        self.cfg = cfg
+        self.channel_wise = cfg.calibration_mode == "channel_wise"
+        self.min_val: Tensor | None = None
+        self.max_val: Tensor | None = None
+
+    def observe(self, x2d: Tensor) -> Observer:
+        """Feed a raw (rows, channels) tensor in full."""
+        self.update(BatchStats.from_2d(x2d))
+        return self
+
+    def _reduce_minmax(self, s: BatchStats) -> tuple[Tensor, Tensor]:
+        return (s.cmin, s.cmax) if self.channel_wise else (s.cmin.min(), s.cmax.max())
+
+    def _track_minmax(self, s: BatchStats) -> None:
+        lo, hi = self._reduce_minmax(s)
+        self.min_val = lo if self.min_val is None else torch.minimum(self.min_val, lo)
+        self.max_val = hi if self.max_val is None else torch.maximum(self.max_val, hi)
+
+    def update(self, s: BatchStats) -> None:
+        raise NotImplementedError
+
+    def compute(self) -> tuple[Tensor, Tensor]:
+        if self.min_val is None or self.max_val is None:
+            raise RuntimeError(f"{self.name}: no calibration data was observed")
+        return self.min_val, self.max_val
+
+
+OBSERVER_REGISTRY: dict[str, type[Observer]] = {}
+
+
+def register_observer(cls: type[Observer]) -> type[Observer]:
+    OBSERVER_REGISTRY[cls.name] = cls
+    return cls
+
+
+def create_observer(cfg: QuantConfig) -> Observer:
+    return OBSERVER_REGISTRY[cfg.observer_type](cfg)
+
+
+@register_observer
+class MinmaxObserver(Observer):
+    """Running min/max over all calibration batches."""
+
+    name = "MinmaxObserver"
+
+    def update(self, s: BatchStats) -> None:
+        self._track_minmax(s)
+
+
+@register_observer
+class PercentileObserver(Observer):
+    """Per batch ``max = quantile(x, alpha)``, ``min = quantile(x, 1-alpha)``; smoothed ``v += sigma (cur - v)``."""
+
+    name = "PercentileObserver"
+
+    def update(self, s: BatchStats) -> None:
+        a = self.cfg.percentile_alpha
+        srt = s.sorted(self.channel_wise)
+        lo, hi = quantile_sorted(srt, 1 - a), quantile_sorted(srt, a)
+        if self.min_val is None or self.max_val is None:
+            self.min_val, self.max_val = lo, hi
+        else:
+            sigma = self.cfg.percentile_sigma
+            self.min_val = self.min_val + sigma * (lo - self.min_val)
+            self.max_val = self.max_val + sigma * (hi - self.max_val)
+
+
+def _subsample_rows(x: Tensor, max_elements: int) -> Tensor:
+    rows, cols = x.shape
+    if rows * cols <= max_elements:
+        return x
+    keep = max(1, max_elements // cols)
+    idx = torch.linspace(0, rows - 1, keep).round().long()
+    return x.index_select(0, idx)
+
+
+@register_observer
+class OmseObserver(Observer):
+    """Clip factors ``1 - 0.01 i`` (i = 0..89) of min/max; keep the one of least fake-quant MSE.
+
+    Scored on a bounded sample of all calibration batches, per channel when ``channel_wise``.
+    """
+
+    name = "OmseObserver"
+    n_candidates = 90
+
+    def __init__(self, cfg: QuantConfig, max_elements: int = OMSE_MAX_ELEMENTS) -> None:
+        super().__init__(cfg)
+        self.max_elements = max_elements
+        self.samples: list[Tensor] = []
+
+    def update(self, s: BatchStats) -> None:
+        self._track_minmax(s)
+        self.samples.append(s.sample)
+
+    def compute(self) -> tuple[Tensor, Tensor]:
+        lo, hi = super().compute()
+        x = _subsample_rows(torch.cat(self.samples), self.max_elements)
+        if not self.channel_wise:
+            x = x.reshape(-1, 1)
+        factors = 1.0 - 0.01 * torch.arange(self.n_candidates, dtype=torch.float32)
+        bt = self.cfg.bit_type
+        best_err = torch.full((x.shape[1],), float("inf"))
+        best_f = torch.ones(x.shape[1])
+        chunk = max(1, _CHUNK_ELEMENTS // x.numel())
+        for start in range(0, self.n_candidates, chunk):
+            f = factors[start:start + chunk].view(-1, 1)  # (K, 1)
+            c_lo, c_hi = lo.reshape(1, -1) * f, hi.reshape(1, -1) * f  # (K, C)
+            scale, zp = uniform_qparams(c_lo, c_hi, bt)
+            with torch.no_grad():
+                q = fake_quant_uniform(x.unsqueeze(0), scale.unsqueeze(1), zp.unsqueeze(1), bt.qmin, bt.qmax)
+            err = (q - x.unsqueeze(0)).pow_(2).mean(dim=1)  # (K, C)
+            k_err, k_idx = err.min(dim=0)
+            better = k_err < best_err
+            best_err = torch.where(better, k_err, best_err)
+            best_f = torch.where(better, f.view(-1)[k_idx], best_f)
+        best_f = best_f if self.channel_wise else best_f[0]
+        return lo * best_f, hi * best_f
+
+
+@register_observer
+class KLObserver(Observer):
+    """TensorRT entropy calibration on a ``kv_bins``-bin histogram of |x|.
+
+    The bin width is set by the first batch; a later batch with a larger max grows the histogram by
+    merging adjacent bins (width doubles, exactly), so it always spans the data in ``kv_bins`` bins.
+    Thresholds ``i`` from bin ``max(128, levels)`` to ``kv_bins`` are scanned: P = bins[:i] with the
+    outliers added to bin i-1; Q = bins[:i] merged into ``levels`` groups (``i // levels`` bins each,
+    the last one taking the rest) and spread back over the non-empty bins; the least KL(P‖Q) wins and
+    the range is ±``i · width`` (unsigned: [max(min, -t), t]). levels = 2^(bits-1) signed, 2^bits unsigned.
+    """
+
+    name = "KLObserver"
+    start_bin = 128
+
+    def __init__(self, cfg: QuantConfig) -> None:
+        super().__init__(cfg)
+        self.bins = cfg.kv_bins
+        self.hist: Tensor | None = None  # (C, bins) float64
+        self.width: Tensor | None = None  # (C,)
+
+    def update(self, s: BatchStats) -> None:
+        self._track_minmax(s)
+        amax = torch.maximum(s.cmin.abs(), s.cmax.abs()).double()
+        x = s.sample.abs().double()
+        if not self.channel_wise:
+            amax, x = amax.max().reshape(1), x.reshape(-1, 1)
+        if self.hist is None or self.width is None:
+            self.width = torch.where(amax > 0, amax / self.bins, torch.ones_like(amax))
+            self.hist = torch.zeros(amax.numel(), self.bins, dtype=torch.float64)
+        else:
+            self._grow(amax)
+        self._accumulate(x)
+
+    def _grow(self, amax: Tensor) -> None:
+        assert self.hist is not None and self.width is not None
+        need = torch.clamp(torch.ceil(torch.log2(amax / (self.width * self.bins))), min=0).long()
+        for k in need.unique().tolist():
+            if k == 0:
+                continue
+            rows = (need == k).nonzero().view(-1)
+            group = 2**k
+            h = self.hist[rows]
+            pad = (-self.bins) % group
+            h = torch.nn.functional.pad(h, (0, pad)).view(len(rows), -1, group).sum(-1)
+            self.hist[rows] = torch.nn.functional.pad(h, (0, self.bins - h.shape[1]))
+            self.width[rows] = self.width[rows] * group
+
+    def _accumulate(self, x: Tensor) -> None:
+        assert self.hist is not None and self.width is not None
+        cols = x.shape[1]
+        idx = torch.clamp((x / self.width).floor().long(), max=self.bins - 1)
+        flat = idx + torch.arange(cols).view(1, -1) * self.bins
+        self.hist += torch.bincount(flat.reshape(-1), minlength=cols * self.bins).view(cols, self.bins).double()
+
+    def levels(self) -> int:
+        bt = self.cfg.bit_type
+        return 2 ** (bt.bits - 1) if bt.signed else 2**bt.bits
+
+    def compute(self) -> tuple[Tensor, Tensor]:
+        lo, hi = super().compute()
+        assert self.hist is not None and self.width is not None
+        best_i = kl_best_bins(self.hist, self.levels(), self.start_bin)
+        t = (best_i.double() * self.width).float()
+        if not self.channel_wise:
+            t = t[0]
+        if self.cfg.bit_type.signed:
+            return -t, t
+        return torch.maximum(lo, -t), t
+
+
+def kl_best_bins(hist: Tensor, levels: int, start_bin: int = 128) -> Tensor:
+    """Per row of ``hist`` (C, B): the number of retained bins ``i`` of least KL(P‖Q) (first minimum).
+
+    KL is evaluated in closed form from prefix sums: within a merged group Q is constant over the
+    non-empty bins, so Σ p log q reduces to a sum over the ``levels`` groups; the cost is
+    O(C · thresholds · levels) instead of O(C · thresholds · bins).
+    """
+    rows, nbins = hist.shape
+    if levels > nbins:
+        return torch.full((rows,), nbins, dtype=torch.long)
+    start = min(max(start_bin, levels), nbins)
+    h = hist.double()
+
+    def xlogx(t: Tensor) -> Tensor:
+        return torch.where(t > 0, t * torch.log(t.clamp(min=1e-300)), torch.zeros_like(t))
+
+    pad = torch.nn.functional.pad
+    cs = pad(h.cumsum(1), (1, 0))  # cs[:, j] = sum(h[:, :j])
+    nz = pad((h > 0).double().cumsum(1), (1, 0))
+    hl = pad(xlogx(h).cumsum(1), (1, 0))
+    total = cs[:, -1:]  # (C, 1)
+    log_total = torch.log(total.clamp(min=1e-300))
+    best_kl = torch.full((rows,), float("inf"), dtype=torch.float64)
+    best_i = torch.full((rows,), nbins, dtype=torch.long)
+    cand = torch.arange(start, nbins + 1)
+    g_ar = torch.arange(levels)
+    chunk = max(1, _CHUNK_ELEMENTS // max(1, rows * levels))
+    for c0 in range(0, len(cand), chunk):
+        i = cand[c0:c0 + chunk]  # (T,)
+        m = i // levels
+        g_start = g_ar.view(1, -1) * m.view(-1, 1)  # (T, L)
+        g_end = torch.where(g_ar.view(1, -1) == levels - 1, i.view(-1, 1), g_start + m.view(-1, 1))
+        gsum = cs[:, g_end] - cs[:, g_start]  # (C, T, L)
+        gcnt = nz[:, g_end] - nz[:, g_start]
+        gmean = torch.where(gcnt > 0, gsum / gcnt.clamp(min=1), torch.zeros_like(gsum))
+        s_i = cs[:, i]  # (C, T): mass of Q before normalization
+        log_s = torch.log(s_i.clamp(min=1e-300))
+        sum_hlogq = torch.where(gsum > 0, gsum * torch.log(gmean.clamp(min=1e-300)), torch.zeros_like(gsum)).sum(-1)
+        h_last = h[:, i - 1]  # (C, T)
+        q_last = torch.where(h_last > 0, gmean[:, torch.arange(len(i)), -1], torch.zeros_like(h_last))
+        head = cs[:, i - 1]  # mass of bins before the last retained one
+        # Σ_{j<i-1} p_j log p_j  and  Σ_{j<i-1} p_j log q_j, times the total count
+        plogp = (hl[:, i] - xlogx(h_last)) - head * log_total
+        plogq = (sum_hlogq - torch.where(h_last > 0, h_last * torch.log(q_last.clamp(min=1e-300)),
+                                         torch.zeros_like(h_last))) - head * log_s
+        p_last = h_last + (total - s_i)
+        q_last_n = torch.clamp(q_last / s_i.clamp(min=1e-300), min=1e-12)
+        last = torch.where(p_last > 0, p_last * (torch.log(p_last.clamp(min=1e-300)) - log_total - torch.log(q_last_n)),
+                           torch.zeros_like(p_last))
+        kl = (plogp - plogq + last) / total.clamp(min=1e-300)  # (C, T)
+        k_kl, k_idx = kl.min(dim=1)
+        better = k_kl < best_kl
+        best_kl = torch.where(better, k_kl, best_kl)
+        best_i = torch.where(better, i[k_idx], best_i)
+    return best_i
