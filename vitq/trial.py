@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass, field
 
 import pandas as pd
-from torch import Tensor, nn
+from torch import nn
 
 from vitq.calibrate import calibrated_model, model_checksum
 from vitq.cost import model_cost

@@ -17,7 +17,14 @@ from timm.layers import Mlp
 from timm.layers.attention import Attention, maybe_add_mask, resolve_self_attn_mask
 from torch import Tensor, nn
 
-from vitq.quant.config import POINTS, WEIGHT_POINTS, ConfigError, LayerQuantConfig, QuantConfig, load_config_from_yaml
+from vitq.quant.config import (
+    POINTS,
+    WEIGHT_POINTS,
+    ConfigError,
+    LayerQuantConfig,
+    QuantConfig,
+    load_config_from_yaml,
+)
 from vitq.quant.modules import QAct, QIntSoftmax, QLinear, calibration_of
 
 __all__ = ["QuantTimmVitBlock", "as_layer_config"]

@@ -253,10 +253,7 @@ class QIntSoftmax(nn.Module):
         integer = (self.out_q.state == "quant" and self.out_q.cfg.enabled and score_q.state == "quant"
                    and score_q.cfg.enabled and score_q.cfg.quantization_method == "Uniform"
                    and not bool(score_q.zero_point.any()))
-        if integer:
-            probs = int_softmax(scores, score_q._bcast[0])
-        else:
-            probs = scores.softmax(dim=-1)
+        probs = int_softmax(scores, score_q._bcast[0]) if integer else scores.softmax(dim=-1)
         return self.out_q(probs)
 
 

@@ -1,0 +1,133 @@
+"""The sweep harness end to end: Hydra grid, vitq's Optuna sweeper, MLflow runs, Pareto fronts, failures."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import mlflow
+import numpy as np
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+
+from vitq.search.pareto import pareto_mask
+
+pytestmark = pytest.mark.slow
+
+
+def _sweep(cwd, *args, timeout=900):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "-m", "vitq.sweep", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _runs(cwd, experiment):
+    mlflow.set_tracking_uri(f"sqlite:///{cwd / 'mlflow.db'}")
+    exp = MlflowClient().get_experiment_by_name(experiment)
+    return mlflow.search_runs([exp.experiment_id], max_results=1000)
+
+
+def test_bad_override_fails_fast_with_config_error(tmp_path):
+    t0 = time.time()
+    r = _sweep(tmp_path, "attn_layer.kv_act.observer_type=MinMaxObserver")
+    assert r.returncode == 2 and time.time() - t0 < 15
+    assert "attn_layer.kv_act.observer_type" in r.stderr and "Did you mean 'MinmaxObserver'" in r.stderr
+    r = _sweep(tmp_path, "layers.attn_qkv.bit_type.bits=1")
+    assert r.returncode == 2 and "layers.attn_qkv.bit_type.bits: must be in 2..16" in r.stderr
+    r = _sweep(tmp_path, "layers.attn_qvk.bit_type.bits=4")
+    assert r.returncode != 0 and "attn_qvk" in r.stderr
+    assert not (tmp_path / "mlflow.db").exists()  # nothing was started
+
+
+def test_grid_sweep_parent_and_children(tmp_path):
+    r = _sweep(tmp_path, "-m", "layers.attn_qkv.bit_type.bits=4,8", "study_name=grid")
+    assert r.returncode == 0, r.stderr[-3000:]
+    runs = _runs(tmp_path, "grid")
+    parents = runs[runs["tags.vitq.role"] == "parent"]
+    children = runs[runs["tags.vitq.role"] == "trial"]
+    assert len(parents) == 1 and len(children) == 2
+    assert set(children["tags.mlflow.parentRunId"]) == {parents["run_id"].iloc[0]}
+    by_bits = children.set_index("params.layers.attn_qkv.bit_type.bits")
+    assert set(by_bits.index) == {"4", "8"}
+    assert by_bits.loc["4", "metrics.weight_bytes"] < by_bits.loc["8", "metrics.weight_bytes"]
+    assert by_bits["metrics.top1"].notna().all()
+    assert by_bits.loc["4", "params.layers.attn_qkv.bit_type.name"] == "int4"
+
+
+def _study(tmp_path, name):
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+
+
+def test_optuna_study_pareto_front(tmp_path):
+    r = _sweep(tmp_path, "-m", "hydra/sweeper=vitq_optuna", "hydra.sweeper.n_trials=12",
+               "hydra.sweeper.study_name=mp12")
+    assert r.returncode == 0, r.stderr[-3000:]
+    study = _study(tmp_path, "mp12")
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 12
+    runs = _runs(tmp_path, "mp12")
+    parent = runs[runs["tags.vitq.role"] == "parent"]
+    children = runs[(runs["tags.vitq.role"] == "trial") & (runs["status"] == "FINISHED")]
+    assert len(parent) == 1 and len(children) == 12
+    front = mlflow.artifacts.load_text(f"runs:/{parent['run_id'].iloc[0]}/pareto/pareto_front.csv")
+    import io
+
+    import pandas as pd
+
+    front = pd.read_csv(io.StringIO(front))
+    vals = children[["metrics.top1", "metrics.weight_bytes"]].to_numpy()
+    # independent dominance check
+    on_front = set(front["run_id"])
+    for rid, (acc, size) in zip(children["run_id"], vals, strict=True):
+        dominated = any((a >= acc and s <= size) and (a > acc or s < size) for a, s in vals)
+        assert dominated == (rid not in on_front)
+    tagged = set(children.loc[children["tags.pareto"] == "true", "run_id"])
+    assert tagged == on_front
+    assert pareto_mask(vals, ["maximize", "minimize"]).sum() == len(on_front)
+    assert np.isfinite(front["weight_bytes"]).all()
+
+
+def test_failing_trial_is_recorded_and_sweep_continues(tmp_path):
+    sweep_file = tmp_path / "nan.yaml"
+    sweep_file.write_text(
+        "study_name: nan\nsampler: random\nn_trials: 3\n"
+        "baselines: [{debug.inject_nan: true, layers.attn_qkv.bit_type.bits: 8}]\n"
+        "params:\n  layers.attn_qkv.bit_type.bits: [4, 8]\n")
+    r = _sweep(tmp_path, "-m", "hydra/sweeper=vitq_optuna", f"hydra.sweeper.search={sweep_file}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    study = _study(tmp_path, "nan")
+    states = [t.state for t in study.trials]
+    assert states[0] == optuna.trial.TrialState.FAIL
+    assert states.count(optuna.trial.TrialState.COMPLETE) == 3
+    runs = _runs(tmp_path, "nan")
+    first = runs[runs["tags.trial_number"] == "0"]
+    assert list(first["status"]) == ["FAILED"]
+
+
+def test_kill_and_resume(tmp_path):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    args = [sys.executable, "-m", "vitq.sweep", "-m", "hydra/sweeper=vitq_optuna", "hydra.sweeper.n_trials=6",
+            "hydra.sweeper.study_name=resume", "hydra.sweeper.search=bits_only"]
+    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = 0
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        seen += line.startswith("[vitq] trial")
+        if seen >= 2:
+            proc.kill()
+            break
+    proc.wait(timeout=60)
+    r = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    study = _study(tmp_path, "resume")
+    states = [t.state for t in study.trials]
+    assert states.count(optuna.trial.TrialState.COMPLETE) == 6
+    assert optuna.trial.TrialState.RUNNING not in states
+    runs = _runs(tmp_path, "resume")
+    kids = runs[runs["tags.vitq.role"] == "trial"]
+    assert kids["tags.trial_number"].is_unique
+    assert len(runs[runs["tags.vitq.role"] == "parent"]) == 1
+    assert "RUNNING" not in set(kids["status"])

@@ -1,0 +1,90 @@
+"""Hydra structured-config schema: every quant key typed, so a misspelled key fails at composition."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, make_dataclass
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+
+from vitq.quant.config import SECTIONS
+
+
+@dataclass
+class BitTypeSchema:
+    bits: int | None = None
+    signed: bool | None = None
+    name: str | None = None
+
+
+@dataclass
+class EntrySchema:
+    """A (partial) QuantConfig: unset fields are None and inherit from ``default``."""
+
+    calibration_mode: str | None = None
+    bit_type: BitTypeSchema = field(default_factory=BitTypeSchema)
+    observer_type: str | None = None
+    quantization_method: str | None = None
+    percentile_alpha: float | None = None
+    percentile_sigma: float | None = None
+    kv_bins: int | None = None
+    enabled: bool | None = None
+
+
+def _section(name: str) -> type:
+    return make_dataclass(f"{name.title().replace('_', '')}Schema",
+                          [(k, EntrySchema, field(default_factory=EntrySchema)) for k in SECTIONS[name]])
+
+
+LayersSchema, AttnLayerSchema, ResidualLayerSchema = (_section(s) for s in SECTIONS)
+
+
+@dataclass
+class ModelSchema:
+    name: str = "digits_reference"
+    pretrained: bool = False
+    checkpoint: str | None = None
+
+
+@dataclass
+class DataSchema:
+    name: str = "digits"
+    root: str | None = None
+    seed: int = 0
+    n_train: int = 1400
+    n_calib: int = 256
+    n_eval: int | None = None
+
+
+@dataclass
+class TrackingSchema:
+    uri: str | None = None
+    enabled: bool = True
+
+
+@dataclass
+class DebugSchema:
+    inject_nan: bool = False
+
+
+@dataclass
+class VitqConfig:
+    default: EntrySchema = field(default_factory=EntrySchema)
+    layers: LayersSchema = field(default_factory=LayersSchema)  # type: ignore[valid-type]
+    attn_layer: AttnLayerSchema = field(default_factory=AttnLayerSchema)  # type: ignore[valid-type]
+    residual_layer: ResidualLayerSchema = field(default_factory=ResidualLayerSchema)  # type: ignore[valid-type]
+    blocks: dict[str, Any] = field(default_factory=dict)
+    model: ModelSchema = field(default_factory=ModelSchema)
+    data: DataSchema = field(default_factory=DataSchema)
+    tracking: TrackingSchema = field(default_factory=TrackingSchema)
+    debug: DebugSchema = field(default_factory=DebugSchema)
+    study_name: str = "vitq"
+    trial_number: int | None = None
+    eval_batch_size: int = 512
+    calib_batch_size: int = 128
+    stats_dir: str | None = None
+    export_dir: str | None = None
+
+
+def register() -> None:
+    ConfigStore.instance().store(name="vitq_schema", node=VitqConfig)
