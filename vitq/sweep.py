@@ -53,11 +53,12 @@ def _model(name: str, pretrained: bool, checkpoint: str | None):  # noqa: ANN202
 
 
 @cache
-def _data(name: str, root: str | None, seed: int, n_train: int, n_calib: int, n_eval: int | None, model_key: str):
+def _data(name: str, root: str | None, seed: int, n_train: int, n_calib: int, n_eval: int | None,
+          model_args: tuple[str, bool, str | None]):  # noqa: ANN202
     from vitq.data import load_data
 
-    m = _model(*model_key.split("|", 2)[:1], False, None) if name == "folder" else None
-    return load_data(name, model=m, root=root, seed=seed, n_calib=n_calib, n_eval=n_eval, n_train=n_train)
+    model = _model(*model_args) if name == "folder" else None
+    return load_data(name, model=model, root=root, seed=seed, n_calib=n_calib, n_eval=n_eval, n_train=n_train)
 
 
 def _nan_data(data):  # noqa: ANN001, ANN202
@@ -80,12 +81,19 @@ def run(cfg: DictConfig) -> dict[str, float]:
             raise SystemExit(2) from None
         raise
     from vitq import tracking
+    from vitq.data import DataError
+    from vitq.models.factory import ModelError
     from vitq.trial import run_trial
 
-    m = cfg.model
-    model = _model(m.name, m.pretrained, m.checkpoint)
-    d = cfg.data
-    data = _data(d.name, d.root, d.seed, d.n_train, d.n_calib, d.n_eval, m.name)
+    m, d = cfg.model, cfg.data
+    try:
+        model = _model(m.name, m.pretrained, m.checkpoint)
+        data = _data(d.name, d.root, d.seed, d.n_train, d.n_calib, d.n_eval, (m.name, m.pretrained, m.checkpoint))
+    except (DataError, ModelError) as e:
+        if not multirun:
+            print(f"vitq: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+        raise
     if cfg.debug.inject_nan:
         data = _nan_data(data)
     if cfg.export_dir:
