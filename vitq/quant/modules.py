@@ -196,7 +196,10 @@ class QLinear(nn.Module):
         self._cached = None
         if self.wq.state == "quant" and self.wq.cfg.enabled:
             with torch.no_grad():
-                self._cached = self.wq.quantize(self.linear.weight.detach())
+                w = self.linear.weight.detach()
+                self._cached = self.wq.quantize(w)
+                self.wq.prof = _Profile()
+                self.wq.prof.add(w, self._cached)  # weight SQNR (cheap: once per config)
 
     def quantized_weight(self) -> Tensor:
         w = self.linear.weight
