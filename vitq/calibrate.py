@@ -66,7 +66,7 @@ def calibrate(qmodel: QuantViT, data: DataBundle, batch_size: int = 128, progres
 
 
 def save_stats(qmodel: QuantViT, path: str | Path) -> None:
-    blob = {p.label: [(s.sample, s.cmin, s.cmax) for s in p.stats] for p in qmodel.points()}
+    blob = {p.label: [(s.sample, s.cmin, s.cmax, s.n_rows) for s in p.stats] for p in qmodel.points()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -99,7 +99,7 @@ def calibrated_model(model: nn.Module, data: DataBundle, cfg: LayerQuantConfig, 
         qm.set_config(cfg)
         return qm, CalibrationInfo(0, time.perf_counter() - t0, "memory")
     qm = quantize_vit(model, cfg)
-    path = Path(stats_dir) / f"stats_{key[0]}_{key[1]}.pt" if stats_dir else None
+    path = Path(stats_dir) / f"stats_v2_{key[0]}_{key[1]}.pt" if stats_dir else None
     if path is not None and path.is_file():
         load_stats(qm, path)
         info = CalibrationInfo(0, time.perf_counter() - t0, "disk")

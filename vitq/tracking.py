@@ -8,6 +8,7 @@ the ``VITQ_PARENT_RUN_ID`` environment variable.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import uuid
@@ -38,9 +39,22 @@ def resolve_uri(uri: str | None) -> str:
     return uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
+def artifact_root(uri: str) -> str | None:
+    """For a SQLite store, artifacts live beside the database (``<dir>/mlartifacts``), not in the cwd."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
+
+
 def use_store(uri: str | None, experiment: str) -> str:
-    """Point MLflow at ``uri`` and the study's experiment; returns the experiment id."""
-    mlflow.set_tracking_uri(resolve_uri(uri))
+    """Point MLflow at ``uri`` and the study's experiment (created if new); returns the experiment id."""
+    uri = resolve_uri(uri)
+    mlflow.set_tracking_uri(uri)
+    root = artifact_root(uri)
+    if root is not None and mlflow.get_experiment_by_name(experiment) is None:
+        location = f"{root}/{uuid.uuid5(uuid.NAMESPACE_URL, experiment).hex}"
+        with contextlib.suppress(mlflow.exceptions.MlflowException):  # another worker created it first
+            mlflow.create_experiment(experiment, artifact_location=location)
     exp = mlflow.set_experiment(experiment)
     return exp.experiment_id
 

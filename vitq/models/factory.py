@@ -9,7 +9,7 @@ import timm
 import torch
 from torch import nn
 
-from vitq.models.reference import load_reference
+from vitq.models.reference import build_reference, load_reference
 
 __all__ = ["ModelError", "create_model", "load_checkpoint"]
 
@@ -61,8 +61,10 @@ def create_model(name: str = REFERENCE_NAME, pretrained: bool = False, checkpoin
                  num_classes: int | None = None, **kwargs) -> nn.Module:  # noqa: ANN003
     """The digits reference by default, else ``timm.create_model(name, ...)``; always in eval mode."""
     if name == REFERENCE_NAME:
+        if checkpoint is not None:  # the reference's architecture with saved weights: no training, no cache
+            return load_checkpoint(build_reference(), checkpoint).eval()
         model, _ = load_reference()
-        return model if checkpoint is None else load_checkpoint(model, checkpoint).eval()
+        return model
     if name not in timm.list_models():
         raise ModelError(f"model.name: unknown timm model {name!r}")
     extra = dict(kwargs)

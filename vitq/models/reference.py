@@ -137,10 +137,21 @@ def load_reference(spec: ReferenceSpec = ReferenceSpec(), verbose: bool = False)
     return model, meta
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m vitq.models.reference",
+                                 description="Train (or read from the cache) the digits reference ViT.")
+    ap.add_argument("--out", help="also write the checkpoint here (state_dict + meta), e.g. for DVC")
+    args = ap.parse_args(argv)
     model, meta = load_reference(verbose=True)
     print(f"digits reference ViT ({meta['n_params']:,} params, key {meta['key']}): held-out top-1 "
           f"{100 * meta['top1']:.2f} % (trained in {meta['train_seconds']:.0f} s)")
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"state_dict": model.state_dict(), "meta": meta}, out)
+        print(f"checkpoint -> {out}")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from timm.layers.attention import Attention, maybe_add_mask, resolve_self_attn_m
 from torch import Tensor, nn
 
 from vitq.quant.config import (
+    ACTIVATION_POINTS,
     POINTS,
     WEIGHT_POINTS,
     ConfigError,
@@ -70,6 +71,9 @@ class QuantTimmVitBlock(nn.Module):
             k: QAct(k, cfgs[k], *_GEOMETRY[k], block_index=block_index, profiling=enable_profiling)
             for k in POINTS})
         q = self.quantizers
+        fresh_norm = {k: not isinstance(getattr(block, k), nn.Identity) for k in ("norm1", "norm2")}
+        for k in ACTIVATION_POINTS:  # each activation point sees a fresh intermediate: quantize it in place
+            q[k].inplace = fresh_norm.get(k, True)
         self.qkv = QLinear(attn.qkv, q["attn_qkv"])
         self.proj = QLinear(attn.proj, q["attn_proj"])
         self.fc1 = QLinear(mlp.fc1, q["mlp_fc1"])

@@ -26,6 +26,7 @@ from vitq.quant.quantizers import QUANTIZERS
 __all__ = ["NonFiniteActivationError", "QAct", "QIntSoftmax", "QLinear", "calibration_of", "int_softmax"]
 
 STATS_MAX_ELEMENTS = 1 << 18  # per point and calibration batch; more rows are sampled (seeded)
+PROFILE_MAX_ELEMENTS = 1 << 16  # per point and profiled batch; a strided subsample beyond that
 
 
 class NonFiniteActivationError(ValueError):
@@ -38,10 +39,20 @@ class _Profile:
     signal: float = 0.0
     noise: float = 0.0
 
+    @staticmethod
+    def sample(x: Tensor) -> Tensor:
+        """A strided subsample (a copy) of at most ~``PROFILE_MAX_ELEMENTS`` values: keeps profiling ~free."""
+        f = x.detach().reshape(-1)
+        step = max(1, f.numel() // PROFILE_MAX_ELEMENTS)
+        return (f[::step] if step > 1 else f).float().clone()
+
     def add(self, fp: Tensor, q: Tensor) -> None:
-        self.count += fp.numel()
-        self.signal += float(fp.double().pow(2).sum())
-        self.noise += float((fp.double() - q.double()).pow(2).sum())
+        """Accumulate signal and noise energy of FP values ``fp`` and their quantized copy ``q``."""
+        f, g = self.sample(fp), self.sample(q)
+        d = f - g
+        self.count += f.numel()
+        self.signal += float(torch.dot(f, f))
+        self.noise += float(torch.dot(d, d))
 
 
 class QAct(nn.Module):
@@ -68,6 +79,7 @@ class QAct(nn.Module):
         self._memo: dict[tuple, tuple[Tensor, Tensor]] = {}
         self._bcast: tuple[Tensor, Tensor] | None = None
         self.prof = _Profile()
+        self.inplace = False  # set by an owner that hands this point fresh tensors it may overwrite
 
     # ------------------------------------------------------------------ identity
     @property
@@ -138,9 +150,9 @@ class QAct(nn.Module):
                 float(torch.stack([s.cmax.max() for s in self.stats]).max()))
 
     # ------------------------------------------------------------------ forward
-    def quantize(self, x: Tensor) -> Tensor:
+    def quantize(self, x: Tensor, inplace: bool = False) -> Tensor:
         assert self._bcast is not None
-        return self._quantizer.fake_quant(x, *self._bcast)
+        return self._quantizer.fake_quant(x, *self._bcast, inplace=inplace)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.state == "calib":
@@ -148,9 +160,10 @@ class QAct(nn.Module):
             return x
         if self.state != "quant" or not self.cfg.enabled:
             return x
-        q = self.quantize(x)
-        if self.profiling:
-            self.prof.add(x.detach(), q.detach())
+        fp = _Profile.sample(x) if self.profiling else None
+        q = self.quantize(x, inplace=self.inplace and not (torch.is_grad_enabled() and x.requires_grad))
+        if fp is not None:
+            self.prof.add(fp, q)
         return q
 
     def profile_row(self) -> dict:
@@ -222,23 +235,26 @@ _IEXP_N = 30
 
 
 def _int_exp(x_int: Tensor, sf: Tensor) -> Tensor:
-    """I-BERT i-exp of non-positive integers ``x_int`` at scale ``sf``; returns exp up to a constant factor."""
+    """I-BERT i-exp of non-positive integers ``x_int`` (overwritten) at scale ``sf``; exp up to a constant.
+
+    Every intermediate is an integer held exactly in float32, so the in-place order changes no bit.
+    """
     x0_int = torch.floor(_LN2 / sf)
-    x_int = torch.maximum(x_int, _IEXP_N * x0_int)
-    q = torch.floor(x_int / x0_int)
-    r = x_int - x0_int * q
+    x_int = torch.maximum(x_int, _IEXP_N * x0_int, out=x_int)
+    q = torch.div(x_int, x0_int).floor_()
+    r = x_int.sub_(q * x0_int)
     b_int = torch.floor(_IEXP_COEF[1] / _IEXP_COEF[0] / sf)
     c_int = torch.floor(_IEXP_COEF[2] / _IEXP_COEF[0] / sf**2)
-    z = (r + b_int) * r + c_int
-    return torch.clamp(torch.floor(z * torch.exp2(_IEXP_N - q)), min=0)
+    z = (r + b_int).mul_(r).add_(c_int)
+    return z.mul_(q.neg_().add_(_IEXP_N).exp2_()).floor_().clamp_(min=0)
 
 
 def int_softmax(scores: Tensor, scale: Tensor) -> Tensor:
     """Integer softmax (I-BERT) of scores that lie on the grid ``scale`` (already fake-quantized)."""
-    x_int = torch.round(scores / scale)
-    x_int = x_int - x_int.amax(dim=-1, keepdim=True)
+    x_int = torch.div(scores, scale).round_()
+    x_int.sub_(x_int.amax(dim=-1, keepdim=True))
     e = _int_exp(x_int, scale)
-    return e / e.sum(dim=-1, keepdim=True).clamp(min=1)
+    return e.div_(e.sum(dim=-1, keepdim=True).clamp_(min=1))
 
 
 class QIntSoftmax(nn.Module):

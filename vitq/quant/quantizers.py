@@ -41,8 +41,10 @@ def uniform_qparams(min_val: Tensor, max_val: Tensor, bit_type: BitTypeConfig) -
     return scale, zero_point
 
 
-def _fq_kernel(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, has_zp: bool) -> Tensor:
-    y = x * torch.reciprocal(scale)
+def _fq_kernel(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, has_zp: bool,
+               inplace: bool = False) -> Tensor:
+    # torch's fake_quantize kernel: round(x * (1/scale)) + zp, clamped, minus zp, times scale (bit-exact)
+    y = x.mul_(torch.reciprocal(scale)) if inplace else x * torch.reciprocal(scale)
     y.round_()
     if has_zp:
         y.add_(zero_point)
@@ -62,13 +64,18 @@ class _UniformSTE(torch.autograd.Function):
         return grad, None, None, None, None, None
 
 
-def fake_quant_uniform(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> Tensor:
-    """Quantize-dequantize; ``scale``/``zero_point`` must already broadcast against ``x``."""
+def fake_quant_uniform(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int,
+                       inplace: bool = False) -> Tensor:
+    """Quantize-dequantize; ``scale``/``zero_point`` must already broadcast against ``x``.
+
+    With gradients on, a straight-through estimator; otherwise the arithmetic runs in place on a fresh
+    buffer, or on ``x`` itself when ``inplace`` (the caller owns ``x``).
+    """
     zp = zero_point.to(x.dtype)
     has_zp = bool(zero_point.any())
     if torch.is_grad_enabled() and x.requires_grad:
         return _UniformSTE.apply(x, scale, zp, qmin, qmax, has_zp)
-    return _fq_kernel(x, scale, zp, qmin, qmax, has_zp)
+    return _fq_kernel(x, scale, zp, qmin, qmax, has_zp, inplace)
 
 
 def _log2_kernel(x: Tensor, bits: int) -> Tensor:
@@ -103,8 +110,8 @@ class UniformQuantizer:
     def qparams(self, min_val: Tensor, max_val: Tensor) -> tuple[Tensor, Tensor]:
         return uniform_qparams(min_val, max_val, self.bit_type)
 
-    def fake_quant(self, x: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
-        return fake_quant_uniform(x, scale, zero_point, self.bit_type.qmin, self.bit_type.qmax)
+    def fake_quant(self, x: Tensor, scale: Tensor, zero_point: Tensor, inplace: bool = False) -> Tensor:
+        return fake_quant_uniform(x, scale, zero_point, self.bit_type.qmin, self.bit_type.qmax, inplace)
 
 
 class Log2Quantizer:
@@ -116,7 +123,7 @@ class Log2Quantizer:
     def qparams(self, min_val: Tensor, max_val: Tensor) -> tuple[Tensor, Tensor]:
         return torch.ones_like(max_val.float()), torch.zeros(max_val.shape, dtype=torch.int64)
 
-    def fake_quant(self, x: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
+    def fake_quant(self, x: Tensor, scale: Tensor, zero_point: Tensor, inplace: bool = False) -> Tensor:
         return fake_quant_log2(x, self.bit_type.bits)
 
 
