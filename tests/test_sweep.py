@@ -11,6 +11,7 @@ import mlflow
 import numpy as np
 import optuna
 import pytest
+from _util import run_sweep
 from mlflow.tracking import MlflowClient
 
 from vitq.search.pareto import pareto_mask
@@ -18,10 +19,7 @@ from vitq.search.pareto import pareto_mask
 pytestmark = pytest.mark.slow
 
 
-def _sweep(cwd, *args, timeout=900):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, "-m", "vitq.sweep", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+_sweep = run_sweep
 
 
 def _runs(cwd, experiment):

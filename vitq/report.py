@@ -151,7 +151,8 @@ def front_metrics(study: Study, size_budgets: list[float]) -> dict[str, float]:
     for b in size_budgets:
         ok = t[t["metrics.weight_bytes"] <= b]
         out[f"best_top1_at_{int(b)}B"] = float(ok["metrics.top1"].max()) if len(ok) else 0.0
-    fp32 = float(t["metrics.fp32_bytes"].iloc[0]) if "metrics.fp32_bytes" in t else float(t["metrics.weight_bytes"].max())
+    size = "metrics.fp32_bytes" if "metrics.fp32_bytes" in t else "metrics.weight_bytes"
+    fp32 = float(t[size].max())
     pts = np.stack([t["metrics.top1"].to_numpy(), t["metrics.weight_bytes"].to_numpy() / fp32], axis=1)
     out["hypervolume"] = hypervolume_2d(pts, ["maximize", "minimize"], np.array([0.0, 1.0]))
     return out

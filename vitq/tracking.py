@@ -31,6 +31,7 @@ __all__ = ["DEFAULT_OBJECTIVES", "MlflowSweepCallback", "finalize_parent", "flat
            "trial_run"]
 
 PARENT_ENV = "VITQ_PARENT_RUN_ID"
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no progress bars in sweep logs
 DEFAULT_OBJECTIVES: dict[str, str] = {"top1": "maximize", "weight_bytes": "minimize"}
 
 
@@ -39,11 +40,19 @@ def resolve_uri(uri: str | None) -> str:
     return uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
-def artifact_root(uri: str) -> str | None:
-    """For a SQLite store, artifacts live beside the database (``<dir>/mlartifacts``), not in the cwd."""
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URL (its folder is created), else None."""
     if not uri.startswith("sqlite:///"):
         return None
-    return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
+    path = Path(uri.removeprefix("sqlite:///")).resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def artifact_root(uri: str) -> str | None:
+    """For a SQLite store, artifacts live beside the database (``<dir>/mlartifacts``), not in the cwd."""
+    path = sqlite_file(uri)
+    return None if path is None else (path.parent / "mlartifacts").as_uri()
 
 
 def use_store(uri: str | None, experiment: str) -> str:

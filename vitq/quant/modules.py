@@ -250,7 +250,19 @@ def _int_exp(x_int: Tensor, sf: Tensor) -> Tensor:
 
 
 def int_softmax(scores: Tensor, scale: Tensor) -> Tensor:
-    """Integer softmax (I-BERT) of scores that lie on the grid ``scale`` (already fake-quantized)."""
+    """Integer softmax (I-BERT) of scores that lie on the grid ``scale`` (already fake-quantized).
+
+    With gradients on, the float softmax's gradient passes straight through (the integer path has none).
+    """
+    if torch.is_grad_enabled() and scores.requires_grad:
+        soft = scores.softmax(dim=-1)
+        with torch.no_grad():
+            hard = _int_softmax(scores, scale)
+        return soft + (hard - soft).detach()
+    return _int_softmax(scores, scale)
+
+
+def _int_softmax(scores: Tensor, scale: Tensor) -> Tensor:
     x_int = torch.div(scores, scale).round_()
     x_int.sub_(x_int.amax(dim=-1, keepdim=True))
     e = _int_exp(x_int, scale)

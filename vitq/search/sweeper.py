@@ -62,6 +62,7 @@ class VitqOptunaSweeperImpl(Sweeper):
     def sweep(self, arguments: list[str]) -> list[Any]:
         assert self.config is not None
         spec = self._spec()
+        tracking.sqlite_file(spec.storage)  # a SQLite storage's folder must exist
         directions = list(spec.objectives.values())
         study = optuna.create_study(study_name=spec.study_name, storage=spec.storage, sampler=spec.make_sampler(),
                                     directions=directions, load_if_exists=True)

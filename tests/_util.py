@@ -1,0 +1,70 @@
+"""Helpers shared by the end-to-end tests: run the sweep CLI, pick a free port, run an MLflow server."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def run_sweep(cwd: Path, *args: str, timeout: int = 900, env: dict | None = None) -> subprocess.CompletedProcess:
+    full = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    return subprocess.run([sys.executable, "-m", "vitq.sweep", *args], cwd=cwd, env=full, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop_group(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """SIGTERM the process group we started (then SIGKILL if it lingers) and reap it."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+    with contextlib.suppress(ProcessLookupError):  # children of the group that outlived the leader
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+@contextmanager
+def mlflow_server(tmp: Path, backend_uri: str | None = None) -> Iterator[str]:
+    """An ``mlflow server`` on 127.0.0.1 at a free port (one worker, no job execution); yields its URL."""
+    port = free_port()
+    backend = backend_uri or f"sqlite:///{tmp / 'server.db'}"
+    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    log = open(tmp / "mlflow_server.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend,
+                             "--artifacts-destination", str(tmp / "server_artifacts"), "--host", "127.0.0.1",
+                             "--port", str(port), "--workers", "1"], env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"mlflow server did not start: {(tmp / 'mlflow_server.log').read_text()[-2000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        stop_group(proc)
+        log.close()
