@@ -8,6 +8,7 @@ are cached in-process (for a sweep) and the statistics optionally on disk.
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 import weakref
 from dataclasses import dataclass
@@ -69,7 +70,7 @@ def save_stats(qmodel: QuantViT, path: str | Path) -> None:
     blob = {p.label: [(s.sample, s.cmin, s.cmax, s.n_rows) for s in p.stats] for p in qmodel.points()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # workers may write the same file
     torch.save(blob, tmp)
     tmp.replace(path)
 

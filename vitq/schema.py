@@ -65,6 +65,7 @@ class TrackingSchema:
 @dataclass
 class DebugSchema:
     inject_nan: bool = False
+    sleep_s: float = 0.0  # hold each trial this long before evaluating (crash/heartbeat tests)
 
 
 @dataclass

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 import hydra
@@ -97,12 +98,15 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if cfg.debug.inject_nan:
         data = _nan_data(data)
     if cfg.export_dir:
-        from pathlib import Path
 
         Path(cfg.export_dir).mkdir(parents=True, exist_ok=True)
         qcfg.to_yaml(Path(cfg.export_dir) / f"quant_config_{cfg.trial_number or 0}.yaml")
 
     def trial() -> dict[str, float]:
+        if cfg.debug.sleep_s:
+            import time
+
+            time.sleep(cfg.debug.sleep_s)
         res = run_trial(model, data, qcfg, batch_size=cfg.eval_batch_size, calib_batch_size=cfg.calib_batch_size,
                         stats_dir=cfg.stats_dir)
         return res.metrics(), res.profile
@@ -128,10 +132,16 @@ def _print_table(metrics: dict[str, float], number: int | None) -> None:
     print(f"[vitq] {label}: " + " | ".join(f"{k} {v}" for k, v in rows), flush=True)
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")  # absolute: works however the module is loaded
+
+
+@hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> dict[str, float]:
     return run(cfg)
 
 
 if __name__ == "__main__":
-    main()
+    # run the importable module's entry point, so that process-based launchers (joblib) can pickle the task
+    from vitq.sweep import main as _main
+
+    _main()

@@ -89,20 +89,30 @@ def flat_params(cfg: LayerQuantConfig) -> dict[str, str]:
 
 
 def start_parent(uri: str | None, study: str, key: str | None = None, params: dict[str, Any] | None = None) -> str:
-    """Find the parent run of ``key`` (resume, other workers) or create it; returns its id."""
+    """Find the parent run of ``key`` (resume, other workers) or create it; returns its id.
+
+    Workers starting together may each create one: all then keep the earliest and the others delete theirs.
+    """
     exp_id = use_store(uri, study)
     client = MlflowClient()
-    if key is not None:
-        found = client.search_runs([exp_id], f"tags.`vitq.sweep_key` = '{key}' and tags.`vitq.role` = 'parent'",
-                                   max_results=1, order_by=["attributes.start_time ASC"])
-        if found:
-            return found[0].info.run_id
+    query = f"tags.`vitq.sweep_key` = '{key}' and tags.`vitq.role` = 'parent'"
+
+    def earliest() -> str | None:
+        runs = client.search_runs([exp_id], query, max_results=100)
+        return min(runs, key=lambda r: (r.info.start_time, r.info.run_id)).info.run_id if runs else None
+
+    if key is not None and (found := earliest()) is not None:
+        return found
     key = key or uuid.uuid4().hex
     run = client.create_run(exp_id, tags={"vitq.role": "parent", "vitq.sweep_key": key, "vitq.study": study,
                                           "mlflow.runName": f"sweep-{study}"})
+    rid = run.info.run_id
     for k, v in (params or {}).items():
-        client.log_param(run.info.run_id, k, str(v)[:6000])
-    return run.info.run_id
+        client.log_param(rid, k, str(v)[:6000])
+    winner = earliest() or rid
+    if winner != rid:  # another worker's parent came first
+        client.delete_run(rid)
+    return winner
 
 
 @contextmanager

@@ -23,6 +23,11 @@ class VitqOptunaSweeperConf:
     seed: int | None = None
     enqueue_baselines: bool = True
     max_failures: int | None = None
+    heartbeat_interval: int | None = 30  # seconds; RDB storages (0/null: off)
+    grace_period: int | None = None  # seconds without a heartbeat before a trial is failed (Optuna: 2x interval)
+    max_retry: int | None = 3  # retries of a trial whose worker died
+    poll_interval: float = 2.0  # seconds between checks while other workers' trials fill n_trials
+    reap_local: bool = True  # fail RUNNING trials of dead processes on this host at once (else: heartbeat only)
 
 
 ConfigStore.instance().store(group="hydra/sweeper", name="vitq_optuna", node=VitqOptunaSweeperConf, provider="vitq")

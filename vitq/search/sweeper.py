@@ -1,28 +1,134 @@
-"""vitq's Optuna sweeper for Hydra: Optuna 5 ask/tell through Hydra's launcher.
+"""vitq's Optuna sweeper for Hydra: Optuna 5 ask/tell through Hydra's launcher, one study over many workers.
 
-Trials are numbered by the study, so a re-run with the same study name and storage resumes: finished
-trials count toward ``n_trials``; trials left RUNNING by a killed run are marked FAIL (their MLflow
-runs KILLED). A trial that raises is told FAIL and the sweep goes on.
+Start the same command in N processes or on N machines with one ``study_name`` and a shared ``storage``
+(PostgreSQL/MySQL through SQLAlchemy, SQLite on one machine, or ``journal:///path`` on a shared filesystem):
+trials are numbered by the study, ``n_trials`` counts COMPLETE trials of all workers together, and a worker
+asks for a trial only while COMPLETE + RUNNING < ``n_trials`` (a trial that races past that is PRUNED at
+once). RDB storages run with a heartbeat: a worker killed mid-trial stops beating, and after the grace
+period any other worker marks its trial FAIL (its MLflow run KILLED) and Optuna's
+``RetryHeartbeatStaleTrialCallback`` enqueues a copy, which the next free worker runs. A restarted worker on the
+same host reaps its dead predecessors' trials at once (their process is gone). A trial that raises is
+FAIL/FAILED and the sweep goes on.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import random
+import socket
+import sys
+import threading
+import time
+import warnings
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import optuna
 from hydra.core.plugins import Plugins
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig
+from optuna.storages import BaseStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 
 from vitq import tracking
 from vitq.search.space import SearchSpec, expand_key, load_search
 
 log = logging.getLogger(__name__)
 TrialState = optuna.trial.TrialState
+WORKER_ATTR = "vitq:worker"
+
+
+class StorageError(RuntimeError):
+    """The Optuna storage cannot be opened (server down, bad URL); the message names the redacted URL."""
+
+
+def redact(url: str) -> str:
+    """The URL with its password replaced by ``***``."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - not an SQLAlchemy URL (journal path)
+        return url
+
+
+def make_storage(url: str, heartbeat_interval: int | None = 30, grace_period: int | None = None,
+                 max_retry: int | None = 3, on_stale: Any = None) -> BaseStorage:
+    """An Optuna storage for ``url``: RDB with heartbeat and retry of stale trials, or a journal file."""
+    if url.startswith("journal://") or url.endswith((".log", ".journal")):
+        from optuna.storages.journal import JournalFileBackend
+
+        path = Path(url.removeprefix("journal://"))  # journal:///abs/path.log or journal://rel/path.log
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+    tracking.sqlite_file(url)  # a SQLite storage's folder must exist
+    retry = _retry_callback(max_retry)
+
+    def stale(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        retry(study, trial)
+        if on_stale is not None:
+            on_stale(trial)
+
+    try:
+        engine = {"pool_pre_ping": True} if not url.startswith("sqlite") else {}
+        if url.startswith("postgresql"):
+            engine["connect_args"] = {"connect_timeout": 10}
+        return RDBStorage(url, engine_kwargs=engine, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
+                          heartbeat_stale_trial_callback=stale if heartbeat_interval else None)
+    except Exception as e:  # noqa: BLE001 - any driver/SQLAlchemy error becomes one clear message
+        cause = e.__cause__ if isinstance(e, ImportError) and e.__cause__ else getattr(e, "orig", None) or e
+        reason = f"{type(cause).__name__}: {cause}".strip().splitlines()
+        raise StorageError(f"cannot open the Optuna storage {redact(url)}: "
+                           f"{reason[0] if reason else type(e).__name__}") from None
+
+
+def _retry_callback(max_retry: int | None) -> RetryHeartbeatStaleTrialCallback:
+    """Optuna's retry of a dead worker's trial: a WAITING copy with the same params (``failed_trial`` attr)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextmanager
+def heartbeat(storage: RDBStorage | None, trial_ids: list[int], interval: int | None) -> Iterator[None]:
+    """Record heartbeats of ``trial_ids`` every ``interval`` seconds while the body runs."""
+    if not interval or storage is None:
+        yield
+        return
+    stop = threading.Event()
+
+    def beat() -> None:
+        while True:
+            for tid in trial_ids:
+                try:
+                    storage.record_heartbeat(tid)
+                except Exception as e:  # noqa: BLE001 - a lost beat is retried; the trial must go on
+                    log.warning("heartbeat of trial id %d failed: %s", tid, e)
+            if stop.wait(interval):
+                return
+
+    thread = threading.Thread(target=beat, name="vitq-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 class VitqOptunaSweeperImpl(Sweeper):
@@ -30,7 +136,9 @@ class VitqOptunaSweeperImpl(Sweeper):
 
     def __init__(self, search: str = "mixed_precision", n_trials: int | None = None, n_jobs: int = 1,
                  study_name: str | None = None, storage: str | None = None, sampler: str | None = None,
-                 seed: int | None = None, enqueue_baselines: bool = True, max_failures: int | None = None) -> None:
+                 seed: int | None = None, enqueue_baselines: bool = True, max_failures: int | None = None,
+                 heartbeat_interval: int | None = 30, grace_period: int | None = None, max_retry: int | None = 3,
+                 poll_interval: float = 2.0, reap_local: bool = True) -> None:
         self.search = search
         self.n_trials = n_trials
         self.n_jobs = max(1, int(n_jobs))
@@ -40,7 +148,14 @@ class VitqOptunaSweeperImpl(Sweeper):
         self.seed = seed
         self.enqueue_baselines = enqueue_baselines
         self.max_failures = max_failures
+        self.heartbeat_interval = heartbeat_interval
+        self.grace_period = grace_period
+        self.max_retry = max_retry
+        self.poll_interval = poll_interval
+        self.reap_local = reap_local
         self.config: DictConfig | None = None
+        self._dead: list[int] = []
+        self._rdb: RDBStorage | None = None  # trial numbers failed as stale/dead, whose MLflow runs must end KILLED
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.config = config
@@ -62,37 +177,68 @@ class VitqOptunaSweeperImpl(Sweeper):
     def sweep(self, arguments: list[str]) -> list[Any]:
         assert self.config is not None
         spec = self._spec()
-        tracking.sqlite_file(spec.storage)  # a SQLite storage's folder must exist
-        directions = list(spec.objectives.values())
-        study = optuna.create_study(study_name=spec.study_name, storage=spec.storage, sampler=spec.make_sampler(),
-                                    directions=directions, load_if_exists=True)
+        try:
+            storage = make_storage(spec.storage, self.heartbeat_interval, self.grace_period, self.max_retry,
+                                   on_stale=lambda t: self._dead.append(t.number))
+        except StorageError as e:
+            print(f"vitq: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+        self._rdb = storage if isinstance(storage, RDBStorage) else None  # (the study wraps it in a cache)
+        study, created = _open_study(spec, storage)
+        if not created and spec.seed is not None:  # joining workers must not replay the creator's random draws
+            study.sampler = spec.make_sampler(zlib.crc32(f"{spec.seed}/{_worker_id()}/{len(study.trials)}".encode()))
         cfg = self.config
-        track = bool(cfg.tracking.enabled)
         parent = None
-        if track:
+        if cfg.tracking.enabled:
             parent = tracking.start_parent(cfg.tracking.uri, spec.study_name, key=f"optuna:{spec.study_name}",
                                            params={"search": spec.name, "sampler": spec.sampler, "seed": spec.seed,
-                                                   "storage": _redact(spec.storage), "n_trials": spec.n_trials,
+                                                   "storage": redact(spec.storage), "n_trials": spec.n_trials,
                                                    "objectives": spec.objectives,
                                                    "space": {p.name: p.choices or [p.low, p.high]
                                                              for p in spec.params}})
             os.environ[tracking.PARENT_ENV] = parent
-        self._fail_stale(study, spec)
-        if self.enqueue_baselines and not study.trials:
+        if self.enqueue_baselines and created:  # only the worker that created the study: no duplicates
             for params in spec.baseline_params():
                 study.enqueue_trial(params, skip_if_exists=True)
+        returns = self._run(study, spec, arguments)
+        self._reap(study, spec)
+        if parent is not None:
+            tracking.use_store(cfg.tracking.uri, spec.study_name)
+            _finalize(parent, spec)
+            os.environ.pop(tracking.PARENT_ENV, None)
+        log.info("study %s: %d complete trials", spec.study_name, _count(study, TrialState.COMPLETE))
+        return returns
+
+    def _run(self, study: optuna.Study, spec: SearchSpec, arguments: list[str]) -> list[Any]:
         max_failures = self.max_failures if self.max_failures is not None else max(5, spec.n_trials)
-        failures = 0
+        failures, job_idx = 0, 0
         returns: list[Any] = []
-        job_idx = 0
-        while True:
-            done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-            remaining = spec.n_trials - done
-            if remaining <= 0 or failures >= max_failures:
+        worker = _worker_id()
+        while failures < max_failures:
+            self._reap(study, spec)
+            complete, running = _count(study, TrialState.COMPLETE), _count(study, TrialState.RUNNING)
+            if complete >= spec.n_trials:
                 break
-            batch = [study.ask() for _ in range(min(self.n_jobs, remaining))]
+            free = spec.n_trials - complete - running
+            if free <= 0:  # the other workers' trials fill the budget: wait for them (or for their heartbeat to lapse)
+                time.sleep(self.poll_interval)
+                continue
+            batch = []
+            for _ in range(min(self.n_jobs, free)):
+                t = study.ask()
+                study._storage.set_trial_system_attr(t._trial_id, WORKER_ATTR, worker)
+                if self._rdb is not None and self.heartbeat_interval:
+                    self._rdb.record_heartbeat(t._trial_id)
+                if _rank(study, t) > spec.n_trials:  # another worker asked at the same moment
+                    t.set_user_attr("vitq:surplus", True)
+                    study.tell(t, state=TrialState.PRUNED)
+                    continue
+                batch.append(t)
+            if not batch:
+                continue
             overrides = [tuple(arguments) + self._trial_overrides(t, spec) for t in batch]
-            results = self.launcher.launch(overrides, initial_job_idx=job_idx)
+            with heartbeat(self._rdb, [t._trial_id for t in batch], self.heartbeat_interval):
+                results = self.launcher.launch(overrides, initial_job_idx=job_idx)
             job_idx += len(batch)
             for t, ret in zip(batch, results, strict=True):
                 try:
@@ -109,12 +255,6 @@ class VitqOptunaSweeperImpl(Sweeper):
                     log.warning("trial %d failed: %s: %s", t.number, type(e).__name__, e)
                     t.set_user_attr("error", f"{type(e).__name__}: {e}"[:2000])
                     study.tell(t, state=TrialState.FAIL)
-        if parent is not None:
-            tracking.use_store(cfg.tracking.uri, spec.study_name)
-            tracking.finalize_parent(parent, spec.objectives)
-            os.environ.pop(tracking.PARENT_ENV, None)
-        log.info("study %s: %d complete trials", spec.study_name,
-                 len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))))
         return returns
 
     def _trial_overrides(self, trial: optuna.Trial, spec: SearchSpec) -> tuple[str, ...]:
@@ -129,19 +269,66 @@ class VitqOptunaSweeperImpl(Sweeper):
                 out.append(f"{k}={str(v).lower() if isinstance(v, bool) else v}")
         return tuple(out)
 
-    def _fail_stale(self, study: optuna.Study, spec: SearchSpec) -> None:
-        """Trials left RUNNING by a killed single-worker run become FAIL; their MLflow runs KILLED."""
-        stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        for t in stale:
-            study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
-        if stale and self.config is not None and self.config.tracking.enabled:
-            tracking.kill_runs(self.config.tracking.uri, spec.study_name, [t.number for t in stale])
+    def _reap(self, study: optuna.Study, spec: SearchSpec) -> None:
+        """Fail trials of dead workers: stale heartbeats (any host), or a dead process on this host."""
+        optuna.storages.fail_stale_trials(study)
+        host = socket.gethostname()
+        storage = study._storage
+        retry = self._rdb.get_heartbeat_stale_trial_callback() if self._rdb is not None else None
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if self.reap_local else []:
+            h, _, pid = str(t.system_attrs.get(WORKER_ATTR, "")).rpartition(":")
+            if h != host or not pid.isdigit() or _alive(int(pid)):
+                continue
+            try:
+                storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue  # another worker got there first
+            log.warning("trial %d: its worker (pid %s) is gone; marked FAIL", t.number, pid)
+            if retry is not None:
+                retry(study, storage.get_trial(t._trial_id))
+            else:
+                _retry_callback(self.max_retry)(study, storage.get_trial(t._trial_id))
+                self._dead.append(t.number)
+        if self._dead and self.config is not None and self.config.tracking.enabled:
+            tracking.kill_runs(self.config.tracking.uri, spec.study_name, self._dead)
+            self._dead.clear()
 
 
-def _redact(url: str) -> str:
-    from sqlalchemy.engine import make_url
-
+def _open_study(spec: SearchSpec, storage: BaseStorage) -> tuple[optuna.Study, bool]:
+    """Load the study or create it; True when this call created it (workers may race to create)."""
+    kwargs = {"study_name": spec.study_name, "storage": storage, "sampler": spec.make_sampler()}
     try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001
-        return url
+        return optuna.load_study(**kwargs), False
+    except KeyError:
+        pass
+    try:
+        return optuna.create_study(directions=list(spec.objectives.values()), **kwargs), True
+    except optuna.exceptions.DuplicatedStudyError:
+        return optuna.load_study(**kwargs), False
+
+
+def _finalize(parent: str, spec: SearchSpec, attempts: int = 5) -> None:
+    """Tag the front on the parent run; workers finishing together may collide on a tag, so retry."""
+    for i in range(attempts):
+        try:
+            tracking.finalize_parent(parent, spec.objectives)
+            return
+        except mlflow.exceptions.MlflowException as e:
+            if i == attempts - 1:
+                log.warning("could not finalize parent run %s: %s", parent, e)
+                return
+            time.sleep(0.2 + random.random())
+
+
+def _worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _count(study: optuna.Study, state: TrialState) -> int:
+    return len(study.get_trials(deepcopy=False, states=(state,)))
+
+
+def _rank(study: optuna.Study, trial: optuna.Trial) -> int:
+    """1 + the number of COMPLETE or RUNNING trials numbered before ``trial`` (itself included)."""
+    live = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
+    return sum(1 for t in live if t.number <= trial.number)

@@ -1,0 +1,152 @@
+"""Many workers on one study over PostgreSQL (127.0.0.1:5432, database ``test``): totals, heartbeats, errors.
+
+Each test uses its own study name (and MLflow database) and removes them afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+import sqlalchemy
+from _util import free_port, mlflow_server, run_sweep
+from mlflow.tracking import MlflowClient
+
+pytestmark = pytest.mark.slow
+PG = os.environ.get("VITQ_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
+COMPLETE, RUNNING, FAIL = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING,
+                           optuna.trial.TrialState.FAIL)
+
+
+def _sweep_args(study: str, n_trials: int, tracking_uri: str, *extra: str) -> list[str]:
+    return ["-m", "hydra/sweeper=vitq_optuna", "hydra.sweeper.search=mixed_precision",
+            f"hydra.sweeper.study_name={study}", f"hydra.sweeper.n_trials={n_trials}", f"hydra.sweeper.storage={PG}",
+            "hydra.sweeper.poll_interval=0.5", f"tracking.uri={tracking_uri}", *extra]
+
+
+def _worker(cwd: Path, args: list[str]) -> subprocess.Popen:
+    cwd.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "vitq.sweep", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+@pytest.fixture
+def study_name():
+    name = f"vitq_test_{uuid.uuid4().hex[:10]}"
+    optuna.storages.RDBStorage(PG)  # tables exist before workers race to create them
+    yield name
+    with contextlib.suppress(KeyError):
+        optuna.delete_study(study_name=name, storage=PG)
+
+
+@pytest.fixture
+def mlflow_db():
+    """A fresh PostgreSQL database for an MLflow backend store, dropped afterwards."""
+    name = f"vitq_mlflow_{uuid.uuid4().hex[:10]}"
+    admin = sqlalchemy.create_engine(PG, isolation_level="AUTOCOMMIT")
+    with admin.connect() as c:
+        c.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+    url = PG.rsplit("/", 1)[0] + f"/{name}"
+    yield url
+    with admin.connect() as c:
+        c.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+def test_three_workers_share_one_study(tmp_path, study_name, mlflow_db):
+    with mlflow_server(tmp_path, backend_uri=mlflow_db) as url:
+        workers = [_worker(tmp_path / f"w{i}", _sweep_args(study_name, 24, url)) for i in range(3)]
+        outs = [w.communicate(timeout=900)[0] for w in workers]
+        assert all(w.returncode == 0 for w in workers), "\n".join(o[-2000:] for o in outs)
+        study = optuna.load_study(study_name=study_name, storage=PG)
+        done = study.get_trials(states=(COMPLETE,))
+        assert len(done) == 24
+        assert not study.get_trials(states=(RUNNING,))
+        assert len({t.number for t in done}) == 24
+        assert len({tuple(sorted(t.params.items())) for t in done}) == 24  # nothing sampled twice by a race
+        assert len({t.system_attrs["vitq:worker"] for t in done}) >= 2  # the work was shared
+        mlflow.set_tracking_uri(url)
+        exp = MlflowClient().get_experiment_by_name(study_name)
+        runs = mlflow.search_runs([exp.experiment_id], max_results=1000)
+        parents = runs[runs["tags.vitq.role"] == "parent"]
+        assert len(parents) == 1
+        children = runs[runs["tags.mlflow.parentRunId"] == parents["run_id"].iloc[0]]
+        finished = children[children["status"] == "FINISHED"]
+        assert sorted(finished["tags.trial_number"].astype(int)) == sorted(t.number for t in done)
+
+
+def test_killed_worker_trial_is_failed_after_grace_and_retried(tmp_path, study_name):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    beat = ["hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.grace_period=4", "hydra.sweeper.reap_local=false"]
+    a = _worker(tmp_path / "a", _sweep_args(study_name, 4, uri, *beat, "hydra.sweeper.enqueue_baselines=false",
+                                            "debug.sleep_s=120"))
+    deadline = time.time() + 180
+    running = []
+    while not running:
+        assert a.poll() is None and time.time() < deadline, a.communicate()[0][-3000:] if a.poll() else "timeout"
+        with contextlib.suppress(KeyError):
+            running = optuna.load_study(study_name=study_name, storage=PG).get_trials(states=(RUNNING,))
+        time.sleep(0.5)
+    killed = running[0].number
+    mlflow.set_tracking_uri(uri)
+    while True:  # wait until the trial is inside its body: its MLflow run is open
+        assert a.poll() is None and time.time() < deadline, "worker A ended or never opened its run"
+        exp = MlflowClient().get_experiment_by_name(study_name)
+        if exp is not None and len(mlflow.search_runs([exp.experiment_id],
+                                                      f"tags.trial_number = '{killed}' and status = 'RUNNING'")):
+            break
+        time.sleep(0.5)
+    os.killpg(a.pid, signal.SIGKILL)
+    a.wait(30)
+    t0 = time.time()
+    b = run_sweep(tmp_path / "a", *_sweep_args(study_name, 4, uri, *beat, "hydra.sweeper.enqueue_baselines=false"),
+                  timeout=300)
+    assert b.returncode == 0, b.stderr[-3000:]
+    study = optuna.load_study(study_name=study_name, storage=PG)
+    assert len(study.get_trials(states=(COMPLETE,))) == 4
+    assert not study.get_trials(states=(RUNNING,))
+    dead = study.trials[killed]
+    assert dead.state == FAIL
+    retried = [t for t in study.trials if t.system_attrs.get("failed_trial") == killed]
+    assert retried and retried[0].state == COMPLETE and retried[0].params == dead.params
+    assert time.time() - t0 > 4  # it waited for the grace period, it did not guess
+    runs = mlflow.search_runs([MlflowClient().get_experiment_by_name(study_name).experiment_id], max_results=100)
+    mine = runs[runs["tags.trial_number"] == str(killed)]
+    assert len(mine) == 1 and mine["status"].iloc[0] in ("KILLED", "FAILED")
+
+
+def test_unreachable_postgres_gives_one_clear_error(tmp_path):
+    port = free_port()
+    url = f"postgresql://vitq:s3cret@127.0.0.1:{port}/test"
+    t0 = time.time()
+    r = run_sweep(tmp_path, "-m", "hydra/sweeper=vitq_optuna", f"hydra.sweeper.storage={url}",
+                  "hydra.sweeper.n_trials=2", "tracking.enabled=false", timeout=120)
+    assert r.returncode == 2 and time.time() - t0 < 60
+    assert f"postgresql://vitq:***@127.0.0.1:{port}/test" in r.stderr
+    assert "s3cret" not in r.stderr + r.stdout and "Traceback" not in r.stderr
+    assert "Connection refused" in r.stderr or "connection" in r.stderr.lower()
+
+
+def test_joblib_launcher_runs_trials_in_parallel(tmp_path):
+    r = run_sweep(tmp_path, "-m", "hydra/sweeper=vitq_optuna", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+                  "hydra.sweeper.n_jobs=2", "hydra.sweeper.n_trials=4", "hydra.sweeper.study_name=par")
+    assert r.returncode == 0, r.stderr[-3000:]
+    study = optuna.load_study(study_name="par", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert len(study.get_trials(states=(COMPLETE,))) == 4
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = mlflow.search_runs([MlflowClient().get_experiment_by_name("par").experiment_id], max_results=100)
+    parents = runs[runs["tags.vitq.role"] == "parent"]
+    children = runs[runs["tags.mlflow.parentRunId"] == parents["run_id"].iloc[0]]
+    assert len(parents) == 1 and len(children) == 4 and (children["status"] == "FINISHED").all()
+    pids = {t.system_attrs["vitq:worker"] for t in study.trials}
+    assert len(pids) == 1  # one sweeper process; joblib ran the trials
