@@ -13,11 +13,13 @@ from torch import nn
 
 from vitq.quant.config import ACTIVATION_POINTS, WEIGHT_POINTS, LayerQuantConfig, QuantConfig
 
-__all__ = ["CostReport", "model_cost"]
+__all__ = ["BOP_PAIRS", "CostReport", "model_cost"]
 
 FP_BITS = 32
 # linear weight point -> activation point that quantizes its input
 _INPUT_OF = {"attn_qkv": "norm1", "attn_proj": "sv_attn", "mlp_fc1": "norm2", "mlp_fc2": "mlp_act"}
+# pairs of points whose widths multiply in BOPs (besides attn_qkv_output with itself, in q·kᵀ)
+BOP_PAIRS: tuple[tuple[str, str], ...] = (*_INPUT_OF.items(), ("intSoft", "attn_qkv_output"))
 
 
 @dataclass

@@ -27,6 +27,9 @@ class VitqOptunaSweeperConf:
     grace_period: int | None = None  # seconds without a heartbeat before a trial is failed (Optuna: 2x interval)
     max_retry: int | None = 3  # retries of a trial whose worker died
     poll_interval: float = 2.0  # seconds between checks while other workers' trials fill n_trials
+    warm_start_budgets: list[float] | None = None  # enqueue the sensitivity solver's configs at these budgets
+    warm_start_metric: str = "weight_bytes"  # or bops
+    warm_start_score: str = "drop_loss"  # or drop_top1, grad_score
     reap_local: bool = True  # fail RUNNING trials of dead processes on this host at once (else: heartbeat only)
 
 

@@ -138,7 +138,8 @@ class VitqOptunaSweeperImpl(Sweeper):
                  study_name: str | None = None, storage: str | None = None, sampler: str | None = None,
                  seed: int | None = None, enqueue_baselines: bool = True, max_failures: int | None = None,
                  heartbeat_interval: int | None = 30, grace_period: int | None = None, max_retry: int | None = 3,
-                 poll_interval: float = 2.0, reap_local: bool = True) -> None:
+                 poll_interval: float = 2.0, reap_local: bool = True, warm_start_budgets: list[float] | None = None,
+                 warm_start_metric: str = "weight_bytes", warm_start_score: str = "drop_loss") -> None:
         self.search = search
         self.n_trials = n_trials
         self.n_jobs = max(1, int(n_jobs))
@@ -153,6 +154,9 @@ class VitqOptunaSweeperImpl(Sweeper):
         self.max_retry = max_retry
         self.poll_interval = poll_interval
         self.reap_local = reap_local
+        self.warm_start_budgets = list(warm_start_budgets or [])
+        self.warm_start_metric = warm_start_metric
+        self.warm_start_score = warm_start_score
         self.config: DictConfig | None = None
         self._dead: list[int] = []
         self._rdb: RDBStorage | None = None  # trial numbers failed as stale/dead, whose MLflow runs must end KILLED
@@ -197,8 +201,11 @@ class VitqOptunaSweeperImpl(Sweeper):
                                                    "space": {p.name: p.choices or [p.low, p.high]
                                                              for p in spec.params}})
             os.environ[tracking.PARENT_ENV] = parent
-        if self.enqueue_baselines and created:  # only the worker that created the study: no duplicates
-            for params in spec.baseline_params():
+        if created:  # only the worker that created the study enqueues: no duplicates
+            first = self._warm_start_params(spec) if self.warm_start_budgets else []
+            if self.enqueue_baselines:
+                first += spec.baseline_params()
+            for params in first:
                 study.enqueue_trial(params, skip_if_exists=True)
         returns = self._run(study, spec, arguments)
         self._reap(study, spec)
@@ -256,6 +263,28 @@ class VitqOptunaSweeperImpl(Sweeper):
                     t.set_user_attr("error", f"{type(e).__name__}: {e}"[:2000])
                     study.tell(t, state=TrialState.FAIL)
         return returns
+
+    def _warm_start_params(self, spec: SearchSpec) -> list[dict[str, Any]]:
+        """The sensitivity solver's configs at ``warm_start_budgets`` (cached sensitivity of the swept model)."""
+        from vitq.search import sensitivity as sens_mod
+        from vitq.sweep import _data, _model, layer_config_from
+
+        cfg = self.config
+        assert cfg is not None
+        m, d = cfg.model, cfg.data
+        model = _model(m.name, m.pretrained, m.checkpoint)
+        data = _data(d.name, d.root, d.seed, d.n_train, d.n_calib, d.n_eval, (m.name, m.pretrained, m.checkpoint))
+        base = layer_config_from(cfg)
+        sens = sens_mod.compute_sensitivity(model, data, base, batch_size=cfg.calib_batch_size)
+        table = sens_mod.cost_table(model, base, sens.candidates, self.warm_start_metric)
+        sols = sens_mod.configs_for_budgets(sens, table, [float(b) for b in self.warm_start_budgets],
+                                            self.warm_start_score)
+        for s in sols:
+            if not s["feasible"]:
+                log.warning("warm start: budget %s %s is infeasible; skipped", s["budget"], self.warm_start_metric)
+        if cfg.tracking.enabled:
+            sens_mod.log_to_mlflow(sens, sols, cfg.tracking.uri, spec.study_name, self.warm_start_score)
+        return [sens_mod.enqueue_params(s["bits"]) for s in sols if s["feasible"]]
 
     def _trial_overrides(self, trial: optuna.Trial, spec: SearchSpec) -> tuple[str, ...]:
         out = [f"trial_number={trial.number}", f"study_name={spec.study_name}"]

@@ -1,0 +1,118 @@
+"""Sensitivity, the exact budget solver, and warm-started studies."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import optuna
+import pytest
+from _util import run_sweep
+from conftest import PRESETS
+
+from vitq.cost import model_cost
+from vitq.quant.config import POINTS, load_config_from_yaml
+from vitq.search.sensitivity import (
+    CostTable,
+    compute_sensitivity,
+    configs_for_budgets,
+    cost_table,
+    enqueue_params,
+    solve_mck,
+    with_bits,
+)
+from vitq.search.space import load_search
+
+
+def _brute(scores, table, budget):
+    best, arg = np.inf, None
+    P, K = scores.shape
+    for choice in itertools.product(range(K), repeat=P):
+        if table.cost(list(choice)) <= budget + 1e-9:
+            s = sum(scores[i, k] for i, k in enumerate(choice))
+            if s < best - 1e-12:
+                best, arg = s, list(choice)
+    return best, arg
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_knapsack_is_optimal_against_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    P, K = 5, 3
+    scores = rng.random((P, K)) * np.array([3.0, 1.0, 0.0])  # wider is never worse
+    unary = np.sort(rng.integers(1, 20, (P, K)), axis=1).astype(float)
+    pairs = {(0, 1): np.outer([1, 2, 4], [1, 2, 3]).astype(float), (2, 3): rng.integers(0, 5, (K, K)).astype(float)}
+    table = CostTable("test", tuple(f"p{i}" for i in range(P)), (2, 4, 8), 7.0, unary, pairs if seed % 2 else {})
+    lo = min(table.cost(list(c)) for c in itertools.product(range(K), repeat=P))
+    hi = max(table.cost(list(c)) for c in itertools.product(range(K), repeat=P))
+    for budget in np.linspace(lo, hi, 7):
+        best, _ = _brute(scores, table, budget)
+        choice = solve_mck(scores, table, budget)
+        assert choice is not None and table.cost(choice) <= budget + 1e-9
+        assert sum(scores[i, k] for i, k in enumerate(choice)) == pytest.approx(best, abs=1e-6)
+    assert solve_mck(scores, table, lo - 1) is None  # below the cheapest config: infeasible
+
+
+@pytest.mark.parametrize("metric", ["weight_bytes", "bops"])
+def test_cost_table_is_exact_and_configs_respect_the_budget(reference, metric):
+    model, _ = reference
+    base = load_config_from_yaml(PRESETS / "int8.yaml")
+    table = cost_table(model, base, (2, 4, 8), metric)
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        choice = list(rng.integers(0, 3, len(POINTS)))
+        bits = {p: table.candidates[k] for p, k in zip(POINTS, choice, strict=True)}
+        assert table.cost(choice) == pytest.approx(getattr(model_cost(model, with_bits(base, bits)), metric),
+                                                   rel=1e-12)
+    scores = np.tile(np.array([4.0, 1.0, 0.0]), (len(POINTS), 1)) * (1 + np.arange(len(POINTS)))[:, None]
+
+    class Fixed:
+        candidates = (2, 4, 8)
+
+        def matrix(self, score, points):
+            return scores
+
+    full = table.cost([2] * len(POINTS))
+    for frac in (0.4, 0.6, 0.8):
+        budget = table.const + frac * (full - table.const) if metric == "bops" else frac * full
+        (sol,) = configs_for_budgets(Fixed(), table, [budget])
+        if not sol["feasible"]:
+            continue
+        actual = getattr(model_cost(model, with_bits(base, sol["bits"])), metric)
+        assert actual <= budget and actual == pytest.approx(sol["predicted_cost"], rel=1e-12)
+
+
+def test_sensitivity_ranks_a_fragile_point_above_a_robust_one(reference, digits):
+    model, _ = reference
+    base = load_config_from_yaml(PRESETS / "int8.yaml")
+    sens = compute_sensitivity(model, digits, base, candidates=(2, 8), n_eval=200, cache=False)
+    t = sens.table.set_index(["point", "bits"])
+    assert t.loc[("kv_act", 2), "drop_top1"] > 0.2  # 2-bit attention scores wreck the model
+    assert t.loc[("kv_act", 2), "drop_loss"] > 5 * t.loc[("attn_proj", 2), "drop_loss"]
+    assert t.loc[("kv_act", 2), "grad_score"] > 5 * t.loc[("attn_proj", 2), "grad_score"]
+    assert sens.ranking(2, "drop_loss").index("kv_act") < sens.ranking(2, "drop_loss").index("attn_proj")
+    for p in POINTS:  # fewer bits, more quantization noise at the point
+        assert t.loc[(p, 2), "grad_score"] > t.loc[(p, 8), "grad_score"]
+
+
+@pytest.mark.slow
+def test_warm_start_enqueues_solver_configs_then_baselines(tmp_path):
+    budgets = [110000, 140000]
+    r = run_sweep(tmp_path, "-m", "hydra/sweeper=vitq_optuna", "hydra.sweeper.search=mixed_precision",
+                  "hydra.sweeper.n_trials=7", "hydra.sweeper.study_name=warm",
+                  f"hydra.sweeper.warm_start_budgets=[{budgets[0]},{budgets[1]}]")
+    assert r.returncode == 0, r.stderr[-3000:]
+    study = optuna.load_study(study_name="warm", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    trials = sorted(study.trials, key=lambda t: t.number)
+    assert len([t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]) == 7
+    spec = load_search("mixed_precision")
+    baselines = spec.baseline_params()
+    assert len(baselines) == 4
+    warm = [t.params for t in trials[:2]]
+    for params, budget, t in zip(warm, budgets, trials[:2], strict=True):
+        bits = {k: v for k, v in params.items() if k.endswith("bit_type.bits")}
+        assert len(bits) == len(POINTS)
+        assert t.user_attrs["weight_bytes"] <= budget  # the solver's config, as run, fits its budget
+    for t, b in zip(trials[2:6], baselines, strict=True):
+        assert {k: t.params[k] for k in b} == b
+    assert enqueue_params({"kv_act": 4}) == {"attn_layer.kv_act.bit_type.bits": 4}
