@@ -102,7 +102,7 @@ def vit_small_workload(quick: bool, n_eval: int | None = None) -> Workload:
 
     data = DataBundle("synthetic224", images(n_calib), images(n_eval), 10,
                       meta={"calib_indices": f"synthetic224-{n_calib}", "eval_indices": f"synthetic224-{n_eval}"})
-    return Workload("vit_small", model, data, 64, 3 if quick else 6, 3 if quick else 8, 2 if quick else 3)
+    return Workload("vit_small", model, data, 64, 3 if quick else 4, 3 if quick else 4, 2)
 
 
 def trial_configs(n: int) -> list[LayerQuantConfig]:

@@ -338,12 +338,10 @@ def kl_best_bins(hist: Tensor, levels: int, start_bin: int = 128) -> Tensor:
     i = torch.arange(start, nbins + 1)  # (T,) candidate thresholds
     m = i // levels
     widths, m_idx = torch.unique(m, return_inverse=True)
-    g = torch.arange(levels - 1)
-    head_terms = []
-    for w in widths.tolist():  # the levels-1 full groups of width w: [g·w, (g+1)·w)
-        terms, _ = sum_log_mean(cs[(g + 1) * w] - cs[g * w], nz[(g + 1) * w] - nz[g * w])
-        head_terms.append(terms.sum(0))
-    sum_head = torch.stack(head_terms)[m_idx]  # (T, C)
+    starts = widths.view(-1, 1) * torch.arange(levels - 1).view(1, -1)  # (W, L-1): the full groups [g·w, (g+1)·w)
+    ends = starts + widths.view(-1, 1)
+    terms, _ = sum_log_mean(cs[ends] - cs[starts], nz[ends] - nz[starts])  # (W, L-1, C); W·(L-1) ≤ bins
+    sum_head = terms.sum(1)[m_idx]  # (T, C)
     last_start = (levels - 1) * m  # (T,) the last group runs to i
     last_terms, last_mean = sum_log_mean(cs[i] - cs[last_start], nz[i] - nz[last_start])
     s_i = cs[i]  # (T, C): mass of Q before normalization
