@@ -3,8 +3,9 @@
 On the digits reference, for the ``mixed_precision`` space (bits per point, observers, alpha) and objectives
 (top-1 ↑, weight bytes ↓), each strategy gets ``--trials`` trials per seed:
 
-- ``tpe_warm`` / ``nsga2_warm``: the sensitivity solver's configs at several size budgets plus the uniform
-  baselines (W8A8, W6A6, W4A8, W4A4) enqueued first, then TPE / NSGA-II;
+- ``tpe_warm`` / ``nsga2_warm``: the sensitivity solver's configs at five size budgets (10-70 % of the way from
+  the all-2-bit size to the all-8-bit size) plus the uniform baselines (W8A8, W6A6, W4A8, W4A4) enqueued
+  first, then TPE / NSGA-II;
 - ``nsga2`` and ``random``: plain samplers;
 - ``aimet_greedy``: AIMET AMP's list — one-at-a-time flips ranked by accuracy drop, applied cumulatively
   (deterministic; observers stay at the base's).
@@ -91,7 +92,7 @@ def _hv(points: np.ndarray) -> float:
 
 
 def compare(n_trials: int = 30, seeds: int = 3, reference_trials: int = 300, search: str = "mixed_precision",
-            budgets_frac: tuple[float, ...] = (0.45, 0.5, 0.55, 0.6, 0.7), log: Callable[[str], None] = print) -> dict:
+            budgets_frac: tuple[float, ...] = (0.1, 0.2, 0.35, 0.5, 0.7), log: Callable[[str], None] = print) -> dict:
     from vitq.data import load_digits
     from vitq.models.reference import load_reference
     from vitq.quant.config import load_config_from_yaml
@@ -107,9 +108,9 @@ def compare(n_trials: int = 30, seeds: int = 3, reference_trials: int = 300, sea
     sens = compute_sensitivity(model, data, base)
     sens_s = time.perf_counter() - t0
     table = cost_table(model, base, sens.candidates, "weight_bytes")
-    fp32 = objective.fp32
-    assert fp32 is not None
-    sols = configs_for_budgets(sens, table, [f * fp32 for f in budgets_frac])
+    cheapest = table.cost([0] * len(table.points))  # every point at the narrowest candidate
+    widest = table.cost([len(table.candidates) - 1] * len(table.points))
+    sols = configs_for_budgets(sens, table, [cheapest + f * (widest - cheapest) for f in budgets_frac])
     warm = [enqueue_params(s["bits"]) for s in sols if s["feasible"]] + spec.baseline_params()
     samplers = {"tpe_warm": lambda s: optuna.samplers.TPESampler(seed=s, multivariate=True),
                 "nsga2_warm": lambda s: optuna.samplers.NSGAIISampler(seed=s, population_size=10),
