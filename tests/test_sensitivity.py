@@ -116,3 +116,15 @@ def test_warm_start_enqueues_solver_configs_then_baselines(tmp_path):
     for t, b in zip(trials[2:6], baselines, strict=True):
         assert {k: t.params[k] for k in b} == b
     assert enqueue_params({"kv_act": 4}) == {"attn_layer.kv_act.bit_type.bits": 4}
+
+
+@pytest.mark.slow
+def test_strategy_comparison_runs_and_scores_every_strategy():
+    from vitq.search.compare import STRATEGIES, compare
+
+    result = compare(n_trials=3, seeds=1, reference_trials=3, log=lambda _: None)
+    table = {r["strategy"]: r for r in result["table"]}
+    assert set(table) == set(STRATEGIES)
+    for r in table.values():  # the reference front pools every strategy's points, so no ratio exceeds 1
+        assert 0 < r["hv_ratio_mean"] <= 1 + 1e-9
+    assert result["reference_hv"] > 0 and len(result["fronts"]["tpe_warm"][0]) == 3
