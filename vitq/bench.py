@@ -152,7 +152,7 @@ def trials_per_hour(w: Workload, search: str = "mixed_precision") -> float:
     import optuna
 
     from vitq import tracking
-    from vitq.search.space import expand_key, load_search
+    from vitq.search.space import load_search
 
     spec = load_search(search)
     base = load_config_from_yaml(CONF_DIR / "quant" / "int8.yaml")
@@ -165,8 +165,7 @@ def trials_per_hour(w: Workload, search: str = "mixed_precision") -> float:
         for _ in range(w.n_search_trials):
             t0 = time.perf_counter()
             trial = study.ask()
-            over = {k: p.suggest(trial) for p in spec.params for k in expand_key(p.name)}
-            cfg = base.with_overrides(over)
+            cfg = base.with_overrides(spec.suggest_overrides(trial))
             with tracking.trial_run(uri, "bench", trial.number, cfg) as rid:
                 res = run_trial(w.model, w.data, cfg, batch_size=w.batch_size)
                 tracking.log_result(rid, res.metrics(), res.profile)

@@ -30,7 +30,7 @@ import pandas as pd
 
 from vitq.search.pareto import hypervolume_2d, pareto_mask
 from vitq.search.sensitivity import bits_key, compute_sensitivity, configs_for_budgets, cost_table, enqueue_params
-from vitq.search.space import SearchSpec, expand_key, load_search
+from vitq.search.space import SearchSpec, load_search
 
 __all__ = ["STRATEGIES", "compare", "main"]
 
@@ -45,11 +45,9 @@ class Objective:
         from vitq.trial import run_trial
 
         self.model, self.data, self.base, self._run = model, data, base, run_trial
-        self.fp32: float | None = None
 
     def __call__(self, overrides: dict) -> tuple[float, float]:
         res = self._run(self.model, self.data, self.base.with_overrides(overrides), profile=False)
-        self.fp32 = res.fp32_bytes
         return res.top1, res.weight_bytes / res.fp32_bytes
 
 
@@ -61,10 +59,7 @@ def _study_points(objective: Objective, spec: SearchSpec, sampler: optuna.sample
     pts = []
     for _ in range(n_trials):
         t = study.ask()
-        over: dict = {}
-        for p in spec.params:
-            v = p.suggest(t)
-            over.update(dict.fromkeys(expand_key(p.name), v))
+        over = spec.suggest_overrides(t)
         val = objective(over)
         study.tell(t, list(val))
         pts.append(val)

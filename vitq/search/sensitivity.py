@@ -111,6 +111,7 @@ def _grad_scores(qm: nn.Module, data: DataBundle, base: LayerQuantConfig, candid
     flags = [p.requires_grad for p in params]
     scores: dict[tuple[str, int], float] = {}
     cfg_at = {b: with_bits(base, dict.fromkeys(POINTS, b)) for b in candidates}
+    linear_of = {id(lin.wq): lin for lin in qm.linears()}
     try:
         for p in params:
             p.requires_grad_(True)
@@ -125,7 +126,7 @@ def _grad_scores(qm: nn.Module, data: DataBundle, base: LayerQuantConfig, candid
                         saved = p.cfg
                         p.set_config(cfg_at[b].resolve(p.key, p.block_index))
                         if p.key in WEIGHT_POINTS:
-                            lin = next(lin for lin in qm.linears() if lin.wq is p)
+                            lin = linear_of[id(p)]
                             w, g = lin.linear.weight.detach(), lin.linear.weight.grad
                             err = p.quantize(w) - w if p.cfg.enabled else torch.zeros_like(w)
                         else:

@@ -90,6 +90,13 @@ class SearchSpec:
             return 0.0
         return float(metrics[self.constraint["metric"]]) - float(self.constraint["max"])
 
+    def suggest_overrides(self, trial: optuna.Trial) -> dict[str, Any]:
+        """Sample every parameter of ``trial`` and expand wildcards: concrete dotted key → value."""
+        out: dict[str, Any] = {}
+        for p in self.params:
+            out.update(dict.fromkeys(expand_key(p.name), p.suggest(trial)))
+        return out
+
     def baseline_params(self) -> list[dict[str, Any]]:
         """Baselines as Optuna params: ``wXaY`` sets weight bits X and activation bits Y."""
         out = []

@@ -36,7 +36,7 @@ from omegaconf import DictConfig
 from optuna.storages import BaseStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 
 from vitq import tracking
-from vitq.search.space import SearchSpec, expand_key, load_search
+from vitq.search.space import SearchSpec, load_search
 
 log = logging.getLogger(__name__)
 TrialState = optuna.trial.TrialState
@@ -289,9 +289,7 @@ class VitqOptunaSweeperImpl(Sweeper):
     def _trial_overrides(self, trial: optuna.Trial, spec: SearchSpec) -> tuple[str, ...]:
         out = [f"trial_number={trial.number}", f"study_name={spec.study_name}"]
         names = {p.name for p in spec.params}
-        for p in spec.params:
-            value = p.suggest(trial)
-            out += [f"{k}={value}" for k in expand_key(p.name)]
+        out += [f"{k}={v}" for k, v in spec.suggest_overrides(trial).items()]
         fixed = trial.study._storage.get_trial_system_attrs(trial._trial_id).get("fixed_params", {})
         for k, v in fixed.items():  # enqueued keys outside the search space pass straight through
             if k not in names:
