@@ -109,6 +109,34 @@ def test_int_softmax_and_log2_path(reference, digits):
     assert torch.isfinite(out).all() and _sqnr(block(x[128:]), out) > 15
 
 
+@pytest.mark.parametrize("kv_mode", ["layer_wise", "channel_wise"])
+def test_chunked_lut_attention_equals_reference_path(reference, digits, monkeypatch, kv_mode):
+    """The fast path (maps in chunks of images, i-exp as a lookup table on integer codes) changes no bit."""
+    import vitq.models.vit_block as vb
+    from vitq.quant.modules import int_softmax
+
+    block, x = _reference_block_io(reference, digits)
+    cfg = load_config_from_yaml(PRESETS / "int8.yaml").with_overrides({"attn_layer.kv_act.calibration_mode": kv_mode})
+    q = QuantTimmVitBlock(copy.deepcopy(block), cfg)
+    with torch.inference_mode():
+        with q.calibration():
+            q(x[:256])
+        monkeypatch.setattr(vb, "ATTN_CHUNK_BYTES", 1)  # one image per chunk
+        fast = q(x[256:])
+        monkeypatch.setattr(vb, "ATTN_CHUNK_BYTES", 1 << 40)
+        whole = q(x[256:])
+        kv, soft = q.quantizers["kv_act"], q.quantizers["intSoft"]
+        assert soft.cfg.quantization_method == "Uniform" and q.softmax.integer(kv)
+        assert kv.scale.numel() == (block.attn.num_heads if kv_mode == "channel_wise" else 1)
+        # the reference: fake-quantize the scores, then I-BERT's integer softmax element by element
+        scores = torch.randn(8, block.attn.num_heads, 17, 17) * 3
+        ref = soft.quantize(int_softmax(kv.quantize(scores.clone()), kv.fq.scale))
+        lut = q.softmax(scores.clone(), kv)
+    assert torch.equal(fast, whole)
+    assert torch.equal(lut, ref)
+    assert _sqnr(block(x[256:]), fast) > 30
+
+
 def test_gradients_flow_through_quantized_model(reference, digits):
     model, _ = reference
     qm = quantize_vit(model, load_config_from_yaml(PRESETS / "w4a8.yaml"))

@@ -84,7 +84,7 @@ def load_stats(qmodel: QuantViT, path: str | Path) -> None:
         raise ValueError(f"{path}: statistics lack points {missing[:5]}")
     for label, p in points.items():
         p.stats = [BatchStats(*t) for t in blob[label]]
-        p._memo.clear()
+        p.clear_memo()
         p.freeze()
     for lin in qmodel.linears():
         lin.refresh()

@@ -84,6 +84,11 @@ def _augment(x: Tensor, g: torch.Generator) -> Tensor:
 
 
 def train_reference(spec: ReferenceSpec, data: DataBundle, verbose: bool = True) -> VisionTransformer:
+    with torch.enable_grad():  # callers (the bench) may have switched autograd off globally
+        return _train(spec, data, verbose)
+
+
+def _train(spec: ReferenceSpec, data: DataBundle, verbose: bool) -> VisionTransformer:
     torch.manual_seed(spec.seed)
     model = build_reference(spec)
     assert data.train is not None

@@ -31,6 +31,7 @@ from vitq.quant.modules import QAct, QIntSoftmax, QLinear, calibration_of
 __all__ = ["QuantTimmVitBlock", "as_layer_config"]
 
 QuantConfigLike = str | Path | LayerQuantConfig | QuantConfig
+ATTN_CHUNK_BYTES = 1 << 21  # attention maps made per chunk of images without gradients (fits L2/L3 cache)
 
 # point -> (channel axis, ndim) of the tensor it sees
 _GEOMETRY: dict[str, tuple[int, int]] = {k: (0, 2) for k in WEIGHT_POINTS}
@@ -121,16 +122,34 @@ class QuantTimmVitBlock(nn.Module):
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
                                                dropout_p=a.attn_drop.p if self.training else 0.0)
         else:
-            q = q * a.scale
-            attn = q @ k.transpose(-2, -1)
-            attn = maybe_add_mask(attn, resolve_self_attn_mask(N, attn, attn_mask, is_causal))
-            attn = q_["kv_act"](attn)
-            attn = self.softmax(attn, q_["kv_act"])
-            attn = a.attn_drop(attn)
-            x = attn @ v
+            x = self._attention_maps(q, k, v, attn_mask, is_causal)
         x = x.transpose(1, 2).reshape(B, N, a.attn_dim)
         x = q_["sv_attn"](a.norm(x))
         return a.proj_drop(self.proj(x))
+
+    def _attention_maps(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_causal: bool) -> Tensor:
+        """Attention with materialized maps (``kv_act``/``intSoft`` see them).
+
+        Without gradients, after calibration and without masks, the maps are made a few images at a time
+        (``ATTN_CHUNK_BYTES``): every pass over them then runs in cache, and no large buffer is allocated.
+        """
+        q_ = self.quantizers
+        B, H, N, _ = q.shape
+        step = max(1, ATTN_CHUNK_BYTES // (H * N * k.shape[-2] * q.element_size()))
+        if (step >= B or attn_mask is not None or is_causal or torch.is_grad_enabled()
+                or "calib" in (q_["kv_act"].state, q_["intSoft"].state)):
+            return self._attend(q, k, v, attn_mask, is_causal)
+        out = q.new_empty(B, H, N, v.shape[-1])
+        for i in range(0, B, step):
+            out[i:i + step] = self._attend(q[i:i + step], k[i:i + step], v[i:i + step], None, False)
+        return out
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_causal: bool) -> Tensor:
+        a: Attention = self.block.attn
+        attn = (q * a.scale) @ k.transpose(-2, -1)
+        attn = maybe_add_mask(attn, resolve_self_attn_mask(q.shape[-2], attn, attn_mask, is_causal))
+        attn = self.softmax(attn, self.quantizers["kv_act"])  # quantized at kv_act, softmax, intSoft
+        return a.attn_drop(attn) @ v
 
     def _mlp(self, x: Tensor) -> Tensor:
         m: Mlp = self.block.mlp

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -21,12 +22,13 @@ from torch import Tensor, nn
 
 from vitq.quant.config import QuantConfig
 from vitq.quant.observers import BatchStats, create_observer, to_channel_last
-from vitq.quant.quantizers import QUANTIZERS
+from vitq.quant.quantizers import QUANTIZERS, UniformGrid
 
 __all__ = ["NonFiniteActivationError", "QAct", "QIntSoftmax", "QLinear", "calibration_of", "int_softmax"]
 
 STATS_MAX_ELEMENTS = 1 << 18  # per point and calibration batch; more rows are sampled (seeded)
-PROFILE_MAX_ELEMENTS = 1 << 16  # per point and profiled batch; a strided subsample beyond that
+PROFILE_MAX_ELEMENTS = 1 << 14  # per point and profiled batch; evenly spaced runs beyond that
+PROFILE_RUN = 1 << 10
 
 
 class NonFiniteActivationError(ValueError):
@@ -41,10 +43,13 @@ class _Profile:
 
     @staticmethod
     def sample(x: Tensor) -> Tensor:
-        """A strided subsample (a copy) of at most ~``PROFILE_MAX_ELEMENTS`` values: keeps profiling ~free."""
+        """A copy of at most ``PROFILE_MAX_ELEMENTS`` values: evenly spaced contiguous runs (cheap to read)."""
         f = x.detach().reshape(-1)
-        step = max(1, f.numel() // PROFILE_MAX_ELEMENTS)
-        return (f[::step] if step > 1 else f).float().clone()
+        if f.numel() <= PROFILE_MAX_ELEMENTS:
+            return f.float().clone()
+        runs = PROFILE_MAX_ELEMENTS // PROFILE_RUN
+        stride = f.numel() // runs
+        return f[:runs * stride].view(runs, stride)[:, :PROFILE_RUN].float().reshape(-1)
 
     def add(self, fp: Tensor, q: Tensor) -> None:
         """Accumulate signal and noise energy of FP values ``fp`` and their quantized copy ``q``."""
@@ -53,6 +58,16 @@ class _Profile:
         self.count += f.numel()
         self.signal += float(torch.dot(f, f))
         self.noise += float(torch.dot(d, d))
+
+
+class _Derived(NamedTuple):
+    """What a config derives from the statistics: the range, qparams and the prepared fake quantizer."""
+
+    range: tuple[Tensor, Tensor]
+    scale: Tensor
+    zero_point: Tensor
+    fq: Callable[..., Tensor]
+    summary: dict[str, float]  # the profile table's range/scale columns
 
 
 class QAct(nn.Module):
@@ -76,8 +91,10 @@ class QAct(nn.Module):
         self.scale: Tensor | None = None
         self.zero_point: Tensor | None = None
         self.range: tuple[Tensor, Tensor] | None = None
-        self._memo: dict[tuple, tuple[Tensor, Tensor]] = {}
-        self._bcast: tuple[Tensor, Tensor] | None = None
+        self._memo: dict[tuple, _Derived] = {}
+        self.fq: Callable[..., Tensor] | None = None  # the prepared fake quantizer of the current config
+        self._summary: dict[str, float] = {}
+        self._observed: tuple[float, float] | None = None
         self.prof = _Profile()
         self.inplace = False  # set by an owner that hands this point fresh tensors it may overwrite
 
@@ -94,8 +111,13 @@ class QAct(nn.Module):
     # ------------------------------------------------------------------ calibration
     def begin_calibration(self) -> None:
         self.stats = []
-        self._memo.clear()
+        self.clear_memo()
         self.state = "calib"
+
+    def clear_memo(self) -> None:
+        """Forget derived ranges (the statistics changed)."""
+        self._memo.clear()
+        self._observed = None
 
     def record(self, x: Tensor) -> None:
         x2d = to_channel_last(x, self.axis)
@@ -125,34 +147,40 @@ class QAct(nn.Module):
                 c.percentile_alpha, c.percentile_sigma, c.kv_bins)
 
     def _derive(self) -> None:
-        self._bcast = None
+        """Range, qparams and fake quantizer of the current config, memoized per :meth:`range_key`."""
+        self.fq = None
         if not self.cfg.enabled:
             return
         if not self.stats:
             raise RuntimeError(f"{self.label}: no calibration statistics; run calibration first")
         key = self.range_key()
-        if key not in self._memo:
+        d = self._memo.get(key)
+        if d is None:
             obs = create_observer(self.cfg)
             for s in self.stats:
                 obs.update(s)
-            self._memo[key] = obs.compute()
-        self.range = self._memo[key]
-        quantizer = QUANTIZERS[self.cfg.quantization_method](self.cfg.bit_type)
-        self.scale, self.zero_point = quantizer.qparams(*self.range)
-        shape = (-1,) + (1,) * (self.ndim - 1 - self.axis) if self.scale.ndim else ()
-        self._bcast = (self.scale.reshape(shape), self.zero_point.reshape(shape))
-        self._quantizer = quantizer
+            lo, hi = obs.compute()
+            scale, zero_point = QUANTIZERS[self.cfg.quantization_method](self.cfg.bit_type).qparams(lo, hi)
+            shape = (-1,) + (1,) * (self.ndim - 1 - self.axis) if scale.ndim else ()
+            grid = QUANTIZERS[self.cfg.quantization_method](self.cfg.bit_type).grid(
+                scale.reshape(shape), zero_point.reshape(shape))
+            summary = {"range_min": float(lo.min()), "range_max": float(hi.max()), "scale": float(scale.float().mean()),
+                       "zero_point": float(zero_point.float().mean()), "n_channels": scale.numel()}
+            d = self._memo[key] = _Derived((lo, hi), scale, zero_point, grid, summary)
+        self.range, self.scale, self.zero_point, self.fq, self._summary = d
 
     def observed_minmax(self) -> tuple[float, float]:
         if not self.stats:
             return math.nan, math.nan
-        return (float(torch.stack([s.cmin.min() for s in self.stats]).min()),
-                float(torch.stack([s.cmax.max() for s in self.stats]).max()))
+        if self._observed is None:
+            self._observed = (float(torch.stack([s.cmin.min() for s in self.stats]).min()),
+                              float(torch.stack([s.cmax.max() for s in self.stats]).max()))
+        return self._observed
 
     # ------------------------------------------------------------------ forward
     def quantize(self, x: Tensor, inplace: bool = False) -> Tensor:
-        assert self._bcast is not None
-        return self._quantizer.fake_quant(x, *self._bcast, inplace=inplace)
+        assert self.fq is not None
+        return self.fq(x, inplace)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.state == "calib":
@@ -174,10 +202,8 @@ class QAct(nn.Module):
                "method": c.quantization_method, "observed_min": lo, "observed_max": hi,
                "range_min": math.nan, "range_max": math.nan, "scale": math.nan, "zero_point": math.nan,
                "n_channels": 0, "mse": math.nan, "sqnr_db": math.nan}
-        if c.enabled and self.scale is not None and self.range is not None:
-            row.update(range_min=float(self.range[0].min()), range_max=float(self.range[1].max()),
-                       scale=float(self.scale.float().mean()), zero_point=float(self.zero_point.float().mean()),
-                       n_channels=int(self.scale.numel()))
+        if c.enabled and self.fq is not None:
+            row.update(self._summary)
         if self.prof.count:
             row["mse"] = self.prof.noise / self.prof.count
             if self.prof.noise:
@@ -203,7 +229,7 @@ class QLinear(nn.Module):
         """Weights are static: their 'calibration' is one exact look at the tensor."""
         w = self.linear.weight.detach()
         self.wq.stats = [BatchStats.from_2d(to_channel_last(w, 0), None)]
-        self.wq._memo.clear()
+        self.wq.clear_memo()
 
     def refresh(self) -> None:
         self._cached = None
@@ -270,22 +296,61 @@ def _int_softmax(scores: Tensor, scale: Tensor) -> Tensor:
 
 
 class QIntSoftmax(nn.Module):
-    """Softmax over the last axis with its output quantized by ``intSoft`` (Uniform, or Log2 = FQ-ViT's LIS).
+    """Softmax over the last axis of scores quantized at ``kv_act``, its output quantized at ``intSoft``
+    (Uniform, or Log2 = FQ-ViT's LIS).
 
-    When both the scores (``kv_act``) and the output are quantized, the softmax itself runs in
-    integer arithmetic (I-BERT i-exp) on the quantized scores.
+    When both points quantize (scores on a zero-point-free uniform grid), the softmax itself runs in
+    integer arithmetic (I-BERT i-exp). Without gradients it works on the integer codes directly: the
+    shifted codes ``max - x`` take at most ``2^bits`` values, so i-exp is a lookup table built once per
+    scale (bit-identical to evaluating it per element, and a few passes instead of ~20).
     """
 
     def __init__(self, out_q: QAct) -> None:
         super().__init__()
         self.out_q = out_q
+        self._lut_key: tuple | None = None
+        self._lut = torch.empty(0)
+        self._lut_offsets: Tensor | None = None
+
+    def integer(self, score_q: QAct) -> bool:
+        grid = score_q.fq
+        return (self.out_q.state == "quant" and self.out_q.cfg.enabled and score_q.state == "quant"
+                and isinstance(grid, UniformGrid) and not grid.has_zp)
 
     def forward(self, scores: Tensor, score_q: QAct) -> Tensor:
-        integer = (self.out_q.state == "quant" and self.out_q.cfg.enabled and score_q.state == "quant"
-                   and score_q.cfg.enabled and score_q.cfg.quantization_method == "Uniform"
-                   and not bool(score_q.zero_point.any()))
-        probs = int_softmax(scores, score_q._bcast[0]) if integer else scores.softmax(dim=-1)
+        """``scores`` (a fresh tensor: overwritten) → quantized at ``score_q`` → softmax → quantized."""
+        integer = self.integer(score_q)
+        if integer and not (torch.is_grad_enabled() and scores.requires_grad):
+            grid = score_q.fq
+            fp = _Profile.sample(scores) if score_q.profiling else None
+            x_int = grid.to_int(scores, inplace=score_q.inplace)
+            if fp is not None:
+                score_q.prof.add(fp, x_int * grid.scale)  # the fake-quantized scores, as score_q(scores) gives
+            probs = self._lut_softmax(x_int, grid)
+        else:
+            scores = score_q(scores)
+            probs = int_softmax(scores, score_q.fq.scale) if integer else scores.softmax(dim=-1)
         return self.out_q(probs)
+
+    def _table(self, grid: UniformGrid) -> tuple[Tensor, int]:
+        """i-exp of -j for j = 0..qmax-qmin, one row per scale (per head when ``kv_act`` is channel_wise)."""
+        key = (tuple(grid.scale.reshape(-1).tolist()), grid.qmin, grid.qmax)
+        n = grid.qmax - grid.qmin + 1
+        if key != self._lut_key:
+            sf = grid.scale.reshape(-1, 1)
+            self._lut = _int_exp(-torch.arange(n, dtype=torch.float32).repeat(sf.shape[0], 1), sf).reshape(-1)
+            self._lut_offsets = (torch.arange(sf.shape[0], dtype=torch.int32) * n).view(grid.scale.shape) \
+                if sf.shape[0] > 1 else None
+            self._lut_key = key
+        return self._lut, n
+
+    def _lut_softmax(self, x_int: Tensor, grid: UniformGrid) -> Tensor:
+        lut, _ = self._table(grid)
+        idx = x_int.sub_(x_int.amax(dim=-1, keepdim=True)).neg_().to(torch.int32)  # max - x in [0, n)
+        if self._lut_offsets is not None:
+            idx += self._lut_offsets
+        e = lut.index_select(0, idx.reshape(-1)).view(x_int.shape)
+        return e.div_(e.sum(dim=-1, keepdim=True).clamp_(min=1))
 
 
 def calibration_of(points: Iterable[QAct], linears: Iterable[QLinear]) -> Iterator[None]:

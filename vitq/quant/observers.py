@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from vitq.quant.config import QuantConfig
-from vitq.quant.quantizers import uniform_qparams
+from vitq.quant.quantizers import UniformGrid, uniform_qparams
 
 __all__ = ["BatchStats", "KLObserver", "MinmaxObserver", "OBSERVER_REGISTRY", "Observer", "OmseObserver",
            "PercentileObserver", "create_observer", "quantile", "to_channel_last"]
@@ -206,17 +206,8 @@ class OmseObserver(Observer):
         for start in range(0, self.n_candidates, self.chunk):
             f = factors[start:start + self.chunk].view(-1, 1)  # (K, 1)
             scale, zp = uniform_qparams(lo.reshape(1, -1) * f, hi.reshape(1, -1) * f, bt)  # (K, C)
-            scale, zp = scale.unsqueeze(1), zp.unsqueeze(1).float()
-            has_zp = bool(zp.any())
-            y = x.unsqueeze(0) * torch.reciprocal(scale)  # (K, R, C), torch.ao's fake-quant arithmetic
-            y.round_()
-            if has_zp:
-                y.add_(zp)
-            y.clamp_(bt.qmin, bt.qmax)
-            if has_zp:
-                y.sub_(zp)
-            y.mul_(scale).sub_(x)
-            errs.append(y.square_().mean(dim=1))
+            y = UniformGrid(scale.unsqueeze(1), zp.unsqueeze(1), bt.qmin, bt.qmax).kernel(x.unsqueeze(0))  # (K, R, C)
+            errs.append(y.sub_(x).square_().mean(dim=1))
         return factors, torch.cat(errs)
 
     def compute(self) -> tuple[Tensor, Tensor]:

@@ -1,18 +1,21 @@
 """Quantizers: Uniform (torch.ao math, bit-exact) and Log2 (softmax), with a straight-through estimator.
 
-``fake_quant`` dispatches on grad mode: under ``torch.no_grad``/``inference_mode`` it runs an in-place
-kernel (the arithmetic of ``torch.fake_quantize_per_*_affine``, several times faster on CPU); with
-grad enabled it wraps the same arithmetic in an autograd function whose backward is the identity.
+A quantizer's ``grid(scale, zero_point)`` prepares a fake quantizer once per config. It dispatches on
+grad mode: under ``torch.no_grad``/``inference_mode`` it runs an in-place kernel (the arithmetic of
+``torch.fake_quantize_per_*_affine``, several times faster on CPU); with grad enabled it wraps the same
+arithmetic in an autograd function whose backward is the identity.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from vitq.quant.config import BitTypeConfig
 
-__all__ = ["FLOAT32_EPS", "Log2Quantizer", "QUANTIZERS", "UniformQuantizer", "fake_quant_log2",
+__all__ = ["FLOAT32_EPS", "Log2Quantizer", "QUANTIZERS", "UniformGrid", "UniformQuantizer", "fake_quant_log2",
            "fake_quant_uniform", "uniform_qparams"]
 
 FLOAT32_EPS = torch.tensor(torch.finfo(torch.float32).eps)
@@ -41,41 +44,58 @@ def uniform_qparams(min_val: Tensor, max_val: Tensor, bit_type: BitTypeConfig) -
     return scale, zero_point
 
 
-def _fq_kernel(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, has_zp: bool,
-               inplace: bool = False) -> Tensor:
-    # torch's fake_quantize kernel: round(x * (1/scale)) + zp, clamped, minus zp, times scale (bit-exact)
-    y = x.mul_(torch.reciprocal(scale)) if inplace else x * torch.reciprocal(scale)
-    y.round_()
-    if has_zp:
-        y.add_(zero_point)
-    y.clamp_(qmin, qmax)
-    if has_zp:
-        y.sub_(zero_point)
-    return y.mul_(scale)
+class UniformGrid:
+    """A uniform grid prepared once per config: scale, its reciprocal, zero point and integer bounds.
+
+    Calling it fake-quantizes with the arithmetic of ``torch.fake_quantize_per_*_affine`` (bit-exact):
+    ``round(x * (1/scale)) + zp``, clamped, minus ``zp``, times ``scale``. With gradients on it is a
+    straight-through estimator; otherwise it runs in place on a fresh buffer, or on ``x`` itself when
+    ``inplace`` (the caller owns ``x``). ``scale``/``zero_point`` must already broadcast against ``x``.
+    """
+
+    __slots__ = ("has_zp", "inv_scale", "qmax", "qmin", "scale", "zero_point")
+
+    def __init__(self, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> None:
+        self.scale = scale
+        self.inv_scale = torch.reciprocal(scale)
+        self.zero_point = zero_point.to(scale.dtype)
+        self.has_zp = bool(zero_point.any())
+        self.qmin, self.qmax = qmin, qmax
+
+    def to_int(self, x: Tensor, inplace: bool = False) -> Tensor:
+        """The integer codes ``clamp(round(x / scale) + zp)`` as floats (no gradient)."""
+        y = x.mul_(self.inv_scale) if inplace else x * self.inv_scale
+        y.round_()
+        if self.has_zp:
+            y.add_(self.zero_point)
+        return y.clamp_(self.qmin, self.qmax)
+
+    def kernel(self, x: Tensor, inplace: bool = False) -> Tensor:
+        y = self.to_int(x, inplace)
+        if self.has_zp:
+            y.sub_(self.zero_point)
+        return y.mul_(self.scale)
+
+    def __call__(self, x: Tensor, inplace: bool = False) -> Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _UniformSTE.apply(x, self)
+        return self.kernel(x, inplace)
 
 
 class _UniformSTE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, scale, zero_point, qmin, qmax, has_zp):  # noqa: ANN001
-        return _fq_kernel(x, scale, zero_point, qmin, qmax, has_zp)
+    def forward(ctx, x, grid):  # noqa: ANN001
+        return grid.kernel(x)
 
     @staticmethod
     def backward(ctx, grad):  # noqa: ANN001
-        return grad, None, None, None, None, None
+        return grad, None
 
 
 def fake_quant_uniform(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int,
                        inplace: bool = False) -> Tensor:
-    """Quantize-dequantize; ``scale``/``zero_point`` must already broadcast against ``x``.
-
-    With gradients on, a straight-through estimator; otherwise the arithmetic runs in place on a fresh
-    buffer, or on ``x`` itself when ``inplace`` (the caller owns ``x``).
-    """
-    zp = zero_point.to(x.dtype)
-    has_zp = bool(zero_point.any())
-    if torch.is_grad_enabled() and x.requires_grad:
-        return _UniformSTE.apply(x, scale, zp, qmin, qmax, has_zp)
-    return _fq_kernel(x, scale, zp, qmin, qmax, has_zp, inplace)
+    """Quantize-dequantize on the grid (``scale``, ``zero_point``, [qmin, qmax]); see :class:`UniformGrid`."""
+    return UniformGrid(scale, zero_point, qmin, qmax)(x, inplace)
 
 
 def _log2_kernel(x: Tensor, bits: int) -> Tensor:
@@ -110,8 +130,9 @@ class UniformQuantizer:
     def qparams(self, min_val: Tensor, max_val: Tensor) -> tuple[Tensor, Tensor]:
         return uniform_qparams(min_val, max_val, self.bit_type)
 
-    def fake_quant(self, x: Tensor, scale: Tensor, zero_point: Tensor, inplace: bool = False) -> Tensor:
-        return fake_quant_uniform(x, scale, zero_point, self.bit_type.qmin, self.bit_type.qmax, inplace)
+    def grid(self, scale: Tensor, zero_point: Tensor) -> UniformGrid:
+        """The prepared fake quantizer ``fq(x, inplace)`` for broadcastable ``scale``/``zero_point``."""
+        return UniformGrid(scale, zero_point, self.bit_type.qmin, self.bit_type.qmax)
 
 
 class Log2Quantizer:
@@ -123,8 +144,9 @@ class Log2Quantizer:
     def qparams(self, min_val: Tensor, max_val: Tensor) -> tuple[Tensor, Tensor]:
         return torch.ones_like(max_val.float()), torch.zeros(max_val.shape, dtype=torch.int64)
 
-    def fake_quant(self, x: Tensor, scale: Tensor, zero_point: Tensor, inplace: bool = False) -> Tensor:
-        return fake_quant_log2(x, self.bit_type.bits)
+    def grid(self, scale: Tensor, zero_point: Tensor) -> Callable[..., Tensor]:
+        bits = self.bit_type.bits
+        return lambda x, inplace=False: fake_quant_log2(x, bits)
 
 
 QUANTIZERS: dict[str, type[UniformQuantizer] | type[Log2Quantizer]] = {
