@@ -176,8 +176,8 @@ def _subsample_rows(x: Tensor, max_elements: int) -> Tensor:
 class OmseObserver(Observer):
     """Clip factors ``1 - 0.01 i`` (i = 0..89) of min/max; keep the one of least fake-quant MSE.
 
-    Scored on a bounded sample of all calibration batches, all candidates at once (chunks of a few
-    candidates keep the working set in cache). ``channel_wise`` ranges are the per-channel min/max
+    Scored on a bounded sample of all calibration batches, all candidates at once (in chunks
+    of ~``chunk_elements`` values, on one reused buffer). ``channel_wise`` ranges are the per-channel min/max
     times a clip factor chosen per channel when the scored rows are the whole data (weights) or at
     least ``min_rows_per_channel``; with fewer sampled rows a per-channel choice overfits the sample
     (it clips tails the sample missed: 8-40x the MSE of min/max on 256 rows), so one factor of least
@@ -187,7 +187,7 @@ class OmseObserver(Observer):
     name = "OmseObserver"
     n_candidates = 90
     min_rows_per_channel = 4096
-    chunk = 8
+    chunk_elements = 1 << 21  # candidates scored together: ~8 MB of work buffer
 
     def __init__(self, cfg: QuantConfig, max_elements: int = OMSE_MAX_ELEMENTS) -> None:
         super().__init__(cfg)
@@ -202,11 +202,14 @@ class OmseObserver(Observer):
         """Clip factors (K,) and the mean squared fake-quant error of ``x`` (R, C) under each: (K, C)."""
         bt = self.cfg.bit_type
         factors = 1.0 - 0.01 * torch.arange(self.n_candidates, dtype=torch.float32)
+        chunk = max(1, min(self.n_candidates, self.chunk_elements // max(1, x.numel())))
+        work = torch.empty(chunk, *x.shape)  # one buffer for every chunk: no allocation per candidate
         errs = []
-        for start in range(0, self.n_candidates, self.chunk):
-            f = factors[start:start + self.chunk].view(-1, 1)  # (K, 1)
-            scale, zp = uniform_qparams(lo.reshape(1, -1) * f, hi.reshape(1, -1) * f, bt)  # (K, C)
-            y = UniformGrid(scale.unsqueeze(1), zp.unsqueeze(1), bt.qmin, bt.qmax).kernel(x.unsqueeze(0))  # (K, R, C)
+        for start in range(0, self.n_candidates, chunk):
+            f = factors[start:start + chunk].view(-1, 1)  # (k, 1)
+            scale, zp = uniform_qparams(lo.reshape(1, -1) * f, hi.reshape(1, -1) * f, bt)  # (k, C)
+            grid = UniformGrid(scale.unsqueeze(1), zp.unsqueeze(1), bt.qmin, bt.qmax)
+            y = grid.kernel(x.unsqueeze(0), out=work[:len(f)])  # (k, R, C)
             errs.append(y.sub_(x).square_().mean(dim=1))
         return factors, torch.cat(errs)
 

@@ -62,16 +62,19 @@ class UniformGrid:
         self.has_zp = bool(zero_point.any())
         self.qmin, self.qmax = qmin, qmax
 
-    def to_int(self, x: Tensor, inplace: bool = False) -> Tensor:
-        """The integer codes ``clamp(round(x / scale) + zp)`` as floats (no gradient)."""
-        y = x.mul_(self.inv_scale) if inplace else x * self.inv_scale
+    def to_int(self, x: Tensor, inplace: bool = False, out: Tensor | None = None) -> Tensor:
+        """The integer codes ``clamp(round(x / scale) + zp)`` as floats (no gradient), in ``out`` if given."""
+        if out is not None:
+            y = torch.mul(x, self.inv_scale, out=out)
+        else:
+            y = x.mul_(self.inv_scale) if inplace else x * self.inv_scale
         y.round_()
         if self.has_zp:
             y.add_(self.zero_point)
         return y.clamp_(self.qmin, self.qmax)
 
-    def kernel(self, x: Tensor, inplace: bool = False) -> Tensor:
-        y = self.to_int(x, inplace)
+    def kernel(self, x: Tensor, inplace: bool = False, out: Tensor | None = None) -> Tensor:
+        y = self.to_int(x, inplace, out)
         if self.has_zp:
             y.sub_(self.zero_point)
         return y.mul_(self.scale)
