@@ -109,6 +109,43 @@ def test_int_softmax_and_log2_path(reference, digits):
     assert torch.isfinite(out).all() and _sqnr(block(x[128:]), out) > 15
 
 
+def test_ranges_memoized_per_observer_key(reference, digits, monkeypatch):
+    """A range is computed once per observer key: Minmax serves every width, OMSE every alpha; results unchanged."""
+    from vitq.quant import observers
+
+    block, x = _reference_block_io(reference, digits)
+    q = QuantTimmVitBlock(copy.deepcopy(block), str(PRESETS / "int8.yaml"))
+    with torch.inference_mode(), q.calibration():
+        q(x[:128])
+    calls: list[str] = []
+    for cls in (observers.MinmaxObserver, observers.OmseObserver):
+        orig = cls.compute
+        monkeypatch.setattr(cls, "compute", lambda self, orig=orig: calls.append(self.name) or orig(self))
+
+    def cfg(obs: str, bits: int, alpha: float) -> LayerQuantConfig:
+        return LayerQuantConfig(default=QuantConfig(bit_type=BitTypeConfig(bits=bits), observer_type=obs,
+                                                    percentile_alpha=alpha))
+
+    q.set_config(cfg("MinmaxObserver", 8, 0.99))
+    first = calls.count("MinmaxObserver")  # points whose int8 preset range was Minmax already have it
+    for bits in (6, 4, 3):
+        q.set_config(cfg("MinmaxObserver", bits, 0.99))
+    assert 0 < first == calls.count("MinmaxObserver")  # no range computed again for another width
+    n_points = len(POINTS)
+    for alpha in (0.99, 0.95, 0.9):
+        q.set_config(cfg("OmseObserver", 4, alpha))
+    assert calls.count("OmseObserver") == n_points
+    q.set_config(cfg("OmseObserver", 6, 0.9))  # OMSE's range depends on the width
+    assert calls.count("OmseObserver") == 2 * n_points
+    with torch.inference_mode():
+        y = q(x[128:])
+    fresh = QuantTimmVitBlock(copy.deepcopy(block), cfg("OmseObserver", 6, 0.97))
+    with torch.inference_mode():
+        with fresh.calibration():
+            fresh(x[:128])
+        assert torch.equal(y, fresh(x[128:]))
+
+
 @pytest.mark.parametrize("kv_mode", ["layer_wise", "channel_wise"])
 def test_chunked_lut_attention_equals_reference_path(reference, digits, monkeypatch, kv_mode):
     """The fast path (maps in chunks of images, i-exp as a lookup table on integer codes) changes no bit."""

@@ -4,7 +4,8 @@
 A point goes through three states: ``fp`` (pass-through), ``calib`` (records :class:`BatchStats` of
 the FP values, quantization off) and ``quant`` (ranges frozen, fake quantization on when enabled).
 Statistics are kept after calibration, so :meth:`QAct.set_config` derives the ranges of any other
-config (observer, bits, alpha, ...) without another forward pass; ranges are memoized per config.
+config (observer, bits, alpha, ...) without another forward pass. Ranges are memoized per observer key
+(only the fields an observer reads), qparams and fake quantizers per config.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitq.quant.config import QuantConfig
-from vitq.quant.observers import BatchStats, create_observer, to_channel_last
+from vitq.quant.observers import OBSERVER_REGISTRY, BatchStats, create_observer, to_channel_last
 from vitq.quant.quantizers import QUANTIZERS, UniformGrid
 
 __all__ = ["NonFiniteActivationError", "QAct", "QIntSoftmax", "QLinear", "calibration_of", "int_softmax"]
@@ -92,6 +93,7 @@ class QAct(nn.Module):
         self.zero_point: Tensor | None = None
         self.range: tuple[Tensor, Tensor] | None = None
         self._memo: dict[tuple, _Derived] = {}
+        self._ranges: dict[tuple, tuple[Tensor, Tensor]] = {}
         self.fq: Callable[..., Tensor] | None = None  # the prepared fake quantizer of the current config
         self._summary: dict[str, float] = {}
         self._observed: tuple[float, float] | None = None
@@ -117,6 +119,7 @@ class QAct(nn.Module):
     def clear_memo(self) -> None:
         """Forget derived ranges (the statistics changed)."""
         self._memo.clear()
+        self._ranges.clear()
         self._observed = None
 
     def record(self, x: Tensor) -> None:
@@ -141,29 +144,35 @@ class QAct(nn.Module):
         if self.state == "quant":
             self._derive()
 
-    def range_key(self) -> tuple:
+    def derived_key(self) -> tuple:
         c = self.cfg
-        return (c.observer_type, c.calibration_mode, c.quantization_method, c.bit_type.bits, c.bit_type.signed,
-                c.percentile_alpha, c.percentile_sigma, c.kv_bins)
+        return (OBSERVER_REGISTRY[c.observer_type].range_key(c), c.quantization_method, c.bit_type)
 
     def _derive(self) -> None:
-        """Range, qparams and fake quantizer of the current config, memoized per :meth:`range_key`."""
+        """Range, qparams and fake quantizer of the current config.
+
+        Memoized twice: ranges per observer key (a Minmax range serves every bit width, an OMSE range every
+        alpha), and the derived qparams/fake quantizer per (range, method, bit type).
+        """
         self.fq = None
         if not self.cfg.enabled:
             return
         if not self.stats:
             raise RuntimeError(f"{self.label}: no calibration statistics; run calibration first")
-        key = self.range_key()
+        key = self.derived_key()
         d = self._memo.get(key)
         if d is None:
-            obs = create_observer(self.cfg)
-            for s in self.stats:
-                obs.update(s)
-            lo, hi = obs.compute()
-            scale, zero_point = QUANTIZERS[self.cfg.quantization_method](self.cfg.bit_type).qparams(lo, hi)
+            rng = self._ranges.get(key[0])
+            if rng is None:
+                obs = create_observer(self.cfg)
+                for s in self.stats:
+                    obs.update(s)
+                rng = self._ranges[key[0]] = obs.compute()
+            lo, hi = rng
+            quantizer = QUANTIZERS[self.cfg.quantization_method](self.cfg.bit_type)
+            scale, zero_point = quantizer.qparams(lo, hi)
             shape = (-1,) + (1,) * (self.ndim - 1 - self.axis) if scale.ndim else ()
-            grid = QUANTIZERS[self.cfg.quantization_method](self.cfg.bit_type).grid(
-                scale.reshape(shape), zero_point.reshape(shape))
+            grid = quantizer.grid(scale.reshape(shape), zero_point.reshape(shape))
             summary = {"range_min": float(lo.min()), "range_max": float(hi.max()), "scale": float(scale.float().mean()),
                        "zero_point": float(zero_point.float().mean()), "n_channels": scale.numel()}
             d = self._memo[key] = _Derived((lo, hi), scale, zero_point, grid, summary)

@@ -94,6 +94,12 @@ class Observer:
     """Base class: ``update`` with batch statistics, then ``compute`` → (min, max) of the range."""
 
     name = "Observer"
+    depends_on: tuple[str, ...] = ()  # config fields besides observer and mode that change the range
+
+    @classmethod
+    def range_key(cls, cfg: QuantConfig) -> tuple:
+        """What the range of ``cfg`` depends on: equal keys, equal ranges (from the same statistics)."""
+        return (cls.name, cfg.calibration_mode, *(getattr(cfg, f) for f in cls.depends_on))
 
     def __init__(self, cfg: QuantConfig) -> None:
         self.cfg = cfg
@@ -150,6 +156,7 @@ class PercentileObserver(Observer):
     """Per batch ``max = quantile(x, alpha)``, ``min = quantile(x, 1-alpha)``; smoothed ``v += sigma (cur - v)``."""
 
     name = "PercentileObserver"
+    depends_on = ("percentile_alpha", "percentile_sigma")
 
     def update(self, s: BatchStats) -> None:
         a = self.cfg.percentile_alpha
@@ -185,6 +192,7 @@ class OmseObserver(Observer):
     """
 
     name = "OmseObserver"
+    depends_on = ("bit_type",)
     n_candidates = 90
     min_rows_per_channel = 4096
     chunk_elements = 1 << 21  # candidates scored together: ~8 MB of work buffer
@@ -242,6 +250,7 @@ class KLObserver(Observer):
     """
 
     name = "KLObserver"
+    depends_on = ("bit_type", "kv_bins")
     start_bin = 128
 
     def __init__(self, cfg: QuantConfig) -> None:
