@@ -19,6 +19,7 @@ OFF = LayerQuantConfig(default=QuantConfig(enabled=False))
 
 
 def _sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
+    ref, out = ref.detach(), out.detach()
     return float(10 * torch.log10(ref.pow(2).sum() / (out - ref).pow(2).sum()))
 
 
