@@ -89,7 +89,7 @@ def digits_workload(quick: bool) -> Workload:
     from vitq.models.reference import load_reference
 
     model, _ = load_reference()
-    return Workload("digits", model.eval(), load_digits(), 512, 6 if quick else 10, 6 if quick else 20,
+    return Workload("digits", model.eval(), load_digits(), 512, 6 if quick else 16, 6 if quick else 20,
                     5 if quick else 15)
 
 
