@@ -89,13 +89,9 @@ class QAct(nn.Module):
         self.max_sample_elements = max_sample_elements
         self.state = "fp"
         self.stats: list[BatchStats] = []
-        self.scale: Tensor | None = None
-        self.zero_point: Tensor | None = None
-        self.range: tuple[Tensor, Tensor] | None = None
         self._memo: dict[tuple, _Derived] = {}
         self._ranges: dict[tuple, tuple[Tensor, Tensor]] = {}
-        self.fq: Callable[..., Tensor] | None = None  # the prepared fake quantizer of the current config
-        self._summary: dict[str, float] = {}
+        self._d: _Derived | None = None  # what the current config derived (None: disabled or not frozen)
         self._observed: tuple[float, float] | None = None
         self.prof = _Profile()
         self.inplace = False  # set by an owner that hands this point fresh tensors it may overwrite
@@ -109,6 +105,23 @@ class QAct(nn.Module):
     def active(self) -> bool:
         """True when this point changes or watches values (calibrating, or quantizing and enabled)."""
         return self.state == "calib" or (self.state == "quant" and self.cfg.enabled)
+
+    @property
+    def fq(self) -> Callable[..., Tensor] | None:
+        """The prepared fake quantizer of the current config."""
+        return self._d.fq if self._d is not None else None
+
+    @property
+    def range(self) -> tuple[Tensor, Tensor] | None:
+        return self._d.range if self._d is not None else None
+
+    @property
+    def scale(self) -> Tensor | None:
+        return self._d.scale if self._d is not None else None
+
+    @property
+    def zero_point(self) -> Tensor | None:
+        return self._d.zero_point if self._d is not None else None
 
     # ------------------------------------------------------------------ calibration
     def begin_calibration(self) -> None:
@@ -154,7 +167,7 @@ class QAct(nn.Module):
         Memoized twice: ranges per observer key (a Minmax range serves every bit width, an OMSE range every
         alpha), and the derived qparams/fake quantizer per (range, method, bit type).
         """
-        self.fq = None
+        self._d = None
         if not self.cfg.enabled:
             return
         if not self.stats:
@@ -176,7 +189,7 @@ class QAct(nn.Module):
             summary = {"range_min": float(lo.min()), "range_max": float(hi.max()), "scale": float(scale.float().mean()),
                        "zero_point": float(zero_point.float().mean()), "n_channels": scale.numel()}
             d = self._memo[key] = _Derived((lo, hi), scale, zero_point, grid, summary)
-        self.range, self.scale, self.zero_point, self.fq, self._summary = d
+        self._d = d
 
     def observed_minmax(self) -> tuple[float, float]:
         if not self.stats:
@@ -211,8 +224,8 @@ class QAct(nn.Module):
                "method": c.quantization_method, "observed_min": lo, "observed_max": hi,
                "range_min": math.nan, "range_max": math.nan, "scale": math.nan, "zero_point": math.nan,
                "n_channels": 0, "mse": math.nan, "sqnr_db": math.nan}
-        if c.enabled and self.fq is not None:
-            row.update(self._summary)
+        if c.enabled and self._d is not None:
+            row.update(self._d.summary)
         if self.prof.count:
             row["mse"] = self.prof.noise / self.prof.count
             if self.prof.noise:
@@ -317,7 +330,7 @@ class QIntSoftmax(nn.Module):
     def __init__(self, out_q: QAct) -> None:
         super().__init__()
         self.out_q = out_q
-        self._lut_key: tuple | None = None
+        self._lut_grid: UniformGrid | None = None
         self._lut = torch.empty(0)
         self._lut_offsets: Tensor | None = None
 
@@ -341,20 +354,22 @@ class QIntSoftmax(nn.Module):
             probs = int_softmax(scores, score_q.fq.scale) if integer else scores.softmax(dim=-1)
         return self.out_q(probs)
 
-    def _table(self, grid: UniformGrid) -> tuple[Tensor, int]:
-        """i-exp of -j for j = 0..qmax-qmin, one row per scale (per head when ``kv_act`` is channel_wise)."""
-        key = (tuple(grid.scale.reshape(-1).tolist()), grid.qmin, grid.qmax)
-        n = grid.qmax - grid.qmin + 1
-        if key != self._lut_key:
+    def _table(self, grid: UniformGrid) -> Tensor:
+        """i-exp of -j for j = 0..qmax-qmin, one row per scale (per head when ``kv_act`` is channel_wise).
+
+        Built when the grid changes; grids are prepared once per config (and held here), so identity is the key.
+        """
+        if grid is not self._lut_grid:
+            n = grid.qmax - grid.qmin + 1
             sf = grid.scale.reshape(-1, 1)
             self._lut = _int_exp(-torch.arange(n, dtype=torch.float32).repeat(sf.shape[0], 1), sf).reshape(-1)
             self._lut_offsets = (torch.arange(sf.shape[0], dtype=torch.int32) * n).view(grid.scale.shape) \
                 if sf.shape[0] > 1 else None
-            self._lut_key = key
-        return self._lut, n
+            self._lut_grid = grid
+        return self._lut
 
     def _lut_softmax(self, x_int: Tensor, grid: UniformGrid) -> Tensor:
-        lut, _ = self._table(grid)
+        lut = self._table(grid)
         idx = x_int.sub_(x_int.amax(dim=-1, keepdim=True)).neg_().to(torch.int32)  # max - x in [0, n)
         if self._lut_offsets is not None:
             idx += self._lut_offsets
