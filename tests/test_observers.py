@@ -8,7 +8,7 @@ import torch
 from torch.ao.quantization import MinMaxObserver, PerChannelMinMaxObserver
 
 from vitq import BitTypeConfig, QuantConfig
-from vitq.quant.observers import BatchStats, KLObserver, MinmaxObserver, OmseObserver, PercentileObserver
+from vitq.quant.observers import BatchStats, KLObserver, MinmaxObserver, OmseObserver, PercentileObserver, kl_best_bins
 from vitq.quant.quantizers import fake_quant_log2, fake_quant_uniform, uniform_qparams
 
 g = torch.Generator().manual_seed(0)
@@ -167,6 +167,24 @@ def test_kl_matches_tensorrt_reference(bits):
     assert float(hi) == pytest.approx(ref_i * amax / bins, rel=1e-6)
     assert float(lo) == -float(hi)
     assert 128 <= ref_i < bins  # the outliers really were clipped
+
+
+@pytest.mark.parametrize("levels", [128, 8])
+def test_kl_best_bins_rows_match_tensorrt_reference(levels):
+    """The closed-form scan (chunked over rows, prefix sums) picks the plain loop's bin on every row:
+    sparse rows (a few hundred values over 512 bins, as per-channel samples are), heavy tails, ReLU mass at 0."""
+    gen = torch.Generator().manual_seed(11)
+    bins = 512
+    rows = [torch.randn(300, generator=gen).abs(), torch.distributions.StudentT(2.5).sample((4000,)).abs(),
+            (torch.randn(3000, generator=gen) * 3).relu(), torch.rand(200, generator=gen) ** 4,
+            torch.cat([torch.randn(2000, generator=gen).abs(), torch.full((5,), 40.0)]),
+            torch.randint(0, 6, (1000,), generator=gen).float()]  # few distinct values: many empty bins
+    hist = torch.stack([torch.histc(r, bins=bins, min=0, max=float(r.max())) for r in rows]).double()
+    hist = hist.repeat(12, 1)  # 72 rows: more than one chunk of rows
+    got = kl_best_bins(hist, levels)
+    for k, row in enumerate(hist[:len(rows)]):
+        want = tensorrt_entropy_reference(row.numpy(), levels)
+        assert all(int(got[k + j * len(rows)]) == want for j in range(12)), (k, int(got[k]), want)
 
 
 def test_kl_histogram_grows_by_merging_bins():

@@ -359,15 +359,17 @@ def _kl_best_bins(hist: Tensor, levels: int, start_bin: int = 128) -> Tensor:
     terms, _ = sum_log_mean(cs[ends] - cs[starts], nz[ends] - nz[starts])  # (W, L-1, C); W·(L-1) ≤ bins
     sum_head = terms.sum(1)[m_idx]  # (T, C)
     last_start = (levels - 1) * m  # (T,) the last group runs to i
-    last_terms, last_mean = sum_log_mean(cs[i] - cs[last_start], nz[i] - nz[last_start])
-    s_i = cs[i]  # (T, C): mass of Q before normalization
-    head = cs[i - 1]  # mass of bins before the last retained one
+    s_i = cs[start:]  # (T, C) = cs[i] (i runs over consecutive bins: slices, not gathers): mass of Q
+    head = cs[start - 1:-1]  # cs[i - 1]: mass of bins before the last retained one
+    last_sum, last_cnt = s_i - cs[last_start], nz[start:] - nz[last_start]
+    last_mean = last_sum / last_cnt.clamp(min=1)
     h_last = s_i - head  # (T, C) the last retained bin (Q there: the last group's mean, if non-empty)
-    # Σ_{j<i-1} p_j log p_j  and  Σ_{j<i-1} p_j log q_j, times the total count
-    plogp = (hl[i] - xlogy(h_last, h_last)) - head * log_total
-    plogq = (sum_head + last_terms - xlogy(h_last, last_mean)) - head * torch.log(s_i.clamp(min=1e-300))
+    # Σ_{j<i-1} p_j log p_j  and  Σ_{j<i-1} p_j log q_j, times the total count; the last group's bins
+    # before i-1 hold (last_sum - h_last) at q = last_mean
+    plogp = hl[start - 1:-1] - head * log_total
+    plogq = (sum_head + xlogy(last_sum - h_last, last_mean)) - head * torch.log(s_i.clamp(min=1e-300))
     p_last = h_last + (total - s_i)  # the last bin takes the outliers
     q_last_n = torch.where(h_last > 0, last_mean / s_i.clamp(min=1e-300), 0.0).clamp_(min=1e-12)
-    last = xlogy(p_last, p_last) - p_last * log_total - xlogy(p_last, q_last_n)
+    last = xlogy(p_last, p_last / q_last_n) - p_last * log_total
     kl = (plogp - plogq + last) / total.clamp(min=1e-300)  # (T, C)
     return i[kl.argmin(dim=0)]
