@@ -338,10 +338,9 @@ def _kl_best_bins(hist: Tensor, levels: int, start_bin: int = 128) -> Tensor:
 
     xlogy = torch.special.xlogy  # x · log(y), 0 where x == 0
 
-    def sum_log_mean(gsum: Tensor, gcnt: Tensor) -> tuple[Tensor, Tensor]:
-        """Per group: gsum · log(mean over the group's non-empty bins), and that mean."""
-        gmean = gsum / gcnt.clamp(min=1)
-        return xlogy(gsum, gmean), gmean
+    def group_mean(gsum: Tensor, gcnt: Tensor) -> Tensor:
+        """Q's value on a merged group: its mass over its non-empty bins."""
+        return gsum / gcnt.clamp(min=1)
 
     # bins-major layout (B + 1, C): gathering thresholds picks contiguous rows
     zero = torch.zeros(1, rows, dtype=torch.float64)
@@ -356,13 +355,13 @@ def _kl_best_bins(hist: Tensor, levels: int, start_bin: int = 128) -> Tensor:
     widths, m_idx = torch.unique(m, return_inverse=True)
     starts = widths.view(-1, 1) * torch.arange(levels - 1).view(1, -1)  # (W, L-1): the full groups [g·w, (g+1)·w)
     ends = starts + widths.view(-1, 1)
-    terms, _ = sum_log_mean(cs[ends] - cs[starts], nz[ends] - nz[starts])  # (W, L-1, C); W·(L-1) ≤ bins
-    sum_head = terms.sum(1)[m_idx]  # (T, C)
+    gsum = cs[ends] - cs[starts]  # (W, L-1, C); W·(L-1) ≤ bins
+    sum_head = xlogy(gsum, group_mean(gsum, nz[ends] - nz[starts])).sum(1)[m_idx]  # (T, C): Σ gsum log q
     last_start = (levels - 1) * m  # (T,) the last group runs to i
     s_i = cs[start:]  # (T, C) = cs[i] (i runs over consecutive bins: slices, not gathers): mass of Q
     head = cs[start - 1:-1]  # cs[i - 1]: mass of bins before the last retained one
     last_sum, last_cnt = s_i - cs[last_start], nz[start:] - nz[last_start]
-    last_mean = last_sum / last_cnt.clamp(min=1)
+    last_mean = group_mean(last_sum, last_cnt)
     h_last = s_i - head  # (T, C) the last retained bin (Q there: the last group's mean, if non-empty)
     # Σ_{j<i-1} p_j log p_j  and  Σ_{j<i-1} p_j log q_j, times the total count; the last group's bins
     # before i-1 hold (last_sum - h_last) at q = last_mean
