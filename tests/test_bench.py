@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from vitq.bench import MODEL_FIGURES, OBSERVER_FIGURES, flat_figures
+from vitq.bench import MODEL_FIGURES, OBSERVER_FIGURES, flat_figures, format_table, goal_status
 
 pytestmark = pytest.mark.slow
 COUNTS = {"calib_passes_after_first"}  # a count whose goal is 0: finite and >= 0
@@ -31,3 +31,21 @@ def test_bench_quick_reports_every_figure(tmp_path):
             v = figures[f"observers.{mode}.{name}"]
             assert math.isfinite(v) and v > 0, (mode, name, v)
     assert "trial_over_fp_eval" in r.stdout  # the printed table
+    status = result["goal_status"]  # every goal judged, on the figures this run measured
+    assert set(status) == set(goal_status(result)) and len(status) == 18
+    assert all(status[k]["met"] == _meets(figures[k], status[k]["goal"]) for k in status)
+    assert f"goals met: {sum(s['met'] for s in status.values())} of 18" in r.stdout
+
+
+def _meets(value: float, goal: str) -> bool:
+    op, bound = goal.split()
+    return {"<=": value <= float(bound), ">=": value >= float(bound), "==": value == float(bound)}[op]
+
+
+def test_goal_status_expands_patterns_and_judges_each_figure():
+    result = {"goals": {"a.x": "<= 1.3", "*.{p,q}": ">= 50", "b.n": "== 0"},
+              "a": {"x": 1.31, "p": 50.0, "y": 1.0}, "b": {"q": 49.9, "n": 0.0}}
+    assert goal_status(result) == {"a.x": {"goal": "<= 1.3", "met": False}, "a.p": {"goal": ">= 50", "met": True},
+                                   "b.q": {"goal": ">= 50", "met": False}, "b.n": {"goal": "== 0", "met": True}}
+    table = format_table(result)
+    assert "goals met: 2 of 4" in table and "NOT MET" in table.split("a.x")[1].splitlines()[0]

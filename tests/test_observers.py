@@ -130,6 +130,54 @@ def test_omse_beats_minmax_on_heavy_tails(mode, bits):
         assert _mse(x, *om, bt, shape) < 0.85 * _mse(x, *mm, bt, shape)
 
 
+def fqvit_omse_reference(x, bt, channel_wise):
+    """FQ-ViT's OMSE as a plain loop: each clip factor fake-quantizes all of ``x``; the least MSE wins."""
+    lo, hi = (x.amin(0), x.amax(0)) if channel_wise else (x.min(), x.max())
+    shape = (1, -1) if channel_wise else ()
+    errs = []
+    for i in range(90):
+        s, z = uniform_qparams(lo * (1 - 0.01 * i), hi * (1 - 0.01 * i), bt)
+        errs.append((fake_quant_uniform(x, s.view(shape), z.view(shape), bt.qmin, bt.qmax) - x).pow(2).mean(0))
+    err = torch.stack(errs)  # (90, C)
+    return err.min(0).values if channel_wise else err.sum(1).min()
+
+
+@pytest.mark.parametrize("mode", ["layer_wise", "channel_wise"])
+@pytest.mark.parametrize(("bits", "signed"), [(8, True), (4, True), (3, False)])
+@pytest.mark.parametrize("dist", ["student", "relu", "outlier"])
+def test_omse_finds_the_least_error_of_the_fqvit_loop(mode, bits, signed, dist):
+    """All 90 candidates at once, in chunks on a reused buffer: the same least error as FQ-ViT's loop."""
+    torch.manual_seed(3)
+    x = {"student": torch.distributions.StudentT(3.0).sample((1500, 12)),
+         "relu": torch.randn(1500, 12).clamp(min=0) * torch.linspace(0.5, 3, 12),
+         "outlier": torch.randn(1500, 12) + torch.where(torch.arange(12) == 5, 20.0, 0.0) * torch.rand(1500, 1)}[dist]
+    bt = BitTypeConfig(bits=bits, signed=signed)
+    cw = mode == "channel_wise"
+    lo, hi = OmseObserver(_cfg("OmseObserver", mode, bits, signed)).observe(x).compute()  # whole data: exact
+    s, z = uniform_qparams(lo, hi, bt)
+    shape = (1, -1) if cw else ()
+    ours = (fake_quant_uniform(x, s.view(shape), z.view(shape), bt.qmin, bt.qmax) - x).pow(2).mean(0)
+    best = fqvit_omse_reference(x, bt, cw)
+    torch.testing.assert_close(ours if cw else ours.sum(), best, rtol=1e-6, atol=0)
+
+
+def test_omse_buffer_is_per_thread():
+    """Concurrent OMSE calls (one scratch buffer per thread) give the sequential results."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    xs = [torch.distributions.StudentT(2.0 + i).sample((3000, 16)) for i in range(4)]
+    cfg = _cfg("OmseObserver", "channel_wise", bits=4)
+
+    def omse(x):
+        return OmseObserver(cfg).observe(x).compute()
+
+    expected = [omse(x) for x in xs]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(omse, xs * 3))
+    for (lo, hi), (elo, ehi) in zip(got, expected * 3, strict=True):
+        assert torch.equal(lo, elo) and torch.equal(hi, ehi)
+
+
 def tensorrt_entropy_reference(hist: np.ndarray, levels: int, start: int = 128) -> int:
     """Plain loop: P = bins[:i] + outliers into bin i-1; Q = bins[:i] merged into `levels` groups."""
     best, best_i = None, None
