@@ -228,11 +228,15 @@ def outlier_activation(rows: int = 4096, channels: int = 256, seed: int = 0) -> 
     return x
 
 
-def _fq_mse(x: Tensor, lo: Tensor, hi: Tensor, bt: BitTypeConfig) -> float:
-    scale, zp = uniform_qparams(lo, hi, bt)
+def _qparams_mse(x: Tensor, scale: Tensor, zp: Tensor, bt: BitTypeConfig) -> float:
+    """Fake-quant MSE of ``x`` (R, C) on a per-tensor (0-d) or per-column (C,) grid."""
     shape = (1, -1) if scale.ndim else ()
-    q = fake_quant_uniform(x, scale.reshape(shape), zp.reshape(shape), bt.qmin, bt.qmax)
+    q = fake_quant_uniform(x, scale.float().reshape(shape), zp.reshape(shape), bt.qmin, bt.qmax)
     return float((q - x).pow(2).mean())
+
+
+def _fq_mse(x: Tensor, lo: Tensor, hi: Tensor, bt: BitTypeConfig) -> float:
+    return _qparams_mse(x, *uniform_qparams(lo, hi, bt), bt)
 
 
 def fqvit_omse_loop(x: Tensor, bt: BitTypeConfig, channel_wise: bool) -> tuple[Tensor, Tensor]:
@@ -293,31 +297,29 @@ def bench_observers(quick: bool) -> dict[str, dict[str, float]]:
     loops = {f"{m}.fqvit_loop": (lambda cw=(mode == "channel_wise"): fqvit_omse_loop(x, bt, cw))
              for m, mode in modes.items()}
     times: dict[str, list[float]] = {}
+    last: dict[str, tuple[Tensor, Tensor]] = {}  # each contender's result, for its MSE
     for rep in range(reps):
         for name, fn in (ranges | fits | (loops if rep < loop_reps else {})).items():
-            times.setdefault(name, []).extend(_times(fn, 1))
+            t0 = time.perf_counter()
+            last[name] = fn()
+            times.setdefault(name, []).append(time.perf_counter() - t0)
     ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}
 
-    def qparams_mse(scale: Tensor, zp: Tensor) -> float:
-        shape = (1, -1) if scale.ndim else ()
-        q = fake_quant_uniform(x, scale.float().reshape(shape), zp.reshape(shape), bt.qmin, bt.qmax)
-        return float((q - x).pow(2).mean())
-
-    ref_mse = qparams_mse(*histogram())
+    ref_mse = _qparams_mse(x, *last["reference"], bt)
     out: dict[str, dict[str, float]] = {}
     for m, mode in modes.items():
         fig: dict[str, float] = {"stats_ms": stats_ms, "reference_ms": ms["reference"], "reference_mse": ref_mse,
                                  "fqvit_loop_ms": ms[f"{m}.fqvit_loop"],
-                                 "fqvit_loop_mse": _fq_mse(x, *fqvit_omse_loop(x, bt, mode == "channel_wise"), bt)}
+                                 "fqvit_loop_mse": _fq_mse(x, *last[f"{m}.fqvit_loop"], bt)}
         for short in ("omse", "kl"):
             fig[f"{short}_ms"] = ms[f"{m}.{short}"]
-            fig[f"{short}_mse"] = _fq_mse(x, *ranges[f"{m}.{short}"](), bt)
+            fig[f"{short}_mse"] = _fq_mse(x, *last[f"{m}.{short}"], bt)
             fig[f"{short}_over_reference_time"] = fig[f"{short}_ms"] / fig["reference_ms"]
             fig[f"{short}_speedup_vs_fqvit"] = fig["fqvit_loop_ms"] / fig[f"{short}_ms"]
             fig[f"{short}_mse_over_reference"] = fig[f"{short}_mse"] / fig["reference_mse"]
         if mode == "channel_wise":
             fig["perchannel_minmax_ms"] = ms["perchannel_minmax"]
-            fig["perchannel_minmax_mse"] = qparams_mse(*minmax_per_channel())
+            fig["perchannel_minmax_mse"] = _qparams_mse(x, *last["perchannel_minmax"], bt)
         out[m] = fig
     return out
 
