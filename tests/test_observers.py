@@ -170,6 +170,23 @@ def test_omse_buffer_is_per_thread():
         assert torch.equal(lo, elo) and torch.equal(hi, ehi)
 
 
+def test_omse_buffer_made_in_inference_mode_serves_later_calls():
+    """A thread's first OMSE call, under inference mode, allocates its buffer; calls outside it reuse it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    x = torch.distributions.StudentT(3.0).sample((3000, 16))
+    cfg = _cfg("OmseObserver", "channel_wise", bits=4)
+
+    def both() -> tuple:
+        with torch.inference_mode():
+            first = OmseObserver(cfg).observe(x).compute()
+        return first, OmseObserver(cfg).observe(x).compute()
+
+    with ThreadPoolExecutor(1) as pool:  # a fresh thread: no buffer yet
+        (lo1, hi1), (lo2, hi2) = pool.submit(both).result()
+    assert torch.equal(lo1, lo2) and torch.equal(hi1, hi2)
+
+
 def tensorrt_entropy_reference(hist: np.ndarray, levels: int, start: int = 128) -> int:
     """Plain loop: P = bins[:i] + outliers into bin i-1; Q = bins[:i] merged into `levels` groups."""
     best, best_i = None, None
@@ -209,22 +226,37 @@ def test_kl_matches_tensorrt_reference(bits):
     assert 128 <= ref_i < bins  # the outliers really were clipped
 
 
-@pytest.mark.parametrize("levels", [128, 8])
-def test_kl_best_bins_rows_match_tensorrt_reference(levels):
+@pytest.mark.parametrize(("levels", "bins", "start"), [(128, 512, 128), (8, 512, 128), (128, 300, 128), (256, 400, 128),
+                                                     (8, 300, 20)])
+def test_kl_best_bins_rows_match_tensorrt_reference(levels, bins, start):
     """The closed-form scan (chunked over rows, prefix sums) picks the plain loop's bin on every row:
-    sparse rows (a few hundred values over 512 bins, as per-channel samples are), heavy tails, ReLU mass at 0."""
+    sparse rows (a few hundred values over 512 bins, as per-channel samples are), heavy tails, ReLU mass at 0.
+    Bin counts and first bins that are no multiple of ``levels``, and ``levels`` above the first scanned bin
+    (unsigned 8 bit), exercise the padded ends of the (group width, threshold) blocks."""
     gen = torch.Generator().manual_seed(11)
-    bins = 512
     rows = [torch.randn(300, generator=gen).abs(), torch.distributions.StudentT(2.5).sample((4000,)).abs(),
             (torch.randn(3000, generator=gen) * 3).relu(), torch.rand(200, generator=gen) ** 4,
             torch.cat([torch.randn(2000, generator=gen).abs(), torch.full((5,), 40.0)]),
-            torch.randint(0, 6, (1000,), generator=gen).float()]  # few distinct values: many empty bins
+            torch.randint(0, 6, (1000,), generator=gen).float(),  # few distinct values: many empty bins
+            torch.cat([torch.randn(3000, generator=gen).abs() * 0.02, torch.ones(1)])]  # best bin: the first allowed
     hist = torch.stack([torch.histc(r, bins=bins, min=0, max=float(r.max())) for r in rows]).double()
-    hist = hist.repeat(12, 1)  # 72 rows: more than one chunk of rows
-    got = kl_best_bins(hist, levels)
+    hist = hist.repeat(12, 1)  # 84 rows: more than one chunk of rows
+    got = kl_best_bins(hist, levels, start)
     for k, row in enumerate(hist[:len(rows)]):
-        want = tensorrt_entropy_reference(row.numpy(), levels)
+        want = tensorrt_entropy_reference(row.numpy(), levels, start)
         assert all(int(got[k + j * len(rows)]) == want for j in range(12)), (k, int(got[k]), want)
+
+
+@pytest.mark.parametrize("mode", ["layer_wise", "channel_wise"])
+def test_kl_reads_a_strided_sample(mode):
+    """Statistics of a token-major activation can hold a transposed sample: the histogram is the same."""
+    x = torch.randn(16, 3000, generator=torch.Generator().manual_seed(2))
+    strided = BatchStats.from_2d(x.t())
+    assert not strided.sample.is_contiguous()
+    a, b = KLObserver(_cfg("KLObserver", mode)), KLObserver(_cfg("KLObserver", mode))
+    a.update(strided)
+    b.update(BatchStats.from_2d(x.t().contiguous()))
+    assert torch.equal(a.hist, b.hist) and torch.equal(a.compute()[1], b.compute()[1])
 
 
 def test_kl_histogram_grows_by_merging_bins():

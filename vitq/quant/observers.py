@@ -36,7 +36,8 @@ def _scratch(numel: int) -> Tensor:
     """
     buf = getattr(_SCRATCH, "buf", None)
     if buf is None or buf.numel() < numel:
-        buf = _SCRATCH.buf = torch.empty(numel)
+        with torch.inference_mode(False):  # a normal tensor: calls outside inference mode may write to it too
+            buf = _SCRATCH.buf = torch.empty(numel)
     return buf[:numel]
 
 
@@ -272,18 +273,17 @@ class KLObserver(Observer):
     def __init__(self, cfg: QuantConfig) -> None:
         super().__init__(cfg)
         self.bins = cfg.kv_bins
-        self.hist: Tensor | None = None  # (C, bins) float64
+        self.hist: Tensor | None = None  # (C, bins) int64 counts
         self.width: Tensor | None = None  # (C,)
 
     def update(self, s: BatchStats) -> None:
         self._track_minmax(s)
         amax = torch.maximum(s.cmin.abs(), s.cmax.abs()).double()
-        x = s.sample.abs().double()
+        x = s.sample.to(torch.float64, copy=True, memory_format=torch.contiguous_format).abs_()
         if not self.channel_wise:
-            amax, x = amax.max().reshape(1), x.reshape(-1, 1)
+            amax, x = amax.max().reshape(1), x.view(-1, 1)
         if self.hist is None or self.width is None:
             self.width = torch.where(amax > 0, amax / self.bins, torch.ones_like(amax))
-            self.hist = torch.zeros(amax.numel(), self.bins, dtype=torch.float64)
         else:
             self._grow(amax)
         self._accumulate(x)
@@ -303,11 +303,16 @@ class KLObserver(Observer):
             self.width[rows] = self.width[rows] * group
 
     def _accumulate(self, x: Tensor) -> None:
-        assert self.hist is not None and self.width is not None
+        """Add the rows of |x| (R, C), float64, to the histograms; ``x`` is overwritten."""
+        assert self.width is not None
         cols = x.shape[1]
-        idx = torch.clamp((x / self.width).floor().long(), max=self.bins - 1)
-        flat = idx + torch.arange(cols).view(1, -1) * self.bins
-        self.hist += torch.bincount(flat.reshape(-1), minlength=cols * self.bins).view(cols, self.bins).double()
+        idx = x.div_(self.width).floor_().clamp_(max=self.bins - 1).long()
+        idx += torch.arange(0, cols * self.bins, self.bins).view(1, -1)
+        counts = torch.bincount(idx.view(-1), minlength=cols * self.bins).view(cols, self.bins)
+        if self.hist is None:
+            self.hist = counts
+        else:
+            self.hist += counts
 
     def levels(self) -> int:
         bt = self.cfg.bit_type
@@ -325,13 +330,16 @@ class KLObserver(Observer):
         return torch.maximum(lo, -t), t
 
 
-KL_CHUNK_ROWS = 64  # channels scored together: the (thresholds × channels) float64 arrays stay in cache
+KL_CHUNK_ROWS = 32  # channels scored together: each (channels × thresholds) float64 array (~0.5 MB) stays in L2
+_TINY = 1e-300  # log(max(x, _TINY)): x · log x is 0 at x = 0
+_LOG_Q_FLOOR = math.log(1e-12)  # the reference floors Q at 1e-12 where P has mass
 
 
 def kl_best_bins(hist: Tensor, levels: int, start_bin: int = 128) -> Tensor:
     """Per row of ``hist`` (C, B): the number of retained bins ``i`` of least KL(P‖Q) (first minimum).
 
-    Rows are scored ``KL_CHUNK_ROWS`` at a time (~1.5x faster than all at once for 256 channels).
+    Rows are scored ``KL_CHUNK_ROWS`` at a time, so the ~30 passes over each chunk stay in cache: for the
+    256 channels of a ViT-S activation, 2x faster than all rows at once or chunks of 64, 1.2-1.5x faster than 16.
     """
     if hist.shape[0] > KL_CHUNK_ROWS:
         return torch.cat([_kl_best_bins(h, levels, start_bin) for h in hist.split(KL_CHUNK_ROWS)])
@@ -339,52 +347,58 @@ def kl_best_bins(hist: Tensor, levels: int, start_bin: int = 128) -> Tensor:
 
 
 def _kl_best_bins(hist: Tensor, levels: int, start_bin: int = 128) -> Tensor:
-    """:func:`kl_best_bins` on one chunk of rows.
+    """:func:`kl_best_bins` on one chunk of rows, in closed form from prefix sums.
 
-    KL is evaluated in closed form from prefix sums: within a merged group Q is constant over the
-    non-empty bins, so Σ p log q reduces to a sum over the ``levels`` groups. Thresholds with the same
-    group width ``m = i // levels`` share every group but the last, so those ``levels - 1`` group terms
-    are computed once per ``m``: the cost is O(C · (widths · levels + thresholds)).
+    Within a merged group Q is constant over the non-empty bins, so Σ p log q reduces to a sum over the
+    ``levels`` groups, and thresholds of the same group width ``m = i // levels`` share every group but
+    the last. Thresholds are laid out as (widths, levels) blocks, one width per block (padded at both
+    ends, then masked), so per-width terms broadcast instead of being gathered. With n_j the counts,
+    S = Σ n, s_i = Σ_{j<i} n_j, P's last bin p = S - s_{i-1} and g the last group's mean count, the
+    score minimised is S·KL(P‖Q) less a per-row constant:
+
+        Σ_{j<i-1} n_j log n_j + p log p + s_{i-1} log s_i - Σ_full groups n log(mean)
+            - (Σ_last group n - n_{i-1}) log g - p log(g / s_i)   [log 1e-12 if n_{i-1} = 0]
+
+    The reference's floor q ≥ 1e-12 matters only where n_{i-1} = 0: elsewhere it would take counts 1e12
+    apart, past what these float64 prefix sums resolve.
     """
     rows, nbins = hist.shape
     if levels > nbins:
         return torch.full((rows,), nbins, dtype=torch.long)
     start = min(max(start_bin, levels), nbins)
-    h = hist.double()
+    m0, m1 = start // levels, nbins // levels  # group widths of the first and last threshold
+    n_w = m1 - m0 + 1
+    first, stop = m0 * levels, (m1 + 1) * levels  # padded thresholds [first, stop), as (n_w, levels)
+    h = torch.nn.functional.pad(hist.double(), (1, stop - 1 - nbins))  # h[:, j] = hist[:, j-1]; 0 past the end
+    cs = h.cumsum(1)  # cs[:, j] = sum(hist[:, :j]), constant past the end
+    nz = (h > 0).cumsum(1, dtype=torch.float64)  # non-empty bins among hist[:, :j]
+    nlogn = (h * h.clamp(min=_TINY).log()).cumsum(1)
+    widths = torch.arange(m0, m1 + 1).view(-1, 1)
+    bounds = widths * torch.arange(levels).view(1, -1)  # (n_w, levels): the full groups are [g·m, (g+1)·m)
 
-    xlogy = torch.special.xlogy  # x · log(y), 0 where x == 0
+    def at(a: Tensor, idx: Tensor) -> Tensor:
+        return a.gather(1, idx.reshape(1, -1).expand(rows, -1)).view(rows, *idx.shape)
 
-    def group_mean(gsum: Tensor, gcnt: Tensor) -> Tensor:
-        """Q's value on a merged group: its mass over its non-empty bins."""
-        return gsum / gcnt.clamp(min=1)
+    gsum = at(cs, bounds).diff(dim=2)  # (C, n_w, levels-1)
+    gmean = gsum / at(nz, bounds).diff(dim=2).clamp_(min=1)
+    full_groups = (gsum * gmean.clamp_(min=_TINY).log_()).sum(2, keepdim=True)  # (C, n_w, 1)
+    step = levels - 1
+    last_start = slice(m0 * step, m1 * step + 1, step)  # the last group starts at (levels-1)·m
 
-    # bins-major layout (B + 1, C): gathering thresholds picks contiguous rows
-    zero = torch.zeros(1, rows, dtype=torch.float64)
-    ht = h.t().contiguous()
-    cs = torch.cat([zero, ht.cumsum(0)])  # cs[j] = sum(h[:, :j])
-    nz = torch.cat([zero, (ht > 0).double().cumsum(0)])
-    hl = torch.cat([zero, xlogy(ht, ht).cumsum(0)])
-    total = cs[-1:]  # (1, C)
-    log_total = torch.log(total.clamp(min=1e-300))
-    i = torch.arange(start, nbins + 1)  # (T,) candidate thresholds
-    m = i // levels
-    widths, m_idx = torch.unique(m, return_inverse=True)
-    starts = widths.view(-1, 1) * torch.arange(levels - 1).view(1, -1)  # (W, L-1): the full groups [g·w, (g+1)·w)
-    ends = starts + widths.view(-1, 1)
-    gsum = cs[ends] - cs[starts]  # (W, L-1, C); W·(L-1) ≤ bins
-    sum_head = xlogy(gsum, group_mean(gsum, nz[ends] - nz[starts])).sum(1)[m_idx]  # (T, C): Σ gsum log q
-    last_start = (levels - 1) * m  # (T,) the last group runs to i
-    s_i = cs[start:]  # (T, C) = cs[i] (i runs over consecutive bins: slices, not gathers): mass of Q
-    head = cs[start - 1:-1]  # cs[i - 1]: mass of bins before the last retained one
-    last_sum, last_cnt = s_i - cs[last_start], nz[start:] - nz[last_start]
-    last_mean = group_mean(last_sum, last_cnt)
-    h_last = s_i - head  # (T, C) the last retained bin (Q there: the last group's mean, if non-empty)
-    # Σ_{j<i-1} p_j log p_j  and  Σ_{j<i-1} p_j log q_j, times the total count; the last group's bins
-    # before i-1 hold (last_sum - h_last) at q = last_mean
-    plogp = hl[start - 1:-1] - head * log_total
-    plogq = (sum_head + xlogy(last_sum - h_last, last_mean)) - head * torch.log(s_i.clamp(min=1e-300))
-    p_last = h_last + (total - s_i)  # the last bin takes the outliers
-    q_last_n = torch.where(h_last > 0, last_mean / s_i.clamp(min=1e-300), 0.0).clamp_(min=1e-12)
-    last = xlogy(p_last, p_last / q_last_n) - p_last * log_total
-    kl = (plogp - plogq + last) / total.clamp(min=1e-300)  # (T, C)
-    return i[kl.argmin(dim=0)]
+    def blocks(a: Tensor, shift: int) -> Tensor:
+        """a[:, i - shift] for the padded thresholds i, as (C, n_w, levels)."""
+        return a[:, first - shift:stop - shift].reshape(rows, n_w, levels)
+
+    s_i, s_head, n_last = blocks(cs, 0), blocks(cs, 1), blocks(h, 0)
+    p = cs[:, nbins:nbins + 1].unsqueeze(2) - s_head  # P's last bin takes the outliers
+    score = p.clamp(min=_TINY).log_().mul_(p).add_(blocks(nlogn, 1))
+    log_s = s_i.clamp(min=_TINY).log_()
+    score.addcmul_(s_head, log_s).sub_(full_groups)
+    last_sum = s_i - cs[:, last_start].unsqueeze(2)
+    log_mean = (last_sum / (blocks(nz, 0) - nz[:, last_start].unsqueeze(2)).clamp_(min=1)).clamp_(min=_TINY).log_()
+    score.sub_((last_sum - n_last).mul_(log_mean))
+    log_q = (log_mean - log_s).sub_(_LOG_Q_FLOOR).mul_(n_last > 0).add_(_LOG_Q_FLOOR)  # Q's floor if n_{i-1} = 0
+    score = score.sub_(log_q.mul_(p)).view(rows, -1)
+    score[:, :start - first] = float("inf")
+    score[:, nbins + 1 - first:] = float("inf")
+    return first + score.argmin(dim=1)
