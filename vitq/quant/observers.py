@@ -282,7 +282,7 @@ class KLObserver(Observer):
         x = s.sample.to(torch.float64, copy=True, memory_format=torch.contiguous_format).abs_()
         if not self.channel_wise:
             amax, x = amax.max().reshape(1), x.view(-1, 1)
-        if self.hist is None or self.width is None:
+        if self.width is None:  # the first batch sets the bin width; _accumulate makes the counts
             self.width = torch.where(amax > 0, amax / self.bins, torch.ones_like(amax))
         else:
             self._grow(amax)
