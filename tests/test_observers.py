@@ -188,8 +188,11 @@ def test_omse_buffer_made_in_inference_mode_serves_later_calls():
 
 
 def tensorrt_entropy_reference(hist: np.ndarray, levels: int, start: int = 128) -> int:
-    """Plain loop: P = bins[:i] + outliers into bin i-1; Q = bins[:i] merged into `levels` groups."""
-    best, best_i = None, None
+    """Plain loop: P = bins[:i] + outliers into bin i-1; Q = bins[:i] merged into `levels` groups.
+
+    The first threshold within 1e-12 (relative) of the least KL wins: thresholds that tie in exact arithmetic
+    (past the last non-empty bin, say) differ here by float64 rounding alone, in either direction."""
+    kls = {}
     for i in range(max(start, levels), len(hist) + 1):
         p = hist[:i].astype(np.float64).copy()
         p[i - 1] += hist[i:].sum()
@@ -203,10 +206,9 @@ def tensorrt_entropy_reference(hist: np.ndarray, levels: int, start: int = 128) 
                 q[a:b] = np.where(seg > 0, seg.sum() / nonzero, 0.0)
         p, q = p / p.sum(), q / q.sum()
         mask = p > 0
-        kl = float((p[mask] * np.log(p[mask] / np.maximum(q[mask], 1e-12))).sum())
-        if best is None or kl < best:
-            best, best_i = kl, i
-    return best_i
+        kls[i] = float((p[mask] * np.log(p[mask] / np.maximum(q[mask], 1e-12))).sum())
+    least = min(kls.values())
+    return next(i for i, kl in kls.items() if kl <= least + 1e-12 * abs(least))
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -245,6 +247,18 @@ def test_kl_best_bins_rows_match_tensorrt_reference(levels, bins, start):
     for k, row in enumerate(hist[:len(rows)]):
         want = tensorrt_entropy_reference(row.numpy(), levels, start)
         assert all(int(got[k + j * len(rows)]) == want for j in range(12)), (k, int(got[k]), want)
+
+
+@pytest.mark.parametrize(("levels", "n_rows"), [(8, 48), (128, 16)])
+def test_kl_ties_past_the_data_go_to_the_first_threshold(levels, n_rows):
+    """A per-channel sample rarely reaches its channel's exact max, the top of the histogram: thresholds past the
+    last non-empty bin (one group width) tie in exact arithmetic, and the first of them wins, as in the loop."""
+    gen = torch.Generator().manual_seed(3)
+    rows = torch.randn(n_rows, 300, generator=gen).abs()
+    hist = torch.stack([torch.histc(r, bins=512, min=0, max=1.3 * float(r.max())) for r in rows]).long()
+    got = kl_best_bins(hist, levels)
+    want = [tensorrt_entropy_reference(row.numpy(), levels) for row in hist]
+    assert got.tolist() == want
 
 
 @pytest.mark.parametrize("mode", ["layer_wise", "channel_wise"])

@@ -353,14 +353,17 @@ def _kl_best_bins(hist: Tensor, levels: int, start_bin: int = 128) -> Tensor:
     ``levels`` groups, and thresholds of the same group width ``m = i // levels`` share every group but
     the last. Thresholds are laid out as (widths, levels) blocks, one width per block (padded at both
     ends, then masked), so per-width terms broadcast instead of being gathered. With n_j the counts,
-    S = Σ n, s_i = Σ_{j<i} n_j, P's last bin p = S - s_{i-1} and g the last group's mean count, the
-    score minimised is S·KL(P‖Q) less a per-row constant:
+    S = Σ n, s_i = Σ_{j<i} n_j, P's last bin p = S - s_{i-1} (it takes the outliers), c the count before the
+    last group [(levels-1)·m, i) and g that group's mean over its non-empty bins, the score minimised is
+    S·KL(P‖Q) less a per-row constant:
 
-        Σ_{j<i-1} n_j log n_j + p log p + s_{i-1} log s_i - Σ_full groups n log(mean)
-            - (Σ_last group n - n_{i-1}) log g - p log(g / s_i)   [log 1e-12 if n_{i-1} = 0]
+        Σ_{j<i-1} n_j log n_j + p log p + S log s_i - Σ_full groups n log(mean) - (S - c) log g
+            - [n_{i-1} = 0] · p · (log s_i - log g + log 1e-12)
 
-    The reference's floor q ≥ 1e-12 matters only where n_{i-1} = 0: elsewhere it would take counts 1e12
-    apart, past what these float64 prefix sums resolve.
+    (the last line: Q's floor 1e-12 where P has mass but Q none). Where p = 0, as past the last
+    non-empty bin, consecutive thresholds of one width get bit-identical scores, so exact ties go to the
+    first threshold, as in exact arithmetic. The floor elsewhere (q > 0 but below 1e-12) would take
+    counts 1e12 apart, past what these float64 prefix sums resolve.
     """
     rows, nbins = hist.shape
     if levels > nbins:
@@ -372,16 +375,15 @@ def _kl_best_bins(hist: Tensor, levels: int, start_bin: int = 128) -> Tensor:
     h = torch.nn.functional.pad(hist.double(), (1, stop - 1 - nbins))  # h[:, j] = hist[:, j-1]; 0 past the end
     cs = h.cumsum(1)  # cs[:, j] = sum(hist[:, :j]), constant past the end
     nz = (h > 0).cumsum(1, dtype=torch.float64)  # non-empty bins among hist[:, :j]
-    nlogn = (h * h.clamp(min=_TINY).log()).cumsum(1)
-    widths = torch.arange(m0, m1 + 1).view(-1, 1)
-    bounds = widths * torch.arange(levels).view(1, -1)  # (n_w, levels): the full groups are [g·m, (g+1)·m)
+    nlogn = h.clamp(min=_TINY).log_().mul_(h).cumsum(1)
+    bounds = torch.arange(m0, m1 + 1).view(-1, 1) * torch.arange(levels).view(1, -1)  # full groups [g·m, (g+1)·m)
 
     def at(a: Tensor, idx: Tensor) -> Tensor:
         return a.gather(1, idx.reshape(1, -1).expand(rows, -1)).view(rows, *idx.shape)
 
     gsum = at(cs, bounds).diff(dim=2)  # (C, n_w, levels-1)
-    gmean = gsum / at(nz, bounds).diff(dim=2).clamp_(min=1)
-    full_groups = (gsum * gmean.clamp_(min=_TINY).log_()).sum(2, keepdim=True)  # (C, n_w, 1)
+    gmean = at(nz, bounds).diff(dim=2).clamp_(min=1).reciprocal_().mul_(gsum)
+    full_groups = gmean.clamp_(min=_TINY).log_().mul_(gsum).sum(2, keepdim=True)  # (C, n_w, 1)
     step = levels - 1
     last_start = slice(m0 * step, m1 * step + 1, step)  # the last group starts at (levels-1)·m
 
@@ -389,16 +391,17 @@ def _kl_best_bins(hist: Tensor, levels: int, start_bin: int = 128) -> Tensor:
         """a[:, i - shift] for the padded thresholds i, as (C, n_w, levels)."""
         return a[:, first - shift:stop - shift].reshape(rows, n_w, levels)
 
-    s_i, s_head, n_last = blocks(cs, 0), blocks(cs, 1), blocks(h, 0)
-    p = cs[:, nbins:nbins + 1].unsqueeze(2) - s_head  # P's last bin takes the outliers
-    score = p.clamp(min=_TINY).log_().mul_(p).add_(blocks(nlogn, 1))
-    log_s = s_i.clamp(min=_TINY).log_()
-    score.addcmul_(s_head, log_s).sub_(full_groups)
-    last_sum = s_i - cs[:, last_start].unsqueeze(2)
-    log_mean = (last_sum / (blocks(nz, 0) - nz[:, last_start].unsqueeze(2)).clamp_(min=1)).clamp_(min=_TINY).log_()
-    score.sub_((last_sum - n_last).mul_(log_mean))
-    log_q = (log_mean - log_s).sub_(_LOG_Q_FLOOR).mul_(n_last > 0).add_(_LOG_Q_FLOOR)  # Q's floor if n_{i-1} = 0
-    score = score.sub_(log_q.mul_(p)).view(rows, -1)
+    total = cs[:, nbins:nbins + 1].unsqueeze(2)  # S, (C, 1, 1)
+    s_i = blocks(cs, 0)
+    before_last = cs[:, last_start].unsqueeze(2)  # c, (C, n_w, 1)
+    p = total - blocks(cs, 1)
+    log_s = s_i.clamp(min=_TINY).log()
+    log_g = (s_i - before_last).div_((blocks(nz, 0) - nz[:, last_start].unsqueeze(2)).clamp_(min=1))
+    log_g = log_g.clamp_(min=_TINY).log_()
+    score = p.clamp(min=_TINY).log().mul_(p).add_(blocks(nlogn, 1)).sub_(full_groups)
+    score.addcmul_(log_s, total).addcmul_(log_g, before_last - total)
+    floor = log_s.sub_(log_g).add_(_LOG_Q_FLOOR).mul_(p).mul_(blocks(h, 0) == 0)
+    score = score.sub_(floor).view(rows, -1)
     score[:, :start - first] = float("inf")
     score[:, nbins + 1 - first:] = float("inf")
     return first + score.argmin(dim=1)
