@@ -26,3 +26,12 @@ def digits():
     from vitq.data import load_digits
 
     return load_digits()
+
+
+@pytest.fixture(scope="session")
+def byo(tmp_path_factory):
+    """The bring-your-own case (tests/byo_case.py): a small non-default timm ViT, its timm-style EMA checkpoint
+    and grayscale PNG folders calib/ and eval/, built once per test session."""
+    import byo_case
+
+    return byo_case.build(tmp_path_factory.mktemp("byo"))

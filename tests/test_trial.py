@@ -72,9 +72,8 @@ def test_image_folder_matches_in_memory(reference, tmp_path):
         d = tmp_path / f"class_{lab}"
         d.mkdir(exist_ok=True)
         Image.fromarray(img, mode="L").save(d / f"{i:04d}.png")
-    folder = load_image_folder(tmp_path, model, n_calib=256, n_eval=600, seed=1)
-    samples = folder.eval.dataset.samples
-    orig = torch.as_tensor([int(Path(samples[j][0]).stem) for j in folder.meta["eval_indices"]])
+    folder = load_image_folder(model, root=tmp_path, n_calib=256, n_eval=600, seed=1, cache=False)
+    orig = torch.as_tensor([int(Path(f).stem) for f in folder.meta["eval_files"]])
     mem = load_digits(n_train=0, n_calib=1, n_eval=len(labels))  # every digit, in memory
     pos = torch.empty(len(labels), dtype=torch.long)
     pos[torch.as_tensor(mem.meta["eval_indices"])] = torch.arange(len(labels))
@@ -88,8 +87,8 @@ def test_image_folder_matches_in_memory(reference, tmp_path):
 
 def test_data_errors(tmp_path, reference):
     model, _ = reference
-    with pytest.raises(DataError, match="not found"):
-        load_image_folder(tmp_path / "missing", model)
+    with pytest.raises(DataError, match="data.root: image folder not found"):
+        load_image_folder(model, root=tmp_path / "missing")
     with pytest.raises(DataError, match="empty split"):
         load_digits(n_calib=0)
     big = load_digits()

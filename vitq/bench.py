@@ -28,6 +28,7 @@ import operator
 import platform
 import re
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -40,7 +41,7 @@ from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
 from vitq.calibrate import calibrated_model, clear_cache
-from vitq.data import DataBundle, batches, load_digits
+from vitq.data import DataBundle, batches
 from vitq.evaluate import evaluate
 from vitq.quant.config import ACTIVATION_POINTS, BitTypeConfig, LayerQuantConfig, QuantConfig, load_config_from_yaml
 from vitq.quant.modules import STATS_MAX_ELEMENTS
@@ -63,11 +64,19 @@ GOALS = {"digits.trial_over_fp_eval": "<= 2.0", "vit_small.trial_over_fp_eval": 
          "observers.*.{omse,kl}_mse_over_reference": "<= 1"}
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def _times(fn: Callable[[], Any], reps: int) -> list[float]:
+    """Wall times of ``fn`` (CUDA work synchronised before each clock read)."""
     times = []
     for _ in range(reps):
+        _sync()
         t0 = time.perf_counter()
         fn()
+        _sync()
         times.append(time.perf_counter() - t0)
     return times
 
@@ -84,20 +93,30 @@ class Workload:
     reps: int
 
 
-def digits_workload(quick: bool) -> Workload:
-    from vitq.models.reference import load_reference
+def _session(overrides: list[str], device: str):  # noqa: ANN202
+    from vitq.sweep import compose, session_of
 
-    model, _ = load_reference()
-    return Workload("digits", model.eval(), load_digits(), 512, 6 if quick else 16, 6 if quick else 20,
-                    5 if quick else 15)
+    return session_of(compose([*overrides, f"device={device}"]))[1]
 
 
-def vit_small_workload(quick: bool, n_eval: int | None = None) -> Workload:
+def digits_workload(quick: bool, device: str = "cpu") -> Workload:
+    s = _session([], device)
+    return Workload("digits", s.model, s.data, 512, 6 if quick else 16, 6 if quick else 20, 5 if quick else 15)
+
+
+def config_workload(quick: bool, device: str = "cpu", overrides: tuple[str, ...] = ()) -> Workload:
+    """The model and data of the sweep's Hydra ``overrides`` (``model=timm ... data=folder ...``)."""
+    s = _session(list(overrides), device)
+    return Workload("config", s.model, s.data, s.eval_batch_size, 6 if quick else 16, 6 if quick else 20,
+                    3 if quick else 8)
+
+
+def vit_small_workload(quick: bool, device: str = "cpu", n_eval: int | None = None) -> Workload:
     """A ``vit_small_patch16_224``-sized timm ViT with random weights on random 224×224 images."""
     import timm
 
     torch.manual_seed(0)
-    model = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=10).eval()
+    model = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=10).eval().to(device)
     n_calib, n_eval = (8, n_eval or 16) if quick else (32, n_eval or 256)
     g = torch.Generator().manual_seed(0)
 
@@ -105,7 +124,8 @@ def vit_small_workload(quick: bool, n_eval: int | None = None) -> Workload:
         return TensorDataset(torch.randn(n, 3, 224, 224, generator=g), torch.randint(0, 10, (n,), generator=g))
 
     data = DataBundle("synthetic224", images(n_calib), images(n_eval), 10,
-                      meta={"calib_indices": f"synthetic224-{n_calib}", "eval_indices": f"synthetic224-{n_eval}"})
+                      meta={"calib_fingerprint": f"synthetic224-{n_calib}",
+                            "eval_fingerprint": f"synthetic224-{n_eval}"})
     return Workload("vit_small", model, data, 64, 3 if quick else 4, 3 if quick else 4, 2)
 
 
@@ -326,15 +346,23 @@ def bench_observers(quick: bool) -> dict[str, dict[str, float]]:
 
 # ---------------------------------------------------------------------------------------------- driver
 def run_bench(quick: bool = False, models: tuple[str, ...] = ("digits", "vit_small"),
-              log: Callable[[str], None] = print) -> dict[str, Any]:
+              log: Callable[[str], None] = print, device: str = "cpu",
+              overrides: tuple[str, ...] = ()) -> dict[str, Any]:
     torch.set_grad_enabled(False)
+    from vitq.session import resolve_device
+
+    dev = str(resolve_device(device))
     result: dict[str, Any] = {"meta": {"quick": quick, "torch": torch.__version__, "threads": torch.get_num_threads(),
-                                       "machine": platform.machine(), "python": platform.python_version()},
+                                       "machine": platform.machine(), "python": platform.python_version(),
+                                       "device": dev,
+                                       "gpu": torch.cuda.get_device_name(dev) if dev.startswith("cuda") else None},
                               "goals": GOALS}
-    makers = {"digits": digits_workload, "vit_small": vit_small_workload}
+    makers: dict[str, Callable[[], Workload]] = {
+        "digits": lambda: digits_workload(quick, dev), "vit_small": lambda: vit_small_workload(quick, dev),
+        "config": lambda: config_workload(quick, dev, overrides)}
     for name in models:
-        log(f"[bench] {name} ...")
-        result[name] = bench_model(makers[name](quick))
+        log(f"[bench] {name} on {dev} ...")
+        result[name] = bench_model(makers[name]())
     log("[bench] observers ...")
     result["observers"] = bench_observers(quick)
     return result
@@ -393,13 +421,24 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m vitq.bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small image counts and repetitions (CI)")
     ap.add_argument("--out", default="bench.json", help="JSON file for the figures (default: bench.json)")
-    ap.add_argument("--models", default="digits,vit_small", help="comma-separated: digits, vit_small")
+    ap.add_argument("--models", default=None,
+                    help="comma-separated: digits, vit_small, config (default: digits,vit_small; config alone when "
+                         "OVERRIDES are given)")
+    ap.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
+    ap.add_argument("overrides", nargs="*", metavar="OVERRIDES",
+                    help="the sweep's Hydra overrides for the config workload: model=timm ... data=folder ...")
     args = ap.parse_args(argv)
-    models = tuple(m for m in args.models.split(",") if m)
-    unknown = set(models) - {"digits", "vit_small"}
+    models = tuple(m for m in (args.models or ("config" if args.overrides else "digits,vit_small")).split(",") if m)
+    unknown = set(models) - {"digits", "vit_small", "config"}
     if unknown:
-        ap.error(f"--models: unknown {sorted(unknown)}; choose from digits, vit_small")
-    result = run_bench(args.quick, models)
+        ap.error(f"--models: unknown {sorted(unknown)}; choose from digits, vit_small, config")
+    from vitq.session import SessionError
+
+    try:
+        result = run_bench(args.quick, models, device=args.device, overrides=tuple(args.overrides))
+    except SessionError as e:
+        print(f"vitq: {e}", file=sys.stderr)
+        return 2
     result["goal_status"] = goal_status(result)
     print(format_table(result))
     bad = {k: v for k, v in flat_figures(result).items() if not math.isfinite(v)}

@@ -8,7 +8,9 @@ are cached in-process (for a sweep) and the statistics optionally on disk.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import tempfile
 import time
 import weakref
 from dataclasses import dataclass
@@ -19,6 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from vitq.data import DataBundle, batches
+from vitq.evaluate import model_device
 from vitq.models.vit import QuantViT, quantize_vit
 from vitq.quant.config import LayerQuantConfig
 from vitq.quant.observers import BatchStats
@@ -26,6 +29,7 @@ from vitq.quant.observers import BatchStats
 __all__ = ["CalibrationInfo", "calibrate", "calibrated_model", "clear_cache", "load_stats", "model_checksum",
            "save_stats"]
 
+log = logging.getLogger(__name__)
 _CHECKSUMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _MODELS: dict[tuple[str, str], QuantViT] = {}
 
@@ -49,18 +53,24 @@ def model_checksum(model: nn.Module) -> str:
     return _CHECKSUMS[model]
 
 
+STATS_VERSION = 3  # bump when the collected statistics change
+
+
 def calib_key(data: DataBundle, batch_size: int) -> str:
-    ids = data.meta.get("calib_indices")
-    payload = f"{data.name}|{batch_size}|{ids if ids is not None else id(data.calib)}"
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+    """Content key of the calibration set: its image fingerprint, the batch size and the statistics version."""
+    fp = data.meta.get("calib_fingerprint")
+    if fp is None:
+        raise ValueError(f"data '{data.name}' has no calib_fingerprint in its meta: calibration cannot be cached")
+    return hashlib.sha256(f"v{STATS_VERSION}|{fp}|{batch_size}".encode()).hexdigest()[:16]
 
 
 def calibrate(qmodel: QuantViT, data: DataBundle, batch_size: int = 128, progress: bool = False) -> CalibrationInfo:
     """Run the calibration images through the model with observers on; freezes ranges on exit."""
     t0 = time.perf_counter()
     passes = 0
+    dev = model_device(qmodel)
     with torch.inference_mode(), qmodel.calibration():
-        for x, _ in tqdm(batches(data.calib, batch_size), desc="calibrate", disable=not progress, leave=False):
+        for x, _ in tqdm(batches(data.calib, batch_size, dev), desc="calibrate", disable=not progress, leave=False):
             qmodel(x)
             passes += 1
     return CalibrationInfo(passes, time.perf_counter() - t0, "")
@@ -70,14 +80,15 @@ def save_stats(qmodel: QuantViT, path: str | Path) -> None:
     blob = {p.label: [(s.sample, s.cmin, s.cmax, s.n_rows) for s in p.stats] for p in qmodel.points()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # workers may write the same file
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")  # unique: workers may write the same file
+    os.close(fd)
     torch.save(blob, tmp)
-    tmp.replace(path)
+    os.replace(tmp, path)
 
 
 def load_stats(qmodel: QuantViT, path: str | Path) -> None:
     """Install saved statistics and freeze ranges for the model's current config."""
-    blob = torch.load(path, weights_only=True)
+    blob = torch.load(path, weights_only=True, map_location=model_device(qmodel))
     points = qmodel.quantizers
     missing = sorted(set(points) - set(blob))
     if missing:
@@ -93,21 +104,29 @@ def load_stats(qmodel: QuantViT, path: str | Path) -> None:
 def calibrated_model(model: nn.Module, data: DataBundle, cfg: LayerQuantConfig, batch_size: int = 128,
                      stats_dir: str | Path | None = None, progress: bool = False) -> tuple[QuantViT, CalibrationInfo]:
     """A quantized copy of ``model`` set to ``cfg``, calibrated at most once per (model, calibration set)."""
-    key = (model_checksum(model), calib_key(data, batch_size))
+    key = (model_checksum(model), calib_key(data, batch_size), str(model_device(model)))
     t0 = time.perf_counter()
     if key in _MODELS:
         qm = _MODELS[key]
         qm.set_config(cfg)
         return qm, CalibrationInfo(0, time.perf_counter() - t0, "memory")
     qm = quantize_vit(model, cfg)
-    path = Path(stats_dir) / f"stats_v2_{key[0]}_{key[1]}.pt" if stats_dir else None
+    path = Path(stats_dir) / f"stats_{key[0]}_{key[1]}.pt" if stats_dir else None
+    info = None
     if path is not None and path.is_file():
-        load_stats(qm, path)
-        info = CalibrationInfo(0, time.perf_counter() - t0, "disk")
-    else:
+        try:
+            load_stats(qm, path)
+            info = CalibrationInfo(0, time.perf_counter() - t0, "disk")
+        except Exception as e:  # noqa: BLE001 - a torn or stale file is rebuilt, never trusted
+            log.warning("calibration statistics %s are unreadable (%s); recalibrating", path, type(e).__name__)
+            qm = quantize_vit(model, cfg)
+    if info is None:
         info = calibrate(qm, data, batch_size, progress)
         if path is not None:
-            save_stats(qm, path)
+            try:
+                save_stats(qm, path)
+            except OSError as e:
+                log.warning("calibration statistics not cached (%s: %s)", path.parent, e.strerror or e)
     _MODELS[key] = qm
     return qm, info
 

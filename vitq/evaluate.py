@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from vitq.data import batches
 
-__all__ = ["EvalResult", "NonFiniteOutputError", "evaluate"]
+__all__ = ["EvalResult", "NonFiniteOutputError", "evaluate", "model_device"]
 
 
 class NonFiniteOutputError(ValueError):
@@ -30,31 +30,50 @@ class EvalResult:
     agreement: float | None = None
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (CPU for a parameterless module)."""
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
 def evaluate(model: nn.Module, dataset, batch_size: int = 512, fp_predictions: Tensor | None = None,
              progress: bool = False, on_first_batch=None) -> EvalResult:  # noqa: ANN001
-    """Accuracy of ``model`` on ``dataset``; ``on_first_batch(flag)`` is called with True/False around batch 0."""
+    """Accuracy of ``model`` on ``dataset``; ``on_first_batch(flag)`` is called with True/False around batch 0.
+
+    Batches go to the model's device; counts accumulate there and are read once at the end (no per-batch sync).
+    """
+    dev = model_device(model)
     t0 = time.perf_counter()
-    correct1 = correct5 = 0
-    loss_sum = 0.0
+    correct1 = torch.zeros((), dtype=torch.int64, device=dev)
+    correct5 = torch.zeros((), dtype=torch.int64, device=dev)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
+    finite: list[Tensor] = []
     preds: list[Tensor] = []
-    n = 0
     with torch.inference_mode():
-        for i, (x, y) in enumerate(tqdm(batches(dataset, batch_size), desc="evaluate", disable=not progress,
+        for i, (x, y) in enumerate(tqdm(batches(dataset, batch_size, dev), desc="evaluate", disable=not progress,
                                         leave=False)):
             if i == 0 and on_first_batch is not None:
                 on_first_batch(True)
             logits = model(x)
             if i == 0 and on_first_batch is not None:
                 on_first_batch(False)
-            if not torch.isfinite(logits).all():
-                raise NonFiniteOutputError(f"the model produced NaN/inf logits on evaluation batch {i}")
+            finite.append(torch.isfinite(logits).all())
             k = min(5, logits.shape[-1])
             top = logits.topk(k, dim=-1).indices
-            correct1 += int((top[:, 0] == y).sum())
-            correct5 += int((top == y.unsqueeze(1)).any(1).sum())
-            loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+            correct1 += (top[:, 0] == y).sum()
+            correct5 += (top == y.unsqueeze(1)).any(1).sum()
+            loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
             preds.append(top[:, 0])
-            n += len(y)
+    if not preds:
+        raise ValueError("evaluate: the dataset is empty")
+    ok = torch.stack(finite).cpu()
+    if not bool(ok.all()):
+        bad = int((~ok).nonzero()[0])
+        raise NonFiniteOutputError(f"the model produced NaN/inf logits on evaluation batch {bad}")
     pred = torch.cat(preds)
-    agree = float((pred == fp_predictions).float().mean()) if fp_predictions is not None else None
-    return EvalResult(correct1 / n, correct5 / n, loss_sum / n, n, time.perf_counter() - t0, pred, agree)
+    n = len(pred)
+    c1, c5, loss = int(correct1), int(correct5), float(loss_sum)
+    agree = float((pred == fp_predictions.to(pred.device)).float().mean()) if fp_predictions is not None else None
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    return EvalResult(c1 / n, c5 / n, loss / n, n, time.perf_counter() - t0, pred, agree)

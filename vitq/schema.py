@@ -44,16 +44,28 @@ class ModelSchema:
     name: str = "digits_reference"
     pretrained: bool = False
     checkpoint: str | None = None
+    kwargs: Any = None  # a mapping passed to timm.create_model (null = none)
+    use_ema: bool = True  # read state_dict_ema / model_ema from a timm checkpoint when it has one
 
 
 @dataclass
 class DataSchema:
     name: str = "digits"
-    root: str | None = None
+    root: str | None = None  # one folder, split into calibration and evaluation
+    calib_root: str | None = None  # or two folders (same class names)
+    eval_root: str | None = None
     seed: int = 0
     n_train: int = 1400
-    n_calib: int = 256
+    n_calib: int | None = 256
     n_eval: int | None = None
+    input_size: Any = None  # timm eval transform overrides (null = timm's value for the model)
+    mean: Any = None
+    std: Any = None
+    crop_pct: float | None = None
+    interpolation: str | None = None
+    crop_mode: str | None = None
+    num_workers: int = 4  # threads for the first decode
+    cache: bool = True  # decoded images cached under $VITQ_CACHE/images
 
 
 @dataclass
@@ -79,6 +91,7 @@ class VitqConfig:
     data: DataSchema = field(default_factory=DataSchema)
     tracking: TrackingSchema = field(default_factory=TrackingSchema)
     debug: DebugSchema = field(default_factory=DebugSchema)
+    device: str = "auto"
     study_name: str = "vitq"
     trial_number: int | None = None
     eval_batch_size: int = 512

@@ -7,17 +7,18 @@ metrics (the objectives of vitq's Optuna sweeper).
 
 from __future__ import annotations
 
+import json
 import sys
-from functools import cache
 from pathlib import Path
 from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from vitq.quant.config import SECTIONS, ConfigError, LayerQuantConfig
+from vitq.quant.config import SECTIONS, LayerQuantConfig
 from vitq.schema import register
 
 register()
@@ -46,77 +47,104 @@ def layer_config_from(cfg: DictConfig) -> LayerQuantConfig:
     return LayerQuantConfig.from_dict(raw)
 
 
-@cache
-def _model(name: str, pretrained: bool, checkpoint: str | None):  # noqa: ANN202
-    from vitq.models.factory import create_model
-
-    return create_model(name, pretrained=pretrained, checkpoint=checkpoint)
-
-
-@cache
-def _data(name: str, root: str | None, seed: int, n_train: int, n_calib: int, n_eval: int | None,
-          model_args: tuple[str, bool, str | None]):  # noqa: ANN202
-    from vitq.data import load_data
-
-    model = _model(*model_args) if name == "folder" else None
-    return load_data(name, model=model, root=root, seed=seed, n_calib=n_calib, n_eval=n_eval, n_train=n_train)
-
-
 def _nan_data(data):  # noqa: ANN001, ANN202
     import torch
     from torch.utils.data import TensorDataset
 
-    x, y = next(iter(torch.utils.data.DataLoader(data.eval, batch_size=len(data.eval))))
-    return type(data)(data.name + "+nan", data.calib, TensorDataset(torch.full_like(x, float("nan")), y),
-                      data.num_classes, data.train, dict(data.meta))
+    from vitq.data import batches
+
+    x, y = zip(*batches(data.eval, len(data.eval)), strict=True)
+    meta = {**data.meta, "eval_fingerprint": f"{data.meta.get('eval_fingerprint')}+nan"}
+    return type(data)(data.name + "+nan", data.calib, TensorDataset(torch.full_like(x[0], float("nan")), y[0]),
+                      data.num_classes, data.train, meta)
+
+
+def session_of(cfg: DictConfig):  # noqa: ANN201
+    """The validated quant config and the built :class:`~vitq.session.Session` of ``cfg`` (errors name the key)."""
+    from vitq.session import Session
+
+    qcfg = layer_config_from(cfg)
+    return qcfg, Session.from_config(cfg).build()
+
+
+def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """The composed vitq config for Hydra ``overrides`` (``model=timm model.name=... data=folder ...``), outside
+    a Hydra run: what the sensitivity, compare and bench CLIs take. Bad overrides raise ConfigError."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from vitq.quant.config import ConfigError
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            return hydra_compose(config_name="config", overrides=list(overrides))
+    except Exception as e:  # noqa: BLE001 - Hydra/OmegaConf errors: one line naming the override
+        msg = str(e).strip().splitlines()
+        raise ConfigError("overrides", f"{' '.join(overrides)}: {msg[0] if msg else type(e).__name__}") from None
+
+
+class CheckInputs(Callback):
+    """Before a Hydra grid sweep: build the model and data once, so bad input fails with rc 2 before any run."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if "vitq" in str(config.hydra.sweeper.get("_target_", "")).lower():
+            return  # vitq's sweeper checks its inputs itself
+        from vitq.session import SessionError
+
+        try:
+            session_of(config)
+        except SessionError as e:
+            print(f"vitq: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+
+def _is_multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
     """One trial; returns its metrics."""
-    multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-    try:
-        qcfg = layer_config_from(cfg)
-    except ConfigError as e:
-        if not multirun:
-            print(f"vitq: invalid quant config: {e}", file=sys.stderr)
-            raise SystemExit(2) from None
-        raise
-    from vitq import tracking
-    from vitq.data import DataError
-    from vitq.models.factory import ModelError
-    from vitq.trial import run_trial
+    from vitq.session import SessionError
 
-    m, d = cfg.model, cfg.data
+    multirun = _is_multirun()
     try:
-        model = _model(m.name, m.pretrained, m.checkpoint)
-        data = _data(d.name, d.root, d.seed, d.n_train, d.n_calib, d.n_eval, (m.name, m.pretrained, m.checkpoint))
-    except (DataError, ModelError) as e:
+        qcfg, session = session_of(cfg)
+    except SessionError as e:
         if not multirun:
             print(f"vitq: {e}", file=sys.stderr)
             raise SystemExit(2) from None
         raise
-    if cfg.debug.inject_nan:
-        data = _nan_data(data)
-    if cfg.export_dir:
+    from vitq import tracking
+    from vitq.trial import run_trial
 
+    if cfg.export_dir:
         Path(cfg.export_dir).mkdir(parents=True, exist_ok=True)
         qcfg.to_yaml(Path(cfg.export_dir) / f"quant_config_{cfg.trial_number or 0}.yaml")
 
-    def trial() -> dict[str, float]:
+    def trial() -> tuple[dict[str, float], Any]:
         if cfg.debug.sleep_s:
             import time
 
             time.sleep(cfg.debug.sleep_s)
-        res = run_trial(model, data, qcfg, batch_size=cfg.eval_batch_size, calib_batch_size=cfg.calib_batch_size,
-                        stats_dir=cfg.stats_dir)
+        if cfg.debug.inject_nan:
+            res = run_trial(session.model, _nan_data(session.data), qcfg, batch_size=session.eval_batch_size,
+                            calib_batch_size=session.calib_batch_size, stats_dir=session.stats_dir)
+        else:
+            res = session.run_trial(qcfg)
         return res.metrics(), res.profile
 
     if cfg.tracking.enabled:
-        with tracking.trial_run(cfg.tracking.uri, cfg.study_name, cfg.trial_number, qcfg) as rid:
+        with tracking.trial_run(cfg.tracking.uri, cfg.study_name, cfg.trial_number, qcfg,
+                                tags=session.provenance()) as rid:
             metrics, profile = trial()
             tracking.log_result(rid, metrics, profile)
     else:
         metrics, profile = trial()
+    if not multirun and HydraConfig.initialized():
+        out = Path(HydraConfig.get().runtime.output_dir) / "metrics.json"
+        out.write_text(json.dumps({**metrics, "provenance": session.provenance()}, indent=2))
     _print_table(metrics, cfg.trial_number)
     return metrics
 

@@ -116,12 +116,14 @@ def start_parent(uri: str | None, study: str, key: str | None = None, params: di
 
 
 @contextmanager
-def trial_run(uri: str | None, study: str, trial_number: int | None, cfg: LayerQuantConfig) -> Iterator[str]:
-    """A child run (nested under the sweep's parent when there is one); FAILED if the body raises."""
+def trial_run(uri: str | None, study: str, trial_number: int | None, cfg: LayerQuantConfig,
+              tags: dict[str, str] | None = None) -> Iterator[str]:
+    """A child run (nested under the sweep's parent when there is one) with provenance ``tags``; FAILED if the
+    body raises."""
     exp_id = use_store(uri, study)
     client = MlflowClient()
     parent = os.environ.get(PARENT_ENV)
-    tags = {"vitq.role": "trial", "vitq.study": study, "pareto": "false"}
+    tags = {**(tags or {}), "vitq.role": "trial", "vitq.study": study, "pareto": "false"}
     if trial_number is not None:
         tags["trial_number"] = str(trial_number)
     if parent:

@@ -11,12 +11,12 @@ from torch import nn
 from vitq.calibrate import calibrated_model, model_checksum
 from vitq.cost import model_cost
 from vitq.data import DataBundle
-from vitq.evaluate import EvalResult, evaluate
+from vitq.evaluate import EvalResult, evaluate, model_device
 from vitq.quant.config import LayerQuantConfig
 
 __all__ = ["TrialResult", "fp_reference", "run_trial"]
 
-_FP: dict[tuple[str, int], EvalResult] = {}
+_FP: dict[tuple[str, str, str, int], EvalResult] = {}
 
 
 @dataclass
@@ -46,8 +46,11 @@ class TrialResult:
 
 
 def fp_reference(model: nn.Module, data: DataBundle, batch_size: int = 512) -> EvalResult:
-    """FP evaluation of ``model`` on the evaluation split (memoized per model and split)."""
-    key = (model_checksum(model), id(data.eval))
+    """FP evaluation of ``model`` on the evaluation split (memoized by model and image content, and device)."""
+    fp = data.meta.get("eval_fingerprint")
+    if fp is None:
+        raise ValueError(f"data '{data.name}' has no eval_fingerprint in its meta: its FP result cannot be cached")
+    key = (model_checksum(model), fp, str(model_device(model)), batch_size)
     if key not in _FP:
         _FP[key] = evaluate(model.eval(), data.eval, batch_size)
     return _FP[key]

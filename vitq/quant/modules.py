@@ -362,8 +362,10 @@ class QIntSoftmax(nn.Module):
         if grid is not self._lut_grid:
             n = grid.qmax - grid.qmin + 1
             sf = grid.scale.reshape(-1, 1)
-            self._lut = _int_exp(-torch.arange(n, dtype=torch.float32).repeat(sf.shape[0], 1), sf).reshape(-1)
-            self._lut_offsets = (torch.arange(sf.shape[0], dtype=torch.int32) * n).view(grid.scale.shape) \
+            dev = sf.device
+            self._lut = _int_exp(-torch.arange(n, dtype=torch.float32, device=dev).repeat(sf.shape[0], 1),
+                                 sf).reshape(-1)
+            self._lut_offsets = (torch.arange(sf.shape[0], dtype=torch.int32, device=dev) * n).view(grid.scale.shape) \
                 if sf.shape[0] > 1 else None
             self._lut_grid = grid
         return self._lut

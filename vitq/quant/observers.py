@@ -28,16 +28,17 @@ OMSE_MAX_ELEMENTS = 1 << 16  # bounded sample on which OMSE scores its 90 clip c
 _SCRATCH = threading.local()
 
 
-def _scratch(numel: int) -> Tensor:
+def _scratch(numel: int, device: torch.device | None = None) -> Tensor:
     """A float32 work buffer of ``numel`` values, kept per thread and grown on demand.
 
     OMSE's ~8 MB buffer, freshly allocated on every call, is page-faulted anew whenever other work has handed
     the memory back to the OS in between (as it does during a trial): up to 1.75x the time of a reused one.
     """
     buf = getattr(_SCRATCH, "buf", None)
-    if buf is None or buf.numel() < numel:
+    device = device or torch.device("cpu")
+    if buf is None or buf.numel() < numel or buf.device != device:
         with torch.inference_mode(False):  # a normal tensor: calls outside inference mode may write to it too
-            buf = _SCRATCH.buf = torch.empty(numel)
+            buf = _SCRATCH.buf = torch.empty(numel, device=device)
     return buf[:numel]
 
 
@@ -65,7 +66,7 @@ class BatchStats:
             keep = max(1, max_elements // cols)
             g = torch.Generator().manual_seed(seed)
             idx = torch.randperm(rows, generator=g)[:keep].sort().values
-            x2d = x2d.index_select(0, idx)
+            x2d = x2d.index_select(0, idx.to(x2d.device))
         return cls(x2d.clone(), cmin, cmax, rows)
 
     @property
@@ -192,7 +193,7 @@ def _subsample_rows(x: Tensor, max_elements: int) -> Tensor:
     if rows * cols <= max_elements:
         return x
     keep = max(1, max_elements // cols)
-    idx = torch.linspace(0, rows - 1, keep).round().long()
+    idx = torch.linspace(0, rows - 1, keep, device=x.device).round().long()
     return x.index_select(0, idx)
 
 
@@ -226,9 +227,9 @@ class OmseObserver(Observer):
     def candidate_errors(self, x: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
         """Clip factors (K,) and the mean squared fake-quant error of ``x`` (R, C) under each: (K, C)."""
         bt = self.cfg.bit_type
-        factors = 1.0 - 0.01 * torch.arange(self.n_candidates, dtype=torch.float32)
+        factors = 1.0 - 0.01 * torch.arange(self.n_candidates, dtype=torch.float32, device=x.device)
         chunk = max(1, min(self.n_candidates, self.chunk_elements // max(1, x.numel())))
-        work = _scratch(chunk * x.numel()).view(chunk, *x.shape)  # one buffer for every chunk and call
+        work = _scratch(chunk * x.numel(), x.device).view(chunk, *x.shape)  # one buffer for every chunk and call
         errs = []
         for start in range(0, self.n_candidates, chunk):
             f = factors[start:start + chunk].view(-1, 1)  # (k, 1)
@@ -307,7 +308,7 @@ class KLObserver(Observer):
         assert self.width is not None
         cols = x.shape[1]
         idx = x.div_(self.width).floor_().clamp_(max=self.bins - 1).long()
-        idx += torch.arange(0, cols * self.bins, self.bins).view(1, -1)
+        idx += torch.arange(0, cols * self.bins, self.bins, device=idx.device).view(1, -1)
         counts = torch.bincount(idx.view(-1), minlength=cols * self.bins).view(cols, self.bins)
         if self.hist is None:
             self.hist = counts
@@ -367,7 +368,7 @@ def _kl_best_bins(hist: Tensor, levels: int, start_bin: int = 128) -> Tensor:
     """
     rows, nbins = hist.shape
     if levels > nbins:
-        return torch.full((rows,), nbins, dtype=torch.long)
+        return torch.full((rows,), nbins, dtype=torch.long, device=hist.device)
     start = min(max(start_bin, levels), nbins)
     m0, m1 = start // levels, nbins // levels  # group widths of the first and last threshold
     n_w = m1 - m0 + 1
@@ -376,7 +377,8 @@ def _kl_best_bins(hist: Tensor, levels: int, start_bin: int = 128) -> Tensor:
     cs = h.cumsum(1)  # cs[:, j] = sum(hist[:, :j]), constant past the end
     nz = (h > 0).cumsum(1, dtype=torch.float64)  # non-empty bins among hist[:, :j]
     nlogn = h.clamp(min=_TINY).log_().mul_(h).cumsum(1)
-    bounds = torch.arange(m0, m1 + 1).view(-1, 1) * torch.arange(levels).view(1, -1)  # full groups [g·m, (g+1)·m)
+    dev = hist.device
+    bounds = torch.arange(m0, m1 + 1, device=dev).view(-1, 1) * torch.arange(levels, device=dev).view(1, -1)  # groups
 
     def at(a: Tensor, idx: Tensor) -> Tensor:
         return a.gather(1, idx.reshape(1, -1).expand(rows, -1)).view(rows, *idx.shape)

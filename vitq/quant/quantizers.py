@@ -35,7 +35,7 @@ def uniform_qparams(min_val: Tensor, max_val: Tensor, bit_type: BitTypeConfig) -
         max_pos = torch.max(-min_neg, max_pos)
         scale = max_pos / (float(qmax - qmin) / 2)
         scale = torch.max(scale, FLOAT32_EPS)
-        zero_point = torch.zeros(min_val.shape, dtype=torch.int64)
+        zero_point = torch.zeros_like(min_val, dtype=torch.int64)
     else:
         scale = (max_pos - min_neg) / float(qmax - qmin)
         scale = torch.max(scale, FLOAT32_EPS)
@@ -145,7 +145,7 @@ class Log2Quantizer:
         self.bit_type = bit_type
 
     def qparams(self, min_val: Tensor, max_val: Tensor) -> tuple[Tensor, Tensor]:
-        return torch.ones_like(max_val.float()), torch.zeros(max_val.shape, dtype=torch.int64)
+        return torch.ones_like(max_val.float()), torch.zeros_like(max_val, dtype=torch.int64)
 
     def grid(self, scale: Tensor, zero_point: Tensor) -> Callable[..., Tensor]:
         bits = self.bit_type.bits

@@ -1,6 +1,7 @@
 """``python -m vitq.search.compare``: how good a front each search strategy finds in a fixed number of trials.
 
-On the digits reference, for the ``mixed_precision`` space (bits per point, observers, alpha) and objectives
+On the digits reference (or the model/data of the sweep's Hydra overrides), for the ``mixed_precision`` space
+(bits per point, observers, alpha) and objectives
 (top-1 ↑, weight bytes ↓), each strategy gets ``--trials`` trials per seed:
 
 - ``tpe_warm`` / ``nsga2_warm``: the sensitivity solver's configs at five size budgets (10-70 % of the way from
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -35,7 +37,6 @@ from vitq.search.space import SearchSpec, load_search
 __all__ = ["STRATEGIES", "compare", "main"]
 
 STRATEGIES = ("tpe_warm", "nsga2_warm", "nsga2", "random", "aimet_greedy")
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
 class Objective:
@@ -87,15 +88,14 @@ def _hv(points: np.ndarray) -> float:
 
 
 def compare(n_trials: int = 30, seeds: int = 3, reference_trials: int = 300, search: str = "mixed_precision",
-            budgets_frac: tuple[float, ...] = (0.1, 0.2, 0.35, 0.5, 0.7), log: Callable[[str], None] = print) -> dict:
-    from vitq.data import load_digits
-    from vitq.models.reference import load_reference
-    from vitq.quant.config import load_config_from_yaml
+            budgets_frac: tuple[float, ...] = (0.1, 0.2, 0.35, 0.5, 0.7), log: Callable[[str], None] = print,
+            overrides: tuple[str, ...] = ()) -> dict:
+    """Every strategy on the model/data/base config of the sweep's Hydra ``overrides`` (digits + int8 by default)."""
+    from vitq.sweep import compose, session_of
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    model, _ = load_reference()
-    data = load_digits()
-    base = load_config_from_yaml(CONF_DIR / "quant" / "int8.yaml")
+    base, session = session_of(compose(overrides))
+    model, data = session.model, session.data
     spec = load_search(search)
     objective = Objective(model, data, base)
     objective({})
@@ -181,8 +181,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--reference-trials", type=int, default=300)
     ap.add_argument("--out", type=Path, default=Path("compare"))
+    ap.add_argument("overrides", nargs="*", metavar="OVERRIDES",
+                    help="the sweep's Hydra overrides: base config, model=, data=, device=")
     args = ap.parse_args(argv)
-    result = compare(args.trials, args.seeds, args.reference_trials)
+    from vitq.session import SessionError
+
+    try:
+        result = compare(args.trials, args.seeds, args.reference_trials, overrides=tuple(args.overrides))
+    except SessionError as e:
+        print(f"vitq: {e}", file=sys.stderr)
+        return 2
     args.out.mkdir(parents=True, exist_ok=True)
     table = pd.DataFrame(result["table"])
     table.to_csv(args.out / "search_comparison.csv", index=False)

@@ -37,17 +37,17 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import Bounds, LinearConstraint, milp
 from torch import nn
-from torch.utils.data import Subset
 
 from vitq.calibrate import calib_key, calibrated_model, model_checksum
 from vitq.cost import BOP_PAIRS, model_cost
-from vitq.data import DataBundle, batches
-from vitq.evaluate import evaluate
+from vitq.data import DataBundle, batches, labels_of, stratified_subset, subset
+from vitq.evaluate import evaluate, model_device
 from vitq.quant.config import POINTS, SECTION_OF, WEIGHT_POINTS, LayerQuantConfig
 
 __all__ = ["CostTable", "Sensitivity", "compute_sensitivity", "configs_for_budgets", "cost_table", "solve_mck"]
 
 CANDIDATES = (2, 3, 4, 5, 6, 8)
+SENSITIVITY_VERSION = 2  # bump when the measure changes (v2: stratified evaluation subset)
 SCORES = ("drop_loss", "drop_top1", "grad_score")
 
 
@@ -89,9 +89,11 @@ class Sensitivity:
         return list(t["point"])
 
 
-def _eval_subset(data: DataBundle, n_eval: int | None) -> object:
-    n = len(data.eval) if n_eval is None else min(n_eval, len(data.eval))
-    return data.eval if n == len(data.eval) else Subset(data.eval, range(n))
+def _eval_subset(data: DataBundle, n_eval: int | None, seed: int = 0) -> object:
+    """A class-stratified, seeded subset of ``n_eval`` evaluation images (all of them when None or more)."""
+    if n_eval is None or n_eval >= len(data.eval):
+        return data.eval
+    return subset(data.eval, stratified_subset(labels_of(data.eval), n_eval, seed))
 
 
 def _grad_scores(qm: nn.Module, data: DataBundle, base: LayerQuantConfig, candidates: tuple[int, ...],
@@ -115,7 +117,7 @@ def _grad_scores(qm: nn.Module, data: DataBundle, base: LayerQuantConfig, candid
     try:
         for p in params:
             p.requires_grad_(True)
-        for x, y in batches(data.calib, batch_size):
+        for x, y in batches(data.calib, batch_size, model_device(qm)):
             captured.clear()
             qm.zero_grad(set_to_none=True)
             with torch.enable_grad():
@@ -153,8 +155,8 @@ def _grad_scores(qm: nn.Module, data: DataBundle, base: LayerQuantConfig, candid
 
 def _cache_path(model: nn.Module, data: DataBundle, base: LayerQuantConfig, candidates: tuple[int, ...],
                 n_eval: int | None, batch_size: int) -> Path:
-    key = "|".join([model_checksum(model), calib_key(data, batch_size), str(n_eval), str(candidates),
-                    str(data.meta.get("eval_indices", id(data.eval))), base.to_yaml()])
+    key = "|".join([f"v{SENSITIVITY_VERSION}", model_checksum(model), calib_key(data, batch_size), str(n_eval),
+                    str(candidates), data.meta["eval_fingerprint"], base.to_yaml()])
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     root = Path(os.environ.get("VITQ_CACHE", "~/.cache/vitq")).expanduser()
     return root / "sensitivity" / f"sens_{digest}.json"
@@ -348,39 +350,42 @@ def log_to_mlflow(sens: Sensitivity, solutions: list[dict], uri: str | None, stu
 
 # ------------------------------------------------------------------------------------------------ CLI
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m vitq.search.sensitivity", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m vitq.search.sensitivity", description=__doc__.split("\n\n")[0],
+                                 epilog="OVERRIDES are the sweep's Hydra overrides: the base config (quant=int8 by "
+                                        "default), model=, data=, device=, e.g. model=timm model.name=NAME "
+                                        "model.checkpoint=PATH data=folder data.calib_root=A data.eval_root=B")
     ap.add_argument("--budgets", required=True, help="comma-separated budgets (bytes, or BOPs with --metric bops)")
     ap.add_argument("--metric", default="weight_bytes", choices=("weight_bytes", "bops"))
     ap.add_argument("--score", default="drop_loss", choices=SCORES)
     ap.add_argument("--candidates", default=",".join(map(str, CANDIDATES)))
-    ap.add_argument("--base", default="int8", help="base preset in conf/quant/ or a seed-format YAML path")
-    ap.add_argument("--n-eval", type=int, default=256, help="evaluation images for the drop measure")
+    ap.add_argument("--n-eval", type=int, default=256,
+                    help="evaluation images for the drop measure (a class-stratified subset)")
     ap.add_argument("--tracking-uri", default=None, help="also log the table, plot and configs to this MLflow store")
     ap.add_argument("--study", default="sensitivity", help="MLflow experiment for --tracking-uri")
+    ap.add_argument("overrides", nargs="*", metavar="OVERRIDES")
     args = ap.parse_args(argv)
-    from vitq.data import load_digits
-    from vitq.models.reference import load_reference
-    from vitq.quant.config import ConfigError, load_config_from_yaml
+    from vitq.session import SessionError
+    from vitq.sweep import compose, session_of
 
     try:
         budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
         candidates = tuple(int(b) for b in args.candidates.split(",") if b.strip())
     except ValueError as e:
         ap.error(f"--budgets/--candidates: {e}")
-    base_path = Path(args.base) if Path(args.base).suffix else Path(__file__).resolve().parents[2] / "conf" / \
-        "quant" / f"{args.base}.yaml"
+    if args.n_eval < 1:
+        ap.error(f"--n-eval: must be >= 1, got {args.n_eval}")
     try:
-        base = load_config_from_yaml(base_path)
-    except (ConfigError, OSError) as e:
-        print(f"vitq: --base: {e}", file=sys.stderr)
+        base, session = session_of(compose(args.overrides))
+    except SessionError as e:
+        print(f"vitq: {e}", file=sys.stderr)
         return 2
-    model, _ = load_reference()
-    data = load_digits()
-    sens = compute_sensitivity(model, data, base, candidates, args.n_eval)
+    model, data = session.model, session.data
+    sens = compute_sensitivity(model, data, base, candidates, args.n_eval, session.calib_batch_size)
     table = cost_table(model, base, sens.candidates, args.metric)
     sols = configs_for_budgets(sens, table, budgets, args.score)
-    print(f"sensitivity ({args.score}) on the digits reference, base top-1 {100 * sens.base_top1:.2f} % "
-          f"({sens.seconds:.1f} s; cache {sens.meta.get('cache')}):")
+    print(f"sensitivity ({args.score}) on {session.model_spec.name} / {data.name} ({min(args.n_eval, len(data.eval))}"
+          f" eval images, {session.device}), base top-1 {100 * sens.base_top1:.2f} % ({sens.seconds:.1f} s; "
+          f"cache {sens.meta.get('cache')}):")
     print(sens.table.pivot(index="point", columns="bits", values=args.score).loc[list(POINTS)].round(5).to_string())
     for s in sols:
         if not s["feasible"]:

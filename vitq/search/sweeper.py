@@ -13,6 +13,7 @@ FAIL/FAILED and the sweep goes on.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -188,7 +189,23 @@ class VitqOptunaSweeperImpl(Sweeper):
             print(f"vitq: {e}", file=sys.stderr)
             raise SystemExit(2) from None
         self._rdb = storage if isinstance(storage, RDBStorage) else None  # (the study wraps it in a cache)
+        from vitq.session import SessionError
+        from vitq.sweep import session_of
+
+        try:
+            _, session = session_of(self.config)
+            fingerprint = study_fingerprint(self.config, spec, session)
+        except SessionError as e:
+            print(f"vitq: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
         study, created = _open_study(spec, storage)
+        stored = study.user_attrs.get(FINGERPRINT_ATTR)
+        if stored is None:
+            study.set_user_attr(FINGERPRINT_ATTR, fingerprint)
+        elif stored != fingerprint:
+            print(f"vitq: hydra.sweeper.study_name={spec.study_name}: this study was run with other inputs "
+                  f"({fingerprint_diff(stored, fingerprint)}); use another study_name or storage", file=sys.stderr)
+            raise SystemExit(2)
         if not created and spec.seed is not None:  # joining workers must not replay the creator's random draws
             study.sampler = spec.make_sampler(zlib.crc32(f"{spec.seed}/{_worker_id()}/{len(study.trials)}".encode()))
         cfg = self.config
@@ -267,14 +284,12 @@ class VitqOptunaSweeperImpl(Sweeper):
     def _warm_start_params(self, spec: SearchSpec) -> list[dict[str, Any]]:
         """The sensitivity solver's configs at ``warm_start_budgets`` (cached sensitivity of the swept model)."""
         from vitq.search import sensitivity as sens_mod
-        from vitq.sweep import _data, _model, layer_config_from
+        from vitq.sweep import session_of
 
         cfg = self.config
         assert cfg is not None
-        m, d = cfg.model, cfg.data
-        model = _model(m.name, m.pretrained, m.checkpoint)
-        data = _data(d.name, d.root, d.seed, d.n_train, d.n_calib, d.n_eval, (m.name, m.pretrained, m.checkpoint))
-        base = layer_config_from(cfg)
+        base, session = session_of(cfg)
+        model, data = session.model, session.data
         sens = sens_mod.compute_sensitivity(model, data, base, batch_size=cfg.calib_batch_size)
         table = sens_mod.cost_table(model, base, sens.candidates, self.warm_start_metric)
         sols = sens_mod.configs_for_budgets(sens, table, [float(b) for b in self.warm_start_budgets],
@@ -319,6 +334,41 @@ class VitqOptunaSweeperImpl(Sweeper):
         if self._dead and self.config is not None and self.config.tracking.enabled:
             tracking.kill_runs(self.config.tracking.uri, spec.study_name, self._dead)
             self._dead.clear()
+
+
+FINGERPRINT_ATTR = "vitq:fingerprint"
+
+
+def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for k, v in node.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: node}
+
+
+def study_fingerprint(cfg: DictConfig, spec: SearchSpec, session: Any) -> dict[str, Any]:
+    """Everything a study's trials share and do not search: model, checkpoint, data, batch sizes, and every
+    quant key outside the search space (JSON values, so it round-trips through Optuna's storage)."""
+    from omegaconf import OmegaConf
+
+    from vitq.search.space import expand_key
+    from vitq.sweep import QUANT_SECTIONS
+
+    searched = {k for p in spec.params for k in expand_key(p.name)}
+    quant = _flat({s: OmegaConf.to_container(cfg[s], resolve=True) for s in QUANT_SECTIONS if s in cfg})
+    quant = {f"quant:{k}": v for k, v in sorted(quant.items()) if k not in searched and v is not None}
+    fp = {**session.fingerprint(), "eval_batch_size": int(cfg.eval_batch_size),
+          "calib_batch_size": int(cfg.calib_batch_size), **quant}
+    return json.loads(json.dumps(fp, default=str))
+
+
+def fingerprint_diff(stored: dict[str, Any], now: dict[str, Any], limit: int = 3) -> str:
+    """``key: stored -> now`` for the first keys that differ."""
+    keys = [k for k in dict.fromkeys([*stored, *now]) if stored.get(k) != now.get(k)]
+    parts = [f"{k.removeprefix('quant:')}: {stored.get(k)!r} -> {now.get(k)!r}" for k in keys[:limit]]
+    return "; ".join(parts) + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
 
 
 def _open_study(spec: SearchSpec, storage: BaseStorage) -> tuple[optuna.Study, bool]:

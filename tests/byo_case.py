@@ -1,0 +1,119 @@
+"""A bring-your-own case unlike vitq's defaults: a timm ViT with non-default kwargs, briefly trained, saved the way
+timm's train script saves (``state_dict_ema`` with ``module.`` prefixes), and grayscale PNG class folders
+``calib/`` and ``eval/`` written by the test. Nothing here imports vitq.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+MODEL_NAME = "vit_tiny_patch16_224"
+KWARGS = {"img_size": 16, "patch_size": 4, "embed_dim": 48, "depth": 2, "num_heads": 2, "num_classes": 10,
+          "init_values": 1e-5, "global_pool": "avg", "class_token": False}
+KWARGS_CLI = "model.kwargs={img_size:16,patch_size:4,embed_dim:48,depth:2,num_heads:2,num_classes:10," \
+             "init_values:1e-5,global_pool:avg,class_token:false}"
+
+
+@dataclass
+class Case:
+    root: Path
+    calib: Path
+    eval: Path
+    checkpoint: Path
+    other_checkpoint: Path  # same architecture, other weights
+
+    def cli(self) -> list[str]:
+        return ["model=timm", f"model.name={MODEL_NAME}", KWARGS_CLI, f"model.checkpoint={self.checkpoint}",
+                "data=folder", f"data.calib_root={self.calib}", f"data.eval_root={self.eval}", "device=cpu"]
+
+
+def _digits() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    img = (d.images * 15).astype(np.uint8)
+    big = np.stack([np.asarray(Image.fromarray(x).resize((16, 16), Image.BILINEAR)) for x in img])
+    return big, d.target.astype(np.int64)
+
+
+def write_folders(root: Path, n_calib: int = 1000) -> tuple[Path, Path]:
+    """Grayscale 16×16 PNGs in calib/<class>/ and eval/<class>/ (class-sorted names, as a user's folder is)."""
+    pixels, labels = _digits()
+    order = np.random.default_rng(0).permutation(len(labels))
+    for split, idx in (("calib", order[:n_calib]), ("eval", order[n_calib:])):
+        for i in idx:
+            d = root / split / f"digit_{labels[i]}"
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels[i], mode="L").save(d / f"{i:04d}.png")
+    return root / "calib", root / "eval"
+
+
+def plain_timm_transform(model: torch.nn.Module):  # noqa: ANN201
+    """timm's own eval transform for the model at its built size (ToTensor + Normalize included)."""
+    from timm.data import create_transform, resolve_data_config
+
+    cfg = resolve_data_config({"input_size": (3, 16, 16)}, model=model)
+    return create_transform(**cfg, is_training=False)
+
+
+def folder_tensors(folder: Path, transform) -> tuple[torch.Tensor, torch.Tensor, list[str]]:  # noqa: ANN001
+    from torchvision.datasets import ImageFolder
+
+    ds = ImageFolder(str(folder), transform=transform, loader=lambda p: Image.open(p).convert("RGB"))
+    x = torch.stack([ds[i][0] for i in range(len(ds))])
+    return x, torch.tensor(ds.targets), [p for p, _ in ds.samples]
+
+
+def train(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int = 12, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.05)
+    model.train()
+    with torch.enable_grad():
+        for _ in range(epochs):
+            perm = torch.randperm(len(x), generator=g)
+            for i in range(0, len(x), 64):
+                idx = perm[i:i + 64]
+                loss = F.cross_entropy(model(x[idx]), y[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+    model.eval()
+
+
+def timm_checkpoint(model: torch.nn.Module, path: Path) -> None:
+    """As timm's train script saves with EMA under DDP: ``state_dict_ema`` (and ``state_dict``), ``module.``."""
+    sd = {f"module.{k}": v.clone() for k, v in model.state_dict().items()}
+    torch.save({"epoch": 3, "arch": MODEL_NAME, "state_dict": sd, "state_dict_ema": sd}, path)
+
+
+def build(root: Path) -> Case:
+    calib, ev = write_folders(root)
+    torch.manual_seed(0)
+    model = timm.create_model(MODEL_NAME, **KWARGS)
+    x, y, _ = folder_tensors(calib, plain_timm_transform(model))
+    train(model, x, y)
+    ckpt = root / "vit_ema.pth.tar"
+    timm_checkpoint(model, ckpt)
+    torch.manual_seed(1)
+    other = timm.create_model(MODEL_NAME, **KWARGS)
+    other_ckpt = root / "other.pth"
+    torch.save(other.state_dict(), other_ckpt)
+    return Case(root, calib, ev, ckpt, other_ckpt)
+
+
+def plain_timm_predictions(case: Case) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Top-1 predictions of plain timm on every eval image, with its labels and file paths."""
+    model = timm.create_model(MODEL_NAME, **KWARGS)
+    sd = torch.load(case.checkpoint, weights_only=True)["state_dict_ema"]
+    model.load_state_dict({k.removeprefix("module."): v for k, v in sd.items()})
+    model.eval()
+    x, y, paths = folder_tensors(case.eval, plain_timm_transform(model))
+    with torch.inference_mode():
+        return model(x).argmax(-1), y, paths

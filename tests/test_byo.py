@@ -1,0 +1,240 @@
+"""Bring your own ViT and images, through the CLI: a non-default timm ViT, a timm-style EMA checkpoint, grayscale PNG
+class folders calib/ and eval/ (tests/byo_case.py), checked against plain timm image for image."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import byo_case
+import mlflow
+import numpy as np
+import optuna
+import pytest
+import torch
+from _util import run_sweep
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from vitq.data import labels_of, load_image_folder, stratified_subset
+from vitq.models.factory import ModelError, create_model, load_checkpoint
+from vitq.session import Session, resolve_device
+from vitq.sweep import compose
+
+PROVENANCE = ("model.name", "model.kwargs", "model.checkpoint", "model.checkpoint_sha256", "data.calib_root",
+              "data.eval_root", "data.fingerprint", "data.n_calib", "data.n_eval", "data.transform", "device",
+              "vitq.version", "vitq.git_commit")
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _one_line_error(r: subprocess.CompletedProcess) -> str:
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.startswith("vitq: ")]
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    return lines[0]
+
+
+# ------------------------------------------------------------------------------------------------ single run
+def test_single_run_fp_top1_equals_plain_timm(byo, tmp_path):
+    r = run_sweep(tmp_path, *byo.cli(), "tracking=none", "data.n_calib=200")
+    assert r.returncode == 0, r.stderr[-3000:]
+    (metrics_file,) = tmp_path.glob("outputs/*/*/metrics.json")
+    metrics = json.loads(metrics_file.read_text())
+    pred, labels, paths = byo_case.plain_timm_predictions(byo)
+    assert metrics["fp_top1"] == int((pred == labels).sum()) / len(labels)  # same images, transforms, weights
+    assert metrics["n_eval"] == len(paths) == 797
+    assert 0.5 < metrics["top1"] <= 1 and metrics["weight_bytes"] > 0 and metrics["bops"] > 0
+    prov = metrics["provenance"]
+    assert prov["model.checkpoint_sha256"] == _sha(byo.checkpoint)
+    assert prov["data.calib_root"] == str(byo.calib.resolve()) and prov["data.eval_root"] == str(byo.eval.resolve())
+    assert prov["data.n_calib"] == "200" and prov["device"] == "cpu"
+    assert json.loads(prov["model.kwargs"]) == byo_case.KWARGS
+    assert json.loads(prov["data.transform"])["input_size"] == [3, 16, 16]  # the model's size, not timm's 224
+
+
+def test_fp_predictions_image_for_image(byo):
+    session = Session.from_config(compose(byo.cli()))
+    pred, _, paths = byo_case.plain_timm_predictions(byo)
+    mine = dict(zip(session.data.meta["eval_files"], session.fp.predictions.tolist(), strict=True))
+    plain = dict(zip(paths, pred.tolist(), strict=True))
+    assert mine == plain
+    other = Session.from_config(compose([*byo.cli()[:3], f"model.checkpoint={byo.other_checkpoint}", *byo.cli()[4:]]))
+    assert other is not session and other.checkpoint_sha != session.checkpoint_sha
+    assert not torch.equal(other.fp.predictions, session.fp.predictions)  # no FP result reused across weights
+
+
+# ------------------------------------------------------------------------------------------------ data
+def test_stratified_subsets_are_seeded_and_cover_every_class(byo):
+    labels = np.repeat(np.arange(10), [30, 30, 30, 30, 30, 30, 30, 30, 30, 10])  # class-sorted, one small class
+    a = stratified_subset(labels, 56, seed=0)
+    assert len(a) == 56 and np.array_equal(a, stratified_subset(labels, 56, seed=0))
+    assert not np.array_equal(a, stratified_subset(labels, 56, seed=1))
+    counts = np.bincount(labels[a], minlength=10)
+    assert counts[:9].tolist() == [6] * 9 and counts[9] == 2  # 56 * 30/280 = 6, 56 * 10/280 = 2
+    session = Session.from_config(compose([*byo.cli(), "data.n_calib=50", "data.n_eval=40"]))
+    for ds in (session.data.calib, session.data.eval):
+        assert set(np.bincount(labels_of(ds), minlength=10)) <= {3, 4, 5, 6}  # every class, proportionally
+
+
+def test_grayscale_and_rgba_images_become_the_models_channels(byo, tmp_path):
+    for split in ("calib", "eval"):
+        shutil.copytree(byo.calib / "digit_0", tmp_path / split / "digit_0")
+        shutil.copytree(byo.calib / "digit_1", tmp_path / split / "digit_1")
+    rgba = next((tmp_path / "eval" / "digit_1").iterdir())
+    Image.open(rgba).convert("RGBA").save(rgba)
+    model = create_model(byo_case.MODEL_NAME, checkpoint=str(byo.checkpoint), kwargs=byo_case.KWARGS)
+    data = load_image_folder(model, calib_root=tmp_path / "calib", eval_root=tmp_path / "eval", n_eval=None,
+                             cache=False)
+    x, _ = next(iter(torch.utils.data.DataLoader(data.eval, batch_size=len(data.eval))))
+    assert x.shape[1:] == (3, 16, 16)
+    i = data.meta["eval_files"].index(str(rgba))
+    assert torch.equal(x[i, 0], x[i, 1]) and torch.equal(x[i, 1], x[i, 2])  # gray in, RGB out
+
+
+def test_decoded_images_are_cached_by_content(byo, tmp_path, monkeypatch):
+    import vitq.data as vd
+
+    monkeypatch.setenv("VITQ_CACHE", str(tmp_path / "cache"))
+    shutil.copytree(byo.eval, tmp_path / "eval")
+    model = create_model(byo_case.MODEL_NAME, checkpoint=str(byo.checkpoint), kwargs=byo_case.KWARGS)
+    calls = []
+    real = vd._decode
+    monkeypatch.setattr(vd, "_decode", lambda *a: calls.append(1) or real(*a))
+    first = load_image_folder(model, root=tmp_path / "eval", n_calib=100, n_eval=200)
+    assert len(calls) == 2
+    again = load_image_folder(model, root=tmp_path / "eval", n_calib=100, n_eval=200)
+    assert len(calls) == 2 and again.fingerprint == first.fingerprint  # read back, not decoded
+    assert torch.equal(again.eval.images, first.eval.images)
+    load_image_folder(model, root=tmp_path / "eval", n_calib=100, n_eval=200, transform={"crop_pct": 1.0})
+    assert len(calls) == 4  # another transform is another entry
+    victim = Path(first.meta["eval_files"][0])
+    Image.fromarray(np.full((16, 16), 255, np.uint8), mode="L").save(victim)
+    changed = load_image_folder(model, root=tmp_path / "eval", n_calib=100, n_eval=200)
+    assert len(calls) == 5 and changed.fingerprint != first.fingerprint  # only the eval set is decoded again
+    for f in (tmp_path / "cache" / "images").glob("*.pt"):
+        f.write_bytes(b"torn")
+    rebuilt = load_image_folder(model, root=tmp_path / "eval", n_calib=100, n_eval=200)
+    assert len(calls) == 7 and rebuilt.fingerprint == changed.fingerprint
+
+
+# ------------------------------------------------------------------------------------------------ model
+def test_timm_names_with_tags_and_checkpoint_formats(byo, tmp_path):
+    tagged = create_model("vit_tiny_patch16_224.augreg_in21k", kwargs=byo_case.KWARGS)  # no download: not pretrained
+    assert tagged.blocks[0].ls1.gamma.shape == (48,)
+    sd = torch.load(byo.checkpoint, weights_only=True)["state_dict_ema"]
+    plain = {k.removeprefix("module."): v for k, v in sd.items()}
+    blobs = {"bare": plain, "state_dict": {"state_dict": plain}, "model": {"model": sd, "epoch": 1},
+             "ema": {"state_dict": {k: torch.zeros_like(v) for k, v in sd.items()}, "state_dict_ema": sd}}
+    for name, blob in blobs.items():
+        torch.save(blob, tmp_path / f"{name}.pth")
+        m = create_model(byo_case.MODEL_NAME, checkpoint=str(tmp_path / f"{name}.pth"), kwargs=byo_case.KWARGS)
+        assert all(torch.equal(m.state_dict()[k], v) for k, v in plain.items()), name
+    no_ema = create_model(byo_case.MODEL_NAME, checkpoint=str(tmp_path / "ema.pth"), kwargs=byo_case.KWARGS,
+                          use_ema=False)
+    assert float(no_ema.head.weight.detach().abs().sum()) == 0  # use_ema=false reads state_dict
+    wrong = create_model(byo_case.MODEL_NAME, kwargs={**byo_case.KWARGS, "embed_dim": 64})
+    with pytest.raises(ModelError, match=r"shape mismatch at cls_token|shape mismatch at pos_embed"):
+        load_checkpoint(wrong, byo.checkpoint)
+
+
+def test_device_resolution():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(Exception, match="device: expected auto, cpu, cuda or cuda:N"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(Exception, match="device: cuda:1: no CUDA device"):
+            resolve_device("cuda:1")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none here)")
+def test_cuda_trial_matches_cpu(byo):
+    from conftest import PRESETS
+
+    from vitq import load_config_from_yaml
+
+    cfg = load_config_from_yaml(PRESETS / "int8.yaml")
+    cpu = Session.from_config(compose(byo.cli())).run_trial(cfg)
+    gpu = Session.from_config(compose([*byo.cli()[:-1], "device=cuda"])).run_trial(cfg)
+    assert gpu.fp_top1 == pytest.approx(cpu.fp_top1, abs=2 / 797)
+    assert gpu.top1 == pytest.approx(cpu.top1, abs=0.01) and gpu.weight_bytes == cpu.weight_bytes
+
+
+# ------------------------------------------------------------------------------------------------ bad inputs
+def test_bad_inputs_are_one_line_rc2_and_nothing_logged(byo, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    differ = tmp_path / "eval_missing_class"
+    shutil.copytree(byo.eval, differ)
+    shutil.rmtree(differ / "digit_7")
+    broken = tmp_path / "eval_truncated"
+    shutil.copytree(byo.eval, broken)
+    victim = sorted((broken / "digit_3").iterdir())[0]
+    victim.write_bytes(victim.read_bytes()[:40])
+    base = [a for a in byo.cli() if not a.startswith("model.kwargs=")]
+    kwargs = next(a for a in byo.cli() if a.startswith("model.kwargs="))
+    cases = {
+        "missing root": ([kwargs, f"data.eval_root={tmp_path / 'nope'}"], "data.eval_root: image folder not found"),
+        "class sets differ": ([kwargs, f"data.eval_root={differ}"], "class folders differ from data.calib_root"),
+        "split-looking root": ([kwargs, "data.calib_root=null", "data.eval_root=null", f"data.root={byo.root}"],
+                               f"data.root: {byo.root} has class folders named like splits (calib, eval)"),
+        "truncated png": ([kwargs, f"data.eval_root={broken}", "data.cache=false"], f"cannot read image {victim}"),
+        "unknown model": ([kwargs, "model.name=vit_tiny_patch16_2244"], "closest timm names: vit_tiny_patch16_224"),
+        "kwargs typo": (["model.kwargs={img_sizee:16}"], "model.kwargs: timm.create_model('vit_tiny_patch16_224') "
+                                                          "rejected them: TypeError"),
+        "shape mismatch": (["model.kwargs={img_size:16,patch_size:4,embed_dim:64,depth:2,num_heads:2,"
+                            "num_classes:10,init_values:1e-5,global_pool:avg,class_token:false}"],
+                           "model.checkpoint: " + str(byo.checkpoint) + ": shape mismatch at"),
+    }
+    if not torch.cuda.is_available():
+        cases["cuda without a GPU"] = ([kwargs, "device=cuda"], "vitq: device: cuda: no CUDA device is available")
+    for name, (extra, expect) in cases.items():
+        r = run_sweep(tmp_path, *base, *extra, f"tracking.uri={uri}", timeout=300)
+        line = _one_line_error(r)
+        assert expect in line, (name, line)
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+# ------------------------------------------------------------------------------------------------ sweeps
+@pytest.mark.slow
+def test_optuna_sweep_records_provenance_and_refuses_other_inputs(byo, tmp_path):
+    common = ["-m", "hydra/sweeper=vitq_optuna", "hydra.sweeper.search=bits_only", "hydra.sweeper.n_trials=4",
+              "hydra.sweeper.study_name=byo", "hydra.sweeper.enqueue_baselines=false"]
+    r = run_sweep(tmp_path, *common, *byo.cli())
+    assert r.returncode == 0, r.stderr[-3000:]
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = MlflowClient().get_experiment_by_name("byo")
+    runs = mlflow.search_runs([exp.experiment_id])
+    children = runs[runs["tags.vitq.role"] == "trial"]
+    assert len(children) == 4 and (children["status"] == "FINISHED").all()
+    for key in PROVENANCE:
+        assert children[f"tags.{key}"].notna().all() and (children[f"tags.{key}"] != "").all(), key
+    assert set(children["tags.model.checkpoint_sha256"]) == {_sha(byo.checkpoint)}
+    assert set(children["tags.data.n_eval"]) == {"797"}
+    fp = optuna.load_study(study_name="byo", storage=f"sqlite:///{tmp_path / 'optuna.db'}").user_attrs[
+        "vitq:fingerprint"]
+    assert fp["model.checkpoint_sha256"] == _sha(byo.checkpoint)
+    other = [a if not a.startswith("model.checkpoint=") else f"model.checkpoint={byo.other_checkpoint}"
+             for a in byo.cli()]
+    r = run_sweep(tmp_path, *common[:-2], "hydra.sweeper.n_trials=6", "hydra.sweeper.study_name=byo", *other)
+    line = _one_line_error(r)
+    assert "hydra.sweeper.study_name=byo" in line and "model.checkpoint_sha256" in line
+    assert len(mlflow.search_runs([exp.experiment_id])) == len(runs)  # nothing ran, nothing logged
+
+
+@pytest.mark.slow
+def test_sensitivity_cli_takes_a_timm_model_and_folders(byo, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "vitq.search.sensitivity", "--budgets", "60000,1e9", "--n-eval", "100",
+                        *byo.cli()], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"on {byo_case.MODEL_NAME} / folder:eval (100 eval images, cpu)" in r.stdout
+    assert "budget 1e+09 weight_bytes: predicted" in r.stdout and "budget 60000 weight_bytes:" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "vitq.search.sensitivity", "--budgets", "1", "model.name=nope_vit"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert _one_line_error(r).startswith("vitq: model.name: unknown timm model 'nope_vit'")
