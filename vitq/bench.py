@@ -96,7 +96,8 @@ class Workload:
 def _session(overrides: list[str], device: str):  # noqa: ANN202
     from vitq.sweep import compose, session_of
 
-    return session_of(compose([*overrides, f"device={device}"]))[1]
+    ov = [*overrides, f"device={device}"]
+    return session_of(compose(ov), ov)[1]
 
 
 def digits_workload(quick: bool, device: str = "cpu") -> Workload:

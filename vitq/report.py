@@ -80,7 +80,7 @@ def load_study(uri: str | None, study: str) -> Study:
     runs["pareto"] = pareto_mask(runs[cols].to_numpy(), list(objectives.values()))
     runs["trial_number"] = pd.to_numeric(runs.get("tags.trial_number"), errors="coerce")
     runs["study"] = study
-    runs["baseline"] = [uniform_label(r) for _, r in runs.iterrows()]
+    runs["baseline"] = [baseline_label(r) for _, r in runs.iterrows()]
     return Study(study, parent.info.run_id, objectives, runs)
 
 
@@ -96,12 +96,10 @@ def point_bits(trials: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out, index=trials.index)
 
 
-def uniform_label(row: pd.Series) -> str:
-    """``W8A8``-style label when every weight point and every activation point share one width, else ''."""
-    bits = point_bits(row.to_frame().T).iloc[0]
-    w = {int(b) for p, b in bits.items() if p in WEIGHT_POINTS and not np.isnan(b)}
-    a = {int(b) for p, b in bits.items() if p not in WEIGHT_POINTS and not np.isnan(b)}
-    return f"W{w.pop()}A{a.pop()}" if len(w) == 1 and len(a) == 1 else ""
+def baseline_label(row: pd.Series) -> str:
+    """The name an enqueued baseline was logged under (``W8A8``, ``int8``), else ''."""
+    v = row.get("tags.vitq.baseline")
+    return v if isinstance(v, str) else ""
 
 
 def pareto_configs(study: Study) -> pd.DataFrame:

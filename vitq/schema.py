@@ -94,6 +94,7 @@ class VitqConfig:
     device: str = "auto"
     study_name: str = "vitq"
     trial_number: int | None = None
+    baseline: str | None = None  # set by the sweeper on an enqueued baseline (logged as tag vitq.baseline)
     eval_batch_size: int = 512
     calib_batch_size: int = 128
     stats_dir: str | None = None

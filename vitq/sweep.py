@@ -59,11 +59,30 @@ def _nan_data(data):  # noqa: ANN001, ANN202
                       data.num_classes, data.train, meta)
 
 
-def session_of(cfg: DictConfig):  # noqa: ANN201
+def default_fields_set(overrides: list[str] | tuple[str, ...]) -> dict[str, str]:
+    """``default`` fields that command-line ``overrides`` set: ``default.X=...`` and the group ``default=NAME``."""
+    out: dict[str, str] = {}
+    for o in overrides:
+        key, _, value = o.lstrip("+~").partition("=")
+        if key.startswith("default."):
+            out[key.removeprefix("default.")] = key
+        elif key == "default" and value and value != "null":
+            group = Path(CONF_DIR) / "default" / f"{value}.yaml"
+            raw = OmegaConf.to_container(OmegaConf.load(group)) if group.is_file() else {}
+            for f, v in (raw or {}).items():
+                for sub in (v if isinstance(v, dict) else {None: v}):
+                    out[f if sub is None else f"{f}.{sub}"] = f"default={value}"
+    return out
+
+
+def session_of(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = ()):  # noqa: ANN201
     """The validated quant config and the built :class:`~vitq.session.Session` of ``cfg`` (errors name the key)."""
     from vitq.session import Session
 
     qcfg = layer_config_from(cfg)
+    if not overrides and HydraConfig.initialized():
+        overrides = list(HydraConfig.get().overrides.task)
+    qcfg.check_default_reaches(default_fields_set(overrides))
     return qcfg, Session.from_config(cfg).build()
 
 
@@ -137,7 +156,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
     if cfg.tracking.enabled:
         with tracking.trial_run(cfg.tracking.uri, cfg.study_name, cfg.trial_number, qcfg,
-                                tags=session.provenance()) as rid:
+                                tags={**session.provenance(),
+                                      **({"vitq.baseline": cfg.baseline} if cfg.baseline else {})}) as rid:
             metrics, profile = trial()
             tracking.log_result(rid, metrics, profile)
     else:

@@ -88,7 +88,8 @@ def flat_params(cfg: LayerQuantConfig) -> dict[str, str]:
     return out
 
 
-def start_parent(uri: str | None, study: str, key: str | None = None, params: dict[str, Any] | None = None) -> str:
+def start_parent(uri: str | None, study: str, key: str | None = None, params: dict[str, Any] | None = None,
+                 tags: dict[str, str] | None = None) -> str:
     """Find the parent run of ``key`` (resume, other workers) or create it; returns its id.
 
     Workers starting together may each create one: all then keep the earliest and the others delete theirs.
@@ -104,8 +105,8 @@ def start_parent(uri: str | None, study: str, key: str | None = None, params: di
     if key is not None and (found := earliest()) is not None:
         return found
     key = key or uuid.uuid4().hex
-    run = client.create_run(exp_id, tags={"vitq.role": "parent", "vitq.sweep_key": key, "vitq.study": study,
-                                          "mlflow.runName": f"sweep-{study}"})
+    run = client.create_run(exp_id, tags={**(tags or {}), "vitq.role": "parent", "vitq.sweep_key": key,
+                                          "vitq.study": study, "mlflow.runName": f"sweep-{study}"})
     rid = run.info.run_id
     for k, v in (params or {}).items():
         client.log_param(rid, k, str(v)[:6000])
@@ -236,8 +237,11 @@ class MlflowSweepCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if _is_vitq_sweeper(config) or not config.tracking.enabled:
             return
+        from vitq.session import Session
+
         self.parent = start_parent(config.tracking.uri, config.study_name,
-                                   params={"sweeper": "hydra-basic", "overrides": list(config.hydra.overrides.task)})
+                                   params={"sweeper": "hydra-basic", "overrides": list(config.hydra.overrides.task)},
+                                   tags=Session.from_config(config).provenance())
         os.environ[PARENT_ENV] = self.parent
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:

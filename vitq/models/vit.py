@@ -33,6 +33,8 @@ class QuantViT(nn.Module):
         for i, blk in enumerate(blocks):
             if not isinstance(blk, QuantTimmVitBlock):
                 blocks[i] = QuantTimmVitBlock(blk, cfg, enable_profiling=enable_profiling, block_index=i)
+        for prev, blk in zip(blocks[:-1], blocks[1:], strict=True):  # block i's norm1 reads block i-1's residual2
+            blk.set_input_point(prev.quantizers["residual2"])
         self.model = model
 
     @property

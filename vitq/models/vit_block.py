@@ -26,7 +26,7 @@ from vitq.quant.config import (
     QuantConfig,
     load_config_from_yaml,
 )
-from vitq.quant.modules import QAct, QIntSoftmax, QLinear, calibration_of
+from vitq.quant.modules import QAct, QIntSoftmax, QLinear, calibration_of, int_layernorm
 
 __all__ = ["QuantTimmVitBlock", "as_layer_config"]
 
@@ -158,11 +158,36 @@ class QuantTimmVitBlock(nn.Module):
         x = self.fc2(q_["mlp_act"](x))
         return m.drop2(q_["mlp_act2"](x))
 
+    def set_input_point(self, point: QAct | None) -> None:
+        """The point that quantizes this block's input (the previous block's ``residual2``), if any."""
+        self._input_point = (point,)  # a tuple: not registered as a submodule
+
+    def _norm(self, key: str, x: Tensor, in_point: QAct | None) -> Tensor:
+        """``normX`` and its output point; FQ-ViT's integer LayerNorm when the input lies on a PTF grid."""
+        norm, out_q = getattr(self.block, key), self.quantizers[key]
+        ptf = (in_point is not None and in_point.state == "quant" and in_point.cfg.enabled
+               and in_point.cfg.calibration_mode == "ptf" and out_q.state == "quant" and out_q.cfg.enabled)
+        if not ptf or (torch.is_grad_enabled() and x.requires_grad):
+            return out_q(norm(x))
+        if not isinstance(norm, nn.LayerNorm) or not norm.elementwise_affine:
+            raise ConfigError(f"residual_layer.{in_point.key}.calibration_mode",
+                              f"ptf feeds an integer LayerNorm, but {key} is {type(norm).__name__}")
+        y = int_layernorm(x, in_point.fq.scale, norm.weight, norm.bias, out_q.fq.scale)
+        if not out_q.profiling:
+            return out_q(y)
+        out_q.profiling = False  # profile against the float LayerNorm, not the integer one (already on the grid)
+        try:
+            q = out_q(y)
+        finally:
+            out_q.profiling = True
+        out_q.prof.add(norm(x), q)
+        return q
+
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         b, q_ = self.block, self.quantizers
-        h = self._attention(q_["norm1"](b.norm1(x)), attn_mask, is_causal)
+        h = self._attention(self._norm("norm1", x, getattr(self, "_input_point", (None,))[0]), attn_mask, is_causal)
         x = q_["residual1"](x + b.drop_path1(b.ls1(h)))
-        h = self._mlp(q_["norm2"](b.norm2(x)))
+        h = self._mlp(self._norm("norm2", x, q_["residual1"]))
         return q_["residual2"](x + b.drop_path2(b.ls2(h)))
 
 

@@ -33,8 +33,9 @@ WEIGHT_POINTS: tuple[str, ...] = ("attn_qkv", "attn_proj", "mlp_fc1", "mlp_fc2")
 ACTIVATION_POINTS: tuple[str, ...] = tuple(k for k in POINTS if k not in WEIGHT_POINTS)
 OBSERVERS: tuple[str, ...] = ("MinmaxObserver", "PercentileObserver", "OmseObserver", "KLObserver")
 METHODS: tuple[str, ...] = ("Uniform", "Log2")
-CALIBRATION_MODES: tuple[str, ...] = ("layer_wise", "channel_wise")
+CALIBRATION_MODES: tuple[str, ...] = ("layer_wise", "channel_wise", "ptf")
 LOG2_POINTS: tuple[str, ...] = ("intSoft",)
+PTF_POINTS: tuple[str, ...] = ("residual1", "residual2")  # the tensors that feed a LayerNorm (norm2, next norm1)
 
 
 class ConfigError(ValueError):
@@ -146,8 +147,10 @@ class QuantConfig:
         s = self.percentile_sigma
         if not _is_number(s) or not 0.0 < s <= 1.0 or math.isnan(s):
             raise ConfigError("percentile_sigma", f"must be a number in (0, 1], got {s!r}")
-        if not _is_int(self.kv_bins) or self.kv_bins < 16:
-            raise ConfigError("kv_bins", f"must be an integer >= 16, got {self.kv_bins!r}")
+        if not _is_int(self.kv_bins) or not 16 <= self.kv_bins <= 1 << 16:
+            raise ConfigError("kv_bins", f"must be an integer in 16..65536, got {self.kv_bins!r}")
+        if self.calibration_mode == "ptf" and self.quantization_method != "Uniform":
+            raise ConfigError("calibration_mode", "ptf (power-of-two factors) needs quantization_method Uniform")
         if not isinstance(self.enabled, bool):
             raise ConfigError("enabled", f"must be true or false, got {self.enabled!r}")
 
@@ -291,8 +294,31 @@ class LayerQuantConfig:
         if cfg.quantization_method == "Log2" and key not in LOG2_POINTS:
             raise ConfigError(f"{path}.quantization_method",
                               f"Log2 is only for {', '.join(LOG2_POINTS)} (softmax output), not '{key}'")
+        if cfg.calibration_mode == "ptf" and key not in PTF_POINTS:
+            raise ConfigError(f"{path}.calibration_mode", f"ptf is only for the LayerNorm inputs "
+                                                          f"({', '.join(PTF_POINTS)}), not '{key}'")
         self._cache[ck] = cfg
         return cfg
+
+    def inherited_fields(self) -> set[str]:
+        """Dotted fields of ``default`` (``observer_type``, ``bit_type.bits``) that at least one point inherits."""
+        names = [f.name for f in fields(QuantConfig) if f.name != "bit_type"] + ["bit_type.bits", "bit_type.signed"]
+        used: set[str] = set()
+        for key in POINTS:
+            entry = self.entry(key)
+            for name in names:
+                head, _, tail = name.partition(".")
+                if head not in entry or (tail and tail not in (entry.get(head) or {})):
+                    used.add(name)
+        return used
+
+    def check_default_reaches(self, fields_set: dict[str, str]) -> None:
+        """ConfigError for a ``default`` field that was set (``{field: where}``) but that every point sets itself."""
+        unused = sorted(set(fields_set) - self.inherited_fields())
+        if unused:
+            f = unused[0]
+            raise ConfigError(fields_set[f], f"reaches no point: every point sets its own {f}, so default.{f} "
+                                             f"changes nothing (set it per point, e.g. layers.attn_qkv.{f})")
 
     def resolved(self, block: int | None = None) -> dict[str, QuantConfig]:
         return {k: self.resolve(k, block) for k in POINTS}

@@ -23,9 +23,10 @@ from torch import Tensor, nn
 
 from vitq.quant.config import QuantConfig
 from vitq.quant.observers import OBSERVER_REGISTRY, BatchStats, create_observer, to_channel_last
-from vitq.quant.quantizers import QUANTIZERS, UniformGrid
+from vitq.quant.quantizers import QUANTIZERS, UniformGrid, ptf_qparams
 
-__all__ = ["NonFiniteActivationError", "QAct", "QIntSoftmax", "QLinear", "calibration_of", "int_softmax"]
+__all__ = ["NonFiniteActivationError", "QAct", "QIntSoftmax", "QLinear", "calibration_of", "int_layernorm",
+           "int_softmax"]
 
 STATS_MAX_ELEMENTS = 1 << 18  # per point and calibration batch; more rows are sampled (seeded)
 PROFILE_MAX_ELEMENTS = 1 << 14  # per point and profiled batch; evenly spaced runs beyond that
@@ -183,7 +184,10 @@ class QAct(nn.Module):
                 rng = self._ranges[key[0]] = obs.compute()
             lo, hi = rng
             quantizer = QUANTIZERS[self.cfg.quantization_method](self.cfg.bit_type)
-            scale, zero_point = quantizer.qparams(lo, hi)
+            if self.cfg.calibration_mode == "ptf":  # per-channel power-of-two factors, scored on the samples
+                scale, zero_point = ptf_qparams(lo, hi, torch.cat([s.sample for s in self.stats]), self.cfg.bit_type)
+            else:
+                scale, zero_point = quantizer.qparams(lo, hi)
             shape = (-1,) + (1,) * (self.ndim - 1 - self.axis) if scale.ndim else ()
             grid = quantizer.grid(scale.reshape(shape), zero_point.reshape(shape))
             summary = {"range_min": float(lo.min()), "range_max": float(hi.max()), "scale": float(scale.float().mean()),
@@ -280,6 +284,18 @@ class QLinear(nn.Module):
 _IEXP_COEF = (0.35815147, 0.96963238, 1.0)
 _LN2 = -0.6931
 _IEXP_N = 30
+IEXP_STEP = 0.6931 / 1024  # the coarsest input step i-exp runs at: ln2 spans >= 1024 codes
+
+
+def iexp_refine(scale: Tensor) -> tuple[Tensor, Tensor]:
+    """Integer factor ``m`` and the step ``scale / m <= IEXP_STEP`` at which i-exp runs.
+
+    Codes times ``m`` are exact integers of the same values, so this is integer arithmetic; it keeps I-BERT's
+    i-exp accurate at coarse score steps, where at the raw step ``floor(-ln2 / scale)`` is -1 (every code counts
+    as one ln2) and, from a step of ~1.67, the polynomial's constant floors to 0 and every row is zero.
+    """
+    m = torch.ceil(scale / IEXP_STEP).clamp_(min=1)
+    return m, scale / m
 
 
 def _int_exp(x_int: Tensor, sf: Tensor) -> Tensor:
@@ -311,20 +327,23 @@ def int_softmax(scores: Tensor, scale: Tensor) -> Tensor:
 
 
 def _int_softmax(scores: Tensor, scale: Tensor) -> Tensor:
+    """Softmax of scores on the grid ``scale`` (any zero point: the shift by the row max removes it)."""
     x_int = torch.div(scores, scale).round_()
     x_int.sub_(x_int.amax(dim=-1, keepdim=True))
-    e = _int_exp(x_int, scale)
-    return e.div_(e.sum(dim=-1, keepdim=True).clamp_(min=1))
+    m, step = iexp_refine(scale)
+    e = _int_exp(x_int.mul_(m), step)
+    return e.div_(e.sum(dim=-1, keepdim=True))
 
 
 class QIntSoftmax(nn.Module):
     """Softmax over the last axis of scores quantized at ``kv_act``, its output quantized at ``intSoft``
     (Uniform, or Log2 = FQ-ViT's LIS).
 
-    When both points quantize (scores on a zero-point-free uniform grid), the softmax itself runs in
-    integer arithmetic (I-BERT i-exp). Without gradients it works on the integer codes directly: the
-    shifted codes ``max - x`` take at most ``2^bits`` values, so i-exp is a lookup table built once per
-    scale (bit-identical to evaluating it per element, and a few passes instead of ~20).
+    When both points quantize, the softmax itself runs in integer arithmetic (I-BERT i-exp on the codes shifted
+    by their row max, so any zero point cancels; coarse steps are refined by an exact integer factor, see
+    :func:`iexp_refine`). With either point disabled the float softmax runs, as the config asks. Without
+    gradients it works on the integer codes directly: the shifted codes ``max - x`` take at most ``2^bits``
+    values, so i-exp is a lookup table built once per scale (bit-identical to evaluating it per element).
     """
 
     def __init__(self, out_q: QAct) -> None:
@@ -336,8 +355,12 @@ class QIntSoftmax(nn.Module):
 
     def integer(self, score_q: QAct) -> bool:
         grid = score_q.fq
-        return (self.out_q.state == "quant" and self.out_q.cfg.enabled and score_q.state == "quant"
-                and isinstance(grid, UniformGrid) and not grid.has_zp)
+        if not (self.out_q.state == "quant" and self.out_q.cfg.enabled and score_q.state == "quant"
+                and score_q.cfg.enabled):
+            return False
+        if not isinstance(grid, UniformGrid):  # validation only lets uniform grids reach kv_act
+            raise TypeError(f"{score_q.label}: the integer softmax needs uniform scores, got {type(grid).__name__}")
+        return True
 
     def forward(self, scores: Tensor, score_q: QAct) -> Tensor:
         """``scores`` (a fresh tensor: overwritten) → quantized at ``score_q`` → softmax → quantized."""
@@ -347,7 +370,8 @@ class QIntSoftmax(nn.Module):
             fp = _Profile.sample(scores) if score_q.profiling else None
             x_int = grid.to_int(scores, inplace=score_q.inplace)
             if fp is not None:
-                score_q.prof.add(fp, x_int * grid.scale)  # the fake-quantized scores, as score_q(scores) gives
+                deq = (x_int - grid.zero_point) if grid.has_zp else x_int
+                score_q.prof.add(fp, deq * grid.scale)  # the fake-quantized scores, as score_q(scores) gives
             probs = self._lut_softmax(x_int, grid)
         else:
             scores = score_q(scores)
@@ -361,10 +385,10 @@ class QIntSoftmax(nn.Module):
         """
         if grid is not self._lut_grid:
             n = grid.qmax - grid.qmin + 1
-            sf = grid.scale.reshape(-1, 1)
+            m, sf = iexp_refine(grid.scale.reshape(-1, 1))
             dev = sf.device
-            self._lut = _int_exp(-torch.arange(n, dtype=torch.float32, device=dev).repeat(sf.shape[0], 1),
-                                 sf).reshape(-1)
+            codes = torch.arange(n, dtype=torch.float32, device=dev).repeat(sf.shape[0], 1).mul_(m).neg_()
+            self._lut = _int_exp(codes, sf).reshape(-1)
             self._lut_offsets = (torch.arange(sf.shape[0], dtype=torch.int32, device=dev) * n).view(grid.scale.shape) \
                 if sf.shape[0] > 1 else None
             self._lut_grid = grid
@@ -376,7 +400,32 @@ class QIntSoftmax(nn.Module):
         if self._lut_offsets is not None:
             idx += self._lut_offsets
         e = lut.index_select(0, idx.reshape(-1)).view(x_int.shape)
-        return e.div_(e.sum(dim=-1, keepdim=True).clamp_(min=1))
+        return e.div_(e.sum(dim=-1, keepdim=True))
+
+
+def _mn(a: Tensor, bits: int = 7) -> tuple[Tensor, Tensor]:
+    """FQ-ViT's ``get_MN``: ``a ≈ M / 2^N`` with an 8-bit multiplier ``M`` and a shift ``N`` in 0..31."""
+    n = torch.clamp(bits - torch.floor(torch.log2(a)), 0, 31)
+    m = torch.clamp(torch.floor(a * torch.pow(2, n)), 0, 2 ** (bits + 1) - 1)
+    return m, n
+
+
+def int_layernorm(x: Tensor, in_scale: Tensor, weight: Tensor, bias: Tensor, out_scale: Tensor) -> Tensor:
+    """FQ-ViT's integer LayerNorm over the last axis of ``x``, which lies on a PTF grid (``in_scale`` per channel,
+    powers of two apart): integer mean and variance, then ``(sign·M·x_q + B) >> N`` on the output grid.
+
+    Returns the output on the grid ``out_scale`` (dequantized); the output point then clamps it to its range.
+    """
+    x_q = torch.round(x / in_scale)
+    s1 = in_scale.min()
+    x_q = x_q * torch.round(in_scale / s1)  # integers in units of the smallest channel scale
+    c = x.shape[-1]
+    mean = x_q.mean(dim=-1) * s1
+    std = (s1 / c) * torch.sqrt(c * x_q.square().sum(dim=-1) - x_q.sum(dim=-1).square())
+    a = (s1 / std).unsqueeze(-1) * weight / out_scale
+    m, n = _mn(a.abs())
+    b = torch.round((bias - (mean / std).unsqueeze(-1) * weight) / out_scale * torch.pow(2, n))
+    return torch.round((a.sign() * m * x_q + b) / torch.pow(2, n)) * out_scale
 
 
 def calibration_of(points: Iterable[QAct], linears: Iterable[QLinear]) -> Iterator[None]:

@@ -15,8 +15,8 @@ from torch import Tensor
 
 from vitq.quant.config import BitTypeConfig
 
-__all__ = ["FLOAT32_EPS", "Log2Quantizer", "QUANTIZERS", "UniformGrid", "UniformQuantizer", "fake_quant_log2",
-           "fake_quant_uniform", "uniform_qparams"]
+__all__ = ["FLOAT32_EPS", "Log2Quantizer", "PTF_K", "QUANTIZERS", "UniformGrid", "UniformQuantizer", "fake_quant_log2",
+           "fake_quant_uniform", "ptf_qparams", "uniform_qparams"]
 
 FLOAT32_EPS = torch.tensor(torch.finfo(torch.float32).eps)
 
@@ -42,6 +42,33 @@ def uniform_qparams(min_val: Tensor, max_val: Tensor, bit_type: BitTypeConfig) -
         zero_point = qmin - torch.round(min_neg / scale).to(torch.int)
         zero_point = torch.clamp(zero_point, qmin, qmax).to(torch.int64)
     return scale, zero_point
+
+
+PTF_K = 3  # FQ-ViT's power-of-two factors 2^0..2^K
+
+
+def ptf_qparams(lo: Tensor, hi: Tensor, x: Tensor, bit_type: BitTypeConfig, k: int = PTF_K) -> tuple[Tensor, Tensor]:
+    """FQ-ViT's Power-of-Two Factor: one layer-wise range, a per-channel scale ``s·2^f / 2^K`` (f in 0..K).
+
+    ``s = (hi - lo) / (qmax - qmin)`` and the zero point ``clamp(qmin - round(lo / s))`` come from the layer-wise
+    range (as FQ-ViT's PtfObserver computes them); each channel of ``x`` (rows, channels) takes the factor with the
+    least mean squared fake-quant error (the first on ties). Returns per-channel scale and zero point (C,).
+    """
+    qmin, qmax = bit_type.qmin, bit_type.qmax
+    base = torch.clamp((hi.float() - lo.float()) / float(qmax - qmin), min=FLOAT32_EPS.item())
+    zp = torch.clamp(qmin - torch.round(lo.float() / base), qmin, qmax)
+    best_err, best_scale = None, None
+    for f in range(k + 1):
+        scale = base / 2 ** (k - f)
+        err = ((torch.round(x / scale + zp).clamp_(qmin, qmax) - zp) * scale - x).square_().mean(dim=0)
+        if best_err is None:
+            best_err, best_scale = err, torch.full_like(err, float(scale))
+        else:
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_scale = torch.where(better, scale.expand_as(err), best_scale)
+    assert best_scale is not None
+    return best_scale, torch.full_like(best_scale, float(zp)).to(torch.int64)
 
 
 class UniformGrid:
@@ -102,9 +129,11 @@ def fake_quant_uniform(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, 
 
 
 def _log2_kernel(x: Tensor, bits: int) -> Tensor:
-    top = 2**bits - 1
-    q = torch.clamp(torch.round(-torch.log2(x.clamp(min=0))), 0, top)
-    return torch.where(q >= top, torch.zeros_like(x), torch.exp2(-q))
+    """FQ-ViT's Log2Quantizer: ``q = clamp(round(-log2 x), 0, 2^b - 1)`` dequantized to ``2^-q``; values whose
+    rounded exponent is past the grid (``>= 2^b``, and 0) become 0; the top code ``2^b - 1`` is kept."""
+    levels = 2**bits
+    r = torch.round(-torch.log2(x.clamp(min=0)))
+    return torch.where(r >= levels, torch.zeros_like(x), torch.exp2(-r.clamp(0, levels - 1)))
 
 
 class _Log2STE(torch.autograd.Function):
@@ -118,7 +147,7 @@ class _Log2STE(torch.autograd.Function):
 
 
 def fake_quant_log2(x: Tensor, bits: int) -> Tensor:
-    """Log2 quantization of values in [0, 1]: ``q = clamp(round(-log2 x), 0, 2^b-1)``, ``2^-q`` (top → 0)."""
+    """Log2 quantization of values in [0, 1] (FQ-ViT's): ``2^-clamp(round(-log2 x), 0, 2^b-1)``, 0 past the grid."""
     if torch.is_grad_enabled() and x.requires_grad:
         return _Log2STE.apply(x, bits)
     return _log2_kernel(x, bits)

@@ -375,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.n_eval < 1:
         ap.error(f"--n-eval: must be >= 1, got {args.n_eval}")
     try:
-        base, session = session_of(compose(args.overrides))
+        base, session = session_of(compose(args.overrides), args.overrides)
     except SessionError as e:
         print(f"vitq: {e}", file=sys.stderr)
         return 2

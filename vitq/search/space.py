@@ -7,6 +7,7 @@ A parameter key may use ``*`` for a section or a point (``layers.*.observer_type
 from __future__ import annotations
 
 import fnmatch
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,11 +15,20 @@ from typing import Any
 import optuna
 import yaml
 
-from vitq.quant.config import SECTIONS, WEIGHT_POINTS, ConfigError
+from vitq.quant.config import (
+    POINTS,
+    SECTION_OF,
+    SECTIONS,
+    WEIGHT_POINTS,
+    ConfigError,
+    LayerQuantConfig,
+    load_config_from_yaml,
+)
 
 __all__ = ["SWEEPS_DIR", "SearchSpec", "expand_key", "load_search"]
 
 SWEEPS_DIR = Path(__file__).resolve().parents[2] / "sweeps"
+PRESETS_DIR = Path(__file__).resolve().parents[2] / "conf" / "quant"
 SAMPLERS = ("tpe", "nsgaii", "gp", "random", "qmc")
 METRICS = ("top1", "top5", "loss", "agreement", "top1_drop", "weight_bytes", "compression", "bops",
            "mean_weight_bits", "mean_act_bits")
@@ -46,6 +56,11 @@ class Param:
     step: float | None = None
     log: bool = False
     type: str = "float"
+
+    def accepts(self, value: Any) -> bool:
+        if self.choices is not None:
+            return value in self.choices
+        return isinstance(value, int | float) and not isinstance(value, bool) and self.low <= value <= self.high
 
     def suggest(self, trial: optuna.Trial) -> Any:
         if self.choices is not None:
@@ -97,33 +112,67 @@ class SearchSpec:
             out.update(dict.fromkeys(expand_key(p.name), p.suggest(trial)))
         return out
 
-    def baseline_params(self) -> list[dict[str, Any]]:
-        """Baselines as Optuna params: ``wXaY`` sets weight bits X and activation bits Y."""
+    def baseline_params(self, base: LayerQuantConfig) -> list[dict[str, Any]]:
+        """Each baseline as a whole config, to enqueue: every searched parameter pinned to the baseline's value,
+        every other field where the baseline differs from ``base`` as a dotted override, and ``baseline: LABEL``.
+
+        A baseline is ``wXaY`` (``base`` with every weight point at X bits and every activation point at Y), a preset
+        ``preset:NAME`` from ``conf/quant/`` (that file as it is), or a mapping of params (enqueued as given). A
+        searched parameter whose keys take different values in the baseline, or a value outside the space, is a
+        ConfigError: nothing is rounded to the nearest choice.
+        """
         out = []
+        flat_base = flat_resolved(base)
         for b in self.baselines:
             if isinstance(b, dict):
                 out.append(dict(b))
                 continue
-            s = str(b).lower()
-            if not (s.startswith("w") and "a" in s):
-                raise ConfigError(f"search.baselines.{b}", "expected 'wXaY' (e.g. w8a8) or a mapping of params")
-            wb, ab = (int(v) for v in s[1:].split("a"))
+            label, cfg = _baseline_config(str(b), base)
+            flat = flat_resolved(cfg)
             params: dict[str, Any] = {}
+            covered: set[str] = set()
             for p in self.params:
-                if not p.name.endswith("bit_type.bits"):
-                    continue
                 keys = expand_key(p.name)
-                is_w = all(k.split(".")[1] in WEIGHT_POINTS for k in keys)
-                want = wb if is_w else ab
-                params[p.name] = _nearest(p, want)
+                vals = {flat[k] for k in keys}
+                if len(vals) != 1:
+                    raise ConfigError(f"search.baselines.{b}", f"{p.name} covers keys whose values differ in this "
+                                                               f"baseline ({sorted(map(str, vals))}); split the "
+                                                               "parameter so the baseline can be pinned")
+                v = vals.pop()
+                if not p.accepts(v):
+                    raise ConfigError(f"search.baselines.{b}", f"{p.name}={v} lies outside the search space")
+                params[p.name] = v
+                covered.update(keys)
+            params.update({k: v for k, v in flat.items() if k not in covered and flat_base.get(k) != v})
+            params["baseline"] = label
             out.append(params)
         return out
 
 
-def _nearest(p: Param, want: int) -> Any:
-    if p.choices is not None:
-        return min(p.choices, key=lambda c: abs(int(c) - want))
-    return int(min(max(want, p.low), p.high))
+def flat_resolved(cfg: LayerQuantConfig) -> dict[str, Any]:
+    """Every resolved field of every point (block-independent part) under its dotted key."""
+    out: dict[str, Any] = {}
+    for k in POINTS:
+        for f, v in cfg.resolve(k).to_dict().items():
+            if isinstance(v, dict):
+                out.update({f"{SECTION_OF[k]}.{k}.{f}.{bk}": bv for bk, bv in v.items() if bk != "name"})
+            else:
+                out[f"{SECTION_OF[k]}.{k}.{f}"] = v
+    return out
+
+
+def _baseline_config(name: str, base: LayerQuantConfig) -> tuple[str, LayerQuantConfig]:
+    """``wXaY`` → ``base`` at those widths (label ``WXAY``); ``NAME`` or ``preset:NAME`` → ``conf/quant/NAME.yaml``."""
+    m = re.fullmatch(r"w(\d+)a(\d+)", name.lower())
+    if m and not name.startswith("preset:"):
+        wb, ab = int(m.group(1)), int(m.group(2))
+        over = {f"{SECTION_OF[k]}.{k}.bit_type.bits": wb if k in WEIGHT_POINTS else ab for k in POINTS}
+        return f"W{wb}A{ab}", base.with_overrides(over)
+    preset = PRESETS_DIR / f"{name.removeprefix('preset:')}.yaml"
+    if not preset.is_file():
+        avail = ", ".join(sorted(p.stem for p in PRESETS_DIR.glob("*.yaml")))
+        raise ConfigError(f"search.baselines.{name}", f"expected 'wXaY' (e.g. w8a8), a preset ({avail}) or a mapping")
+    return preset.stem, load_config_from_yaml(preset)
 
 
 def load_search(name_or_path: str) -> SearchSpec:

@@ -193,7 +193,7 @@ class VitqOptunaSweeperImpl(Sweeper):
         from vitq.sweep import session_of
 
         try:
-            _, session = session_of(self.config)
+            base, session = session_of(self.config)
             fingerprint = study_fingerprint(self.config, spec, session)
         except SessionError as e:
             print(f"vitq: {e}", file=sys.stderr)
@@ -216,12 +216,13 @@ class VitqOptunaSweeperImpl(Sweeper):
                                                    "storage": redact(spec.storage), "n_trials": spec.n_trials,
                                                    "objectives": spec.objectives,
                                                    "space": {p.name: p.choices or [p.low, p.high]
-                                                             for p in spec.params}})
+                                                             for p in spec.params}},
+                                           tags=session.provenance())
             os.environ[tracking.PARENT_ENV] = parent
         if created:  # only the worker that created the study enqueues: no duplicates
             first = self._warm_start_params(spec) if self.warm_start_budgets else []
             if self.enqueue_baselines:
-                first += spec.baseline_params()
+                first += spec.baseline_params(base)
             for params in first:
                 study.enqueue_trial(params, skip_if_exists=True)
         returns = self._run(study, spec, arguments)
