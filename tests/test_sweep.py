@@ -48,6 +48,11 @@ def test_grid_sweep_parent_and_children(tmp_path):
     children = runs[runs["tags.vitq.role"] == "trial"]
     assert len(parents) == 1 and len(children) == 2
     assert set(children["tags.mlflow.parentRunId"]) == {parents["run_id"].iloc[0]}
+    assert parents["status"].iloc[0] == "FINISHED" and set(children["tags.trial_number"]) == {"0", "1"}
+    arts = {a.path for a in MlflowClient().list_artifacts(parents["run_id"].iloc[0], "pareto")}
+    assert {"pareto/pareto_front.csv", "pareto/pareto_front.png", "pareto/pareto_front.html",
+            "pareto/all_trials.csv", "pareto/configs"} <= arts
+    assert "Traceback" not in r.stderr and "raised" not in r.stderr
     by_bits = children.set_index("params.layers.attn_qkv.bit_type.bits")
     assert set(by_bits.index) == {"4", "8"}
     assert by_bits.loc["4", "metrics.weight_bytes"] < by_bits.loc["8", "metrics.weight_bytes"]

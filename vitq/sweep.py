@@ -128,6 +128,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
     from vitq.session import SessionError
 
     multirun = _is_multirun()
+    number = cfg.trial_number
+    if number is None and multirun:  # a Hydra grid job: its job number
+        number = HydraConfig.get().job.num
     try:
         qcfg, session = session_of(cfg)
     except SessionError as e:
@@ -140,7 +143,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
     if cfg.export_dir:
         Path(cfg.export_dir).mkdir(parents=True, exist_ok=True)
-        qcfg.to_yaml(Path(cfg.export_dir) / f"quant_config_{cfg.trial_number or 0}.yaml")
+        qcfg.to_yaml(Path(cfg.export_dir) / f"quant_config_{number or 0}.yaml")
 
     def trial() -> tuple[dict[str, float], Any]:
         if cfg.debug.sleep_s:
@@ -155,7 +158,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         return res.metrics(), res.profile
 
     if cfg.tracking.enabled:
-        with tracking.trial_run(cfg.tracking.uri, cfg.study_name, cfg.trial_number, qcfg,
+        with tracking.trial_run(cfg.tracking.uri, cfg.study_name, number, qcfg,
                                 tags={**session.provenance(),
                                       **({"vitq.baseline": cfg.baseline} if cfg.baseline else {})}) as rid:
             metrics, profile = trial()
@@ -165,7 +168,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if not multirun and HydraConfig.initialized():
         out = Path(HydraConfig.get().runtime.output_dir) / "metrics.json"
         out.write_text(json.dumps({**metrics, "provenance": session.provenance()}, indent=2))
-    _print_table(metrics, cfg.trial_number)
+    _print_table(metrics, number)
     return metrics
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -165,6 +166,8 @@ def finalize_parent(parent_id: str, objectives: dict[str, str] | None = None, te
     objectives = objectives or DEFAULT_OBJECTIVES
     client = MlflowClient()
     runs = child_runs(parent_id)
+    if "tags.trial_number" not in runs.columns:  # runs logged without a number (older vitq): keep the column
+        runs["tags.trial_number"] = None
     cols = [f"metrics.{k}" for k in objectives]
     ok = runs[(runs["status"] == "FINISHED")] if len(runs) else runs
     ok = ok.dropna(subset=[c for c in cols if c in ok.columns]) if len(ok) else ok
@@ -247,10 +250,24 @@ class MlflowSweepCallback(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if self.parent is None:
             return
-        use_store(config.tracking.uri, config.study_name)
-        finalize_parent(self.parent)
+        parent, self.parent = self.parent, None
         os.environ.pop(PARENT_ENV, None)
-        self.parent = None
+        use_store(config.tracking.uri, config.study_name)
+        client = MlflowClient()
+        try:
+            finalize_parent(parent, terminate=False)
+        except Exception as e:  # noqa: BLE001 - the parent must not stay RUNNING, and the exit code must say so
+            client.set_terminated(parent, "FAILED")
+            print(f"vitq: could not write the Pareto front of sweep run {parent}: {type(e).__name__}: {e}",
+                  file=sys.stderr)
+            raise SystemExit(1) from None
+        runs = child_runs(parent)
+        failed = runs[runs["status"] != "FINISHED"] if len(runs) else runs
+        client.set_terminated(parent, "FAILED" if len(failed) else "FINISHED")
+        if len(failed):
+            print(f"vitq: {len(failed)} of {len(runs)} trials failed (MLflow parent run {parent}, "
+                  f"experiment {config.study_name})", file=sys.stderr)
+            raise SystemExit(1)
 
 
 def kill_runs(uri: str | None, study: str, trial_numbers: list[int]) -> None:
