@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from reference import fqvit as fqvit_ref
 from torch.ao.quantization import MinMaxObserver, PerChannelMinMaxObserver
 
 from vitq import BitTypeConfig, QuantConfig
-from vitq.bench import fqvit_omse_loop
 from vitq.quant.observers import BatchStats, KLObserver, MinmaxObserver, OmseObserver, PercentileObserver, kl_best_bins
 from vitq.quant.quantizers import fake_quant_log2, fake_quant_uniform, uniform_qparams
 
@@ -134,23 +134,71 @@ def test_omse_beats_minmax_on_heavy_tails(mode, bits):
 @pytest.mark.parametrize("mode", ["layer_wise", "channel_wise"])
 @pytest.mark.parametrize(("bits", "signed"), [(8, True), (4, True), (3, False)])
 @pytest.mark.parametrize("dist", ["student", "relu", "outlier"])
-def test_omse_finds_the_least_error_of_the_fqvit_loop(mode, bits, signed, dist):
-    """All 90 candidates at once, in chunks on a reused buffer: the same least error as FQ-ViT's loop."""
+def test_omse_matches_an_exhaustive_numpy_search(mode, bits, signed, dist):
+    """All 90 candidates at once, in chunks on a reused buffer: the range FQ-ViT's affine loop picks on all of x."""
     torch.manual_seed(3)
     x = {"student": torch.distributions.StudentT(3.0).sample((1500, 12)),
          "relu": torch.randn(1500, 12).clamp(min=0) * torch.linspace(0.5, 3, 12),
          "outlier": torch.randn(1500, 12) + torch.where(torch.arange(12) == 5, 20.0, 0.0) * torch.rand(1500, 1)}[dist]
     bt = BitTypeConfig(bits=bits, signed=signed)
     cw = mode == "channel_wise"
-    shape = (1, -1) if cw else ()
+    lo, hi = OmseObserver(_cfg("OmseObserver", mode, bits, signed)).observe(x).compute()  # the whole data
+    r_lo, r_hi = fqvit_ref.omse(x.numpy(), bt.qmin, bt.qmax, cw)
+    ours = fqvit_ref.omse_error(x.numpy() if cw else x.numpy().reshape(-1, 1), lo.double().numpy(),
+                                hi.double().numpy(), bt.qmin, bt.qmax)
+    best = fqvit_ref.omse_error(x.numpy() if cw else x.numpy().reshape(-1, 1), r_lo, r_hi, bt.qmin, bt.qmax)
+    np.testing.assert_allclose(ours, best, rtol=1e-5, atol=0)  # float32 scoring: equal, or a float64 near-tie
+    assert (np.isclose(lo.double().numpy(), r_lo, rtol=1e-6) | np.isclose(ours, best, rtol=1e-6)).all()
 
-    def column_mse(lo, hi):
-        s, z = uniform_qparams(lo, hi, bt)
-        return (fake_quant_uniform(x, s.view(shape), z.view(shape), bt.qmin, bt.qmax) - x).pow(2).mean(0)
 
-    ours = column_mse(*OmseObserver(_cfg("OmseObserver", mode, bits, signed)).observe(x).compute())  # whole data
-    best = column_mse(*fqvit_omse_loop(x, bt, cw))  # each factor fake-quantizes all of x; least MSE (per column)
-    torch.testing.assert_close(ours if cw else ours.mean(), best if cw else best.mean(), rtol=1e-6, atol=0)
+def test_omse_through_qact_sees_every_value():
+    """The path real activations take: calibration batches through QAct, the range from the kept statistics."""
+    from vitq.quant.modules import QAct
+
+    torch.manual_seed(0)
+    batches = [torch.distributions.StudentT(2.5).sample((40, 65, 48)) * (1 + i) for i in range(2)]  # 125k / batch
+    cfg = _cfg("OmseObserver", "layer_wise", bits=4, signed=True)
+    q = QAct("mlp_act", cfg, 2, 3)
+    q.begin_calibration()
+    for b in batches:
+        q(b)
+    q.freeze()
+    assert all(s.exact for s in q.stats)  # below the per-batch budget: every value is kept
+    x = torch.cat([b.reshape(-1, 48) for b in batches]).numpy().reshape(-1, 1)
+    r_lo, r_hi = fqvit_ref.omse(x, -8, 7, False)
+    assert np.isclose(float(q.range[0]), r_lo, rtol=1e-6) and np.isclose(float(q.range[1]), r_hi, rtol=1e-6)
+
+
+@pytest.mark.parametrize("alpha", [0.99, 0.999, 0.99999])
+@pytest.mark.parametrize("mode", ["layer_wise", "channel_wise"])
+def test_percentile_through_qact_sees_every_value(alpha, mode):
+    """1M values in one batch, beyond the kept sample: percentiles come from histograms of every value, within a
+    bin width of numpy.quantile; with every value kept (max_sample_elements=None) they are exact."""
+    from vitq.quant.modules import STATS_MAX_ELEMENTS, QAct
+    from vitq.quant.observers import CHANNEL_HIST_BINS, HIST_BINS
+
+    torch.manual_seed(1)
+    x = torch.distributions.StudentT(3.0).sample((1, 20000, 50)) * torch.linspace(0.2, 5, 50)
+    x2d = x.reshape(-1, 50).double().numpy()
+    cw = mode == "channel_wise"
+    axis = 0 if cw else None
+    r_lo, r_hi = np.quantile(x2d, 1 - alpha, axis=axis), np.quantile(x2d, alpha, axis=axis)
+    width = (x2d.max(0) - x2d.min(0)) / CHANNEL_HIST_BINS if cw else (x2d.max() - x2d.min()) / HIST_BINS
+    cfg = _cfg("PercentileObserver", mode, percentile_alpha=alpha)
+    for budget in (STATS_MAX_ELEMENTS, None):
+        q = QAct("mlp_act", cfg, 2, 3, max_sample_elements=budget)
+        q.begin_calibration()
+        q(x)
+        q.freeze()
+        lo, hi = (t.double().numpy() for t in q.range)
+        if budget is None:
+            np.testing.assert_allclose(hi, r_hi, rtol=1e-6)
+            np.testing.assert_allclose(lo, r_lo, rtol=1e-6)
+        else:
+            assert not q.stats[0].exact
+            assert (np.abs(hi - r_hi) <= width * (1 + 1e-6)).all() and (np.abs(lo - r_lo) <= width * (1 + 1e-6)).all()
+            sample_hi = np.quantile(q.stats[0].sample.double().numpy(), alpha, axis=axis)
+            assert np.abs(hi - r_hi).max() < np.abs(sample_hi - r_hi).max()  # better than the sample it replaces
 
 
 def test_omse_buffer_is_per_thread():

@@ -46,7 +46,7 @@ from vitq.evaluate import evaluate
 from vitq.quant.config import ACTIVATION_POINTS, BitTypeConfig, LayerQuantConfig, QuantConfig, load_config_from_yaml
 from vitq.quant.modules import STATS_MAX_ELEMENTS
 from vitq.quant.observers import BatchStats, create_observer
-from vitq.quant.quantizers import fake_quant_uniform, uniform_qparams
+from vitq.quant.quantizers import affine_qparams, fake_quant_uniform, uniform_qparams
 from vitq.trial import run_trial
 
 __all__ = ["MODEL_FIGURES", "OBSERVER_FIGURES", "main", "run_bench"]
@@ -256,8 +256,9 @@ def _qparams_mse(x: Tensor, scale: Tensor, zp: Tensor, bt: BitTypeConfig) -> flo
     return float((q - x).pow(2).mean())
 
 
-def _fq_mse(x: Tensor, lo: Tensor, hi: Tensor, bt: BitTypeConfig) -> float:
-    return _qparams_mse(x, *uniform_qparams(lo, hi, bt), bt)
+def _fq_mse(x: Tensor, lo: Tensor, hi: Tensor, bt: BitTypeConfig, affine: bool = False) -> float:
+    """Fake-quant MSE of the range (lo, hi) on the grid its observer quantizes it on (affine for OMSE)."""
+    return _qparams_mse(x, *(affine_qparams if affine else uniform_qparams)(lo, hi, bt), bt)
 
 
 def fqvit_omse_loop(x: Tensor, bt: BitTypeConfig, channel_wise: bool) -> tuple[Tensor, Tensor]:
@@ -267,7 +268,7 @@ def fqvit_omse_loop(x: Tensor, bt: BitTypeConfig, channel_wise: bool) -> tuple[T
     best_lo, best_hi = lo0.clone(), hi0.clone()
     for i in range(90):
         lo, hi = lo0 * (1.0 - 0.01 * i), hi0 * (1.0 - 0.01 * i)
-        scale, zp = uniform_qparams(lo, hi, bt)
+        scale, zp = affine_qparams(lo, hi, bt)
         q = (torch.clamp(torch.round(x / scale + zp), bt.qmin, bt.qmax) - zp) * scale
         score = (x - q).abs().pow(2).mean(0) if channel_wise else (x - q).abs().pow(2).mean()
         better = score < best
@@ -331,10 +332,10 @@ def bench_observers(quick: bool) -> dict[str, dict[str, float]]:
     for m, mode in modes.items():
         fig: dict[str, float] = {"stats_ms": stats_ms, "reference_ms": ms["reference"], "reference_mse": ref_mse,
                                  "fqvit_loop_ms": ms[f"{m}.fqvit_loop"],
-                                 "fqvit_loop_mse": _fq_mse(x, *last[f"{m}.fqvit_loop"], bt)}
+                                 "fqvit_loop_mse": _fq_mse(x, *last[f"{m}.fqvit_loop"], bt, affine=True)}
         for short in ("omse", "kl"):
             fig[f"{short}_ms"] = ms[f"{m}.{short}"]
-            fig[f"{short}_mse"] = _fq_mse(x, *last[f"{m}.{short}"], bt)
+            fig[f"{short}_mse"] = _fq_mse(x, *last[f"{m}.{short}"], bt, affine=short == "omse")
             fig[f"{short}_over_reference_time"] = fig[f"{short}_ms"] / fig["reference_ms"]
             fig[f"{short}_speedup_vs_fqvit"] = fig["fqvit_loop_ms"] / fig[f"{short}_ms"]
             fig[f"{short}_mse_over_reference"] = fig[f"{short}_mse"] / fig["reference_mse"]

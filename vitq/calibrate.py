@@ -24,6 +24,7 @@ from vitq.data import DataBundle, batches
 from vitq.evaluate import model_device
 from vitq.models.vit import QuantViT, quantize_vit
 from vitq.quant.config import LayerQuantConfig
+from vitq.quant.modules import STATS_MAX_ELEMENTS
 from vitq.quant.observers import BatchStats
 
 __all__ = ["CalibrationInfo", "calibrate", "calibrated_model", "clear_cache", "load_stats", "model_checksum",
@@ -53,15 +54,15 @@ def model_checksum(model: nn.Module) -> str:
     return _CHECKSUMS[model]
 
 
-STATS_VERSION = 3  # bump when the collected statistics change
+STATS_VERSION = 4  # bump when the collected statistics change (4: histograms of sampled batches)
 
 
-def calib_key(data: DataBundle, batch_size: int) -> str:
-    """Content key of the calibration set: its image fingerprint, the batch size and the statistics version."""
+def calib_key(data: DataBundle, batch_size: int, max_values: int | None = STATS_MAX_ELEMENTS) -> str:
+    """Content key of the calibration statistics: image fingerprint, batch size, values kept, statistics version."""
     fp = data.meta.get("calib_fingerprint")
     if fp is None:
         raise ValueError(f"data '{data.name}' has no calib_fingerprint in its meta: calibration cannot be cached")
-    return hashlib.sha256(f"v{STATS_VERSION}|{fp}|{batch_size}".encode()).hexdigest()[:16]
+    return hashlib.sha256(f"v{STATS_VERSION}|{fp}|{batch_size}|{max_values}".encode()).hexdigest()[:16]
 
 
 def calibrate(qmodel: QuantViT, data: DataBundle, batch_size: int = 128, progress: bool = False) -> CalibrationInfo:
@@ -77,7 +78,8 @@ def calibrate(qmodel: QuantViT, data: DataBundle, batch_size: int = 128, progres
 
 
 def save_stats(qmodel: QuantViT, path: str | Path) -> None:
-    blob = {p.label: [(s.sample, s.cmin, s.cmax, s.n_rows) for s in p.stats] for p in qmodel.points()}
+    blob = {p.label: [(s.sample, s.cmin, s.cmax, s.n_rows, s.hist, s.chist) for s in p.stats]
+            for p in qmodel.points()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")  # unique: workers may write the same file
@@ -102,15 +104,18 @@ def load_stats(qmodel: QuantViT, path: str | Path) -> None:
 
 
 def calibrated_model(model: nn.Module, data: DataBundle, cfg: LayerQuantConfig, batch_size: int = 128,
-                     stats_dir: str | Path | None = None, progress: bool = False) -> tuple[QuantViT, CalibrationInfo]:
-    """A quantized copy of ``model`` set to ``cfg``, calibrated at most once per (model, calibration set)."""
-    key = (model_checksum(model), calib_key(data, batch_size), str(model_device(model)))
+                     stats_dir: str | Path | None = None, progress: bool = False,
+                     max_values: int | None = STATS_MAX_ELEMENTS) -> tuple[QuantViT, CalibrationInfo]:
+    """A quantized copy of ``model`` set to ``cfg``, calibrated at most once per (model, calibration set).
+
+    ``max_values``: calibration values kept per point and batch (a seeded row sample beyond; None keeps all)."""
+    key = (model_checksum(model), calib_key(data, batch_size, max_values), str(model_device(model)))
     t0 = time.perf_counter()
     if key in _MODELS:
         qm = _MODELS[key]
         qm.set_config(cfg)
         return qm, CalibrationInfo(0, time.perf_counter() - t0, "memory")
-    qm = quantize_vit(model, cfg)
+    qm = quantize_vit(model, cfg, max_sample_elements=max_values)
     path = Path(stats_dir) / f"stats_{key[0]}_{key[1]}.pt" if stats_dir else None
     info = None
     if path is not None and path.is_file():
@@ -119,7 +124,7 @@ def calibrated_model(model: nn.Module, data: DataBundle, cfg: LayerQuantConfig, 
             info = CalibrationInfo(0, time.perf_counter() - t0, "disk")
         except Exception as e:  # noqa: BLE001 - a torn or stale file is rebuilt, never trusted
             log.warning("calibration statistics %s are unreadable (%s); recalibrating", path, type(e).__name__)
-            qm = quantize_vit(model, cfg)
+            qm = quantize_vit(model, cfg, max_sample_elements=max_values)
     if info is None:
         info = calibrate(qm, data, batch_size, progress)
         if path is not None:

@@ -191,6 +191,35 @@ def run_notebook(uri: str | None, studies: list[str], out: Path, timeout: int = 
     return path
 
 
+PRESET_RECIPES: dict[str, list[str]] = {
+    "MinMax W8A8 (per-tensor uint8 activations)": [
+        "quant=fqvit", "residual_layer.residual1.calibration_mode=layer_wise",
+        "residual_layer.residual2.calibration_mode=layer_wise", "attn_layer.intSoft.quantization_method=Uniform",
+        "attn_layer.intSoft.bit_type.bits=8"],
+    "MinMax W8A8, 4-bit attention maps": [
+        "quant=fqvit", "residual_layer.residual1.calibration_mode=layer_wise",
+        "residual_layer.residual2.calibration_mode=layer_wise", "attn_layer.intSoft.quantization_method=Uniform",
+        "attn_layer.intSoft.bit_type.bits=4"],
+    "FQ-ViT: PTF + LIS (quant=fqvit)": ["quant=fqvit"],
+    "int8 preset (Percentile, per channel)": ["quant=int8"],
+}
+
+
+def presets_table(overrides: list[str]) -> pd.DataFrame:
+    """Each recipe of :data:`PRESET_RECIPES` as one trial on the model/data of ``overrides``."""
+    from vitq.sweep import compose, session_of
+
+    rows = []
+    for name, recipe in PRESET_RECIPES.items():
+        ov = [*overrides, *recipe]
+        qcfg, session = session_of(compose(ov), ov)
+        r = session.run_trial(qcfg, profile=False)
+        rows.append({"recipe": name, "top1": r.top1, "fp_top1": r.fp_top1, "drop": r.top1_drop,
+                     "weight_bytes": r.weight_bytes, "mean_act_bits": r.mean_act_bits, "n_eval": r.n_eval,
+                     "stderr": float(np.sqrt(r.top1 * (1 - r.top1) / r.n_eval))})
+    return pd.DataFrame(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m vitq.report", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -202,9 +231,20 @@ def main(argv: list[str] | None = None) -> int:
         if name == "export":
             p.add_argument("--size-budgets", default="100000,150000,200000",
                            help="comma-separated weight-size budgets in bytes")
+    p = sub.add_parser("presets", help="FQ-ViT (PTF + LIS) against MinMax W8A8 and 4-bit attention maps")
+    p.add_argument("overrides", nargs="*", metavar="OVERRIDES", help="model=, data=, device= (the sweep's)")
     args = ap.parse_args(argv)
     try:
-        if args.cmd == "export":
+        if args.cmd == "presets":
+            from vitq.session import SessionError
+
+            try:
+                table = presets_table(args.overrides)
+            except SessionError as e:
+                print(f"vitq: {e}", file=sys.stderr)
+                return 2
+            print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+        elif args.cmd == "export":
             budgets = [float(b) for b in args.size_budgets.split(",") if b]
             print(json.dumps(export(args.tracking_uri, args.study, args.out, budgets), indent=2))
         else:

@@ -97,6 +97,7 @@ class VitqConfig:
     baseline: str | None = None  # set by the sweeper on an enqueued baseline (logged as tag vitq.baseline)
     eval_batch_size: int = 512
     calib_batch_size: int = 128
+    calib_max_values: int | None = 262144  # values kept per point and calibration batch (null: all, exact)
     stats_dir: str | None = None
     export_dir: str | None = None
 

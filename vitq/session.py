@@ -25,6 +25,7 @@ from vitq.data import DataBundle, DataError, load_digits, load_image_folder
 from vitq.evaluate import EvalResult
 from vitq.models.factory import REFERENCE_NAME, ModelError, create_model, file_sha256
 from vitq.quant.config import ConfigError, LayerQuantConfig
+from vitq.quant.modules import STATS_MAX_ELEMENTS
 from vitq.trial import TrialResult, fp_reference, run_trial
 
 __all__ = ["DataSpec", "ModelSpec", "Session", "SessionError", "git_commit", "resolve_device"]
@@ -134,6 +135,7 @@ class Session:
     eval_batch_size: int = 512
     calib_batch_size: int = 128
     stats_dir: str | None = None
+    calib_max_values: int | None = STATS_MAX_ELEMENTS
     checkpoint_sha: str | None = None
     _model: nn.Module | None = field(default=None, repr=False)
     _data: DataBundle | None = field(default=None, repr=False)
@@ -141,8 +143,11 @@ class Session:
     @classmethod
     def from_config(cls, cfg: Any) -> Session:
         """The session of a composed config (``model``, ``data``, ``device``, batch sizes, ``stats_dir``)."""
+        max_values = cfg.get("calib_max_values", STATS_MAX_ELEMENTS)
         cfg = {k: _plain(cfg.get(k)) for k in ("model", "data", "device", "eval_batch_size", "calib_batch_size",
                                                  "stats_dir")}  # not the whole config: Hydra's node may not resolve
+        if max_values is not None and int(max_values) < 1:
+            raise ConfigError("calib_max_values", f"must be >= 1 or null (keep every value), got {max_values}")
         m, d = cfg.get("model") or {}, cfg.get("data") or {}
         kwargs = m.get("kwargs") or {}
         if not isinstance(kwargs, dict):
@@ -163,9 +168,9 @@ class Session:
                 raise ConfigError(key, f"must be >= 1, got {v}")
         device = resolve_device(cfg.get("device"))
         sha = checkpoint_sha256(mspec.checkpoint)
-        key = (mspec, sha, dspec, str(device), eval_bs, calib_bs, cfg.get("stats_dir"))
+        key = (mspec, sha, dspec, str(device), eval_bs, calib_bs, cfg.get("stats_dir"), max_values)
         if key not in _SESSIONS:
-            _SESSIONS[key] = cls(mspec, dspec, device, eval_bs, calib_bs, cfg.get("stats_dir"), sha)
+            _SESSIONS[key] = cls(mspec, dspec, device, eval_bs, calib_bs, cfg.get("stats_dir"), max_values, sha)
         return _SESSIONS[key]
 
     # ------------------------------------------------------------------------------------------- the work
@@ -214,7 +219,7 @@ class Session:
     def run_trial(self, cfg: LayerQuantConfig, *, profile: bool = True, progress: bool = False) -> TrialResult:
         return run_trial(self.model, self.data, cfg, batch_size=self.eval_batch_size,
                          calib_batch_size=self.calib_batch_size, stats_dir=self.stats_dir, progress=progress,
-                         profile=profile)
+                         profile=profile, calib_max_values=self.calib_max_values)
 
     # ------------------------------------------------------------------------------------------- provenance
     def fingerprint(self) -> dict[str, Any]:
@@ -223,7 +228,7 @@ class Session:
         return {"model.name": m.name, "model.kwargs": m.kwargs, "model.pretrained": m.pretrained,
                 "model.use_ema": m.use_ema, "model.checkpoint_sha256": self.checkpoint_sha,
                 "data.fingerprint": self.data.fingerprint, "data.n_calib": self.data.meta.get("n_calib"),
-                "data.n_eval": self.data.meta.get("n_eval")}
+                "data.n_eval": self.data.meta.get("n_eval"), "calib_max_values": self.calib_max_values}
 
     def provenance(self) -> dict[str, str]:
         """Tags recorded on every run: model, checkpoint, data, device and vitq's version."""

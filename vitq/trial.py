@@ -13,6 +13,7 @@ from vitq.cost import model_cost
 from vitq.data import DataBundle
 from vitq.evaluate import EvalResult, evaluate, model_device
 from vitq.quant.config import LayerQuantConfig
+from vitq.quant.modules import STATS_MAX_ELEMENTS
 
 __all__ = ["TrialResult", "fp_reference", "run_trial"]
 
@@ -58,12 +59,12 @@ def fp_reference(model: nn.Module, data: DataBundle, batch_size: int = 512) -> E
 
 def run_trial(model: nn.Module, data: DataBundle, cfg: LayerQuantConfig, *, batch_size: int = 512,
               calib_batch_size: int = 128, stats_dir: str | None = None, progress: bool = False,
-              profile: bool = True) -> TrialResult:
+              profile: bool = True, calib_max_values: int | None = STATS_MAX_ELEMENTS) -> TrialResult:
     """Quantize ``model`` with ``cfg``, derive ranges from cached statistics, evaluate and cost it."""
     data.check_classes(getattr(model, "num_classes", data.num_classes))
     fp = fp_reference(model, data, batch_size)
     t0 = time.perf_counter()
-    qm, info = calibrated_model(model, data, cfg, calib_batch_size, stats_dir, progress)
+    qm, info = calibrated_model(model, data, cfg, calib_batch_size, stats_dir, progress, calib_max_values)
     calib_seconds = time.perf_counter() - t0
     res = evaluate(qm, data.eval, batch_size, fp.predictions, progress,
                    on_first_batch=qm.set_profiling if profile else None)

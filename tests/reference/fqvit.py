@@ -57,3 +57,31 @@ def softmax(scores: np.ndarray) -> np.ndarray:
     z = scores.astype(np.float64) - scores.max(axis=-1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=-1, keepdims=True)
+
+
+def omse(x: np.ndarray, qmin: int, qmax: int, channel_wise: bool) -> tuple[np.ndarray, np.ndarray]:
+    """OmseObserver, exhaustively on the whole of ``x`` (rows, channels): clip factors 1 - 0.01 i (i = 0..89) of
+    min/max, an affine grid each (any sign), the first factor of least mean squared error (per channel when
+    ``channel_wise``). Returns the chosen (min, max)."""
+    x = x.astype(np.float64)
+    lo0, hi0 = (x.min(0), x.max(0)) if channel_wise else (np.array(x.min()), np.array(x.max()))
+    best = np.full(lo0.shape, np.inf)
+    best_lo, best_hi = lo0.copy(), hi0.copy()
+    for i in range(90):
+        lo, hi = lo0 * (1.0 - 0.01 * i), hi0 * (1.0 - 0.01 * i)
+        scale = np.maximum((hi - lo) / float(qmax - qmin), float(np.finfo(np.float32).eps))
+        zp = np.clip(qmin - np.round(lo / scale), qmin, qmax)
+        q = (np.clip(np.round(x / scale + zp), qmin, qmax) - zp) * scale
+        score = ((q - x) ** 2).mean(0) if channel_wise else np.array(((q - x) ** 2).mean())
+        better = score < best
+        best = np.where(better, score, best)
+        best_lo, best_hi = np.where(better, lo, best_lo), np.where(better, hi, best_hi)
+    return best_lo, best_hi
+
+
+def omse_error(x: np.ndarray, lo: np.ndarray, hi: np.ndarray, qmin: int, qmax: int) -> np.ndarray:
+    """Mean squared error per column of ``x`` on the affine grid over [lo, hi] (float64)."""
+    x = x.astype(np.float64)
+    scale = np.maximum((hi - lo) / float(qmax - qmin), float(np.finfo(np.float32).eps))
+    zp = np.clip(qmin - np.round(lo / scale), qmin, qmax)
+    return (((np.clip(np.round(x / scale + zp), qmin, qmax) - zp) * scale - x) ** 2).mean(0)

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from vitq.models.vit_block import QuantConfigLike, QuantTimmVitBlock, as_layer_config
 from vitq.quant.config import ConfigError, LayerQuantConfig
-from vitq.quant.modules import QAct, QLinear, calibration_of
+from vitq.quant.modules import STATS_MAX_ELEMENTS, QAct, QLinear, calibration_of
 
 __all__ = ["QuantViT", "quantize_vit"]
 
@@ -22,7 +22,8 @@ class QuantViT(nn.Module):
     Patch embedding, cls/pos tokens and the head stay FP.
     """
 
-    def __init__(self, model: nn.Module, quant_config: QuantConfigLike, enable_profiling: bool = False) -> None:
+    def __init__(self, model: nn.Module, quant_config: QuantConfigLike, enable_profiling: bool = False,
+                 max_sample_elements: int | None = STATS_MAX_ELEMENTS) -> None:
         super().__init__()
         blocks = getattr(model, "blocks", None)
         if not isinstance(blocks, nn.Sequential):
@@ -32,7 +33,8 @@ class QuantViT(nn.Module):
         self.layer_config = cfg
         for i, blk in enumerate(blocks):
             if not isinstance(blk, QuantTimmVitBlock):
-                blocks[i] = QuantTimmVitBlock(blk, cfg, enable_profiling=enable_profiling, block_index=i)
+                blocks[i] = QuantTimmVitBlock(blk, cfg, enable_profiling=enable_profiling, block_index=i,
+                                              max_sample_elements=max_sample_elements)
         for prev, blk in zip(blocks[:-1], blocks[1:], strict=True):  # block i's norm1 reads block i-1's residual2
             blk.set_input_point(prev.quantizers["residual2"])
         self.model = model
@@ -85,6 +87,8 @@ def _check_block_indices(cfg: LayerQuantConfig, depth: int) -> None:
 
 
 def quantize_vit(model: nn.Module, quant_config: QuantConfigLike, enable_profiling: bool = False,
-                 inplace: bool = False) -> QuantViT:
-    """Wrap every block of a timm ``VisionTransformer`` (a deep copy unless ``inplace``)."""
-    return QuantViT(model if inplace else copy.deepcopy(model), quant_config, enable_profiling)
+                 inplace: bool = False, max_sample_elements: int | None = STATS_MAX_ELEMENTS) -> QuantViT:
+    """Wrap every block of a timm ``VisionTransformer`` (a deep copy unless ``inplace``).
+
+    ``max_sample_elements``: calibration values kept per point and batch (None: every value)."""
+    return QuantViT(model if inplace else copy.deepcopy(model), quant_config, enable_profiling, max_sample_elements)

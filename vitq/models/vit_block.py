@@ -26,7 +26,7 @@ from vitq.quant.config import (
     QuantConfig,
     load_config_from_yaml,
 )
-from vitq.quant.modules import QAct, QIntSoftmax, QLinear, calibration_of, int_layernorm
+from vitq.quant.modules import STATS_MAX_ELEMENTS, QAct, QIntSoftmax, QLinear, calibration_of, int_layernorm
 
 __all__ = ["QuantTimmVitBlock", "as_layer_config"]
 
@@ -56,7 +56,7 @@ class QuantTimmVitBlock(nn.Module):
     """Fake-quantized timm ``Block``; with every point disabled it computes exactly the FP block."""
 
     def __init__(self, block: nn.Module, quant_config: QuantConfigLike, enable_profiling: bool = False,
-                 block_index: int | None = None) -> None:
+                 block_index: int | None = None, max_sample_elements: int | None = STATS_MAX_ELEMENTS) -> None:
         super().__init__()
         attn, mlp = getattr(block, "attn", None), getattr(block, "mlp", None)
         if not isinstance(attn, Attention) or getattr(attn, "gate", None) is not None:
@@ -69,7 +69,8 @@ class QuantTimmVitBlock(nn.Module):
         self.layer_config = as_layer_config(quant_config)
         cfgs = self.layer_config.resolved(block_index)
         self.quantizers = nn.ModuleDict({
-            k: QAct(k, cfgs[k], *_GEOMETRY[k], block_index=block_index, profiling=enable_profiling)
+            k: QAct(k, cfgs[k], *_GEOMETRY[k], block_index=block_index, profiling=enable_profiling,
+                    max_sample_elements=max_sample_elements)
             for k in POINTS})
         q = self.quantizers
         fresh_norm = {k: not isinstance(getattr(block, k), nn.Identity) for k in ("norm1", "norm2")}

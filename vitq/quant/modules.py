@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from vitq.quant.config import QuantConfig
 from vitq.quant.observers import OBSERVER_REGISTRY, BatchStats, create_observer, to_channel_last
-from vitq.quant.quantizers import QUANTIZERS, UniformGrid, ptf_qparams
+from vitq.quant.quantizers import QUANTIZERS, UniformGrid, affine_qparams, ptf_qparams
 
 __all__ = ["NonFiniteActivationError", "QAct", "QIntSoftmax", "QLinear", "calibration_of", "int_layernorm",
            "int_softmax"]
@@ -186,6 +186,8 @@ class QAct(nn.Module):
             quantizer = QUANTIZERS[self.cfg.quantization_method](self.cfg.bit_type)
             if self.cfg.calibration_mode == "ptf":  # per-channel power-of-two factors, scored on the samples
                 scale, zero_point = ptf_qparams(lo, hi, torch.cat([s.sample for s in self.stats]), self.cfg.bit_type)
+            elif OBSERVER_REGISTRY[self.cfg.observer_type].affine and self.cfg.quantization_method == "Uniform":
+                scale, zero_point = affine_qparams(lo, hi, self.cfg.bit_type)
             else:
                 scale, zero_point = quantizer.qparams(lo, hi)
             shape = (-1,) + (1,) * (self.ndim - 1 - self.axis) if scale.ndim else ()

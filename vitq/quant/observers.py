@@ -17,12 +17,13 @@ import torch
 from torch import Tensor
 
 from vitq.quant.config import QuantConfig
-from vitq.quant.quantizers import UniformGrid, uniform_qparams
+from vitq.quant.quantizers import UniformGrid, affine_qparams
 
 __all__ = ["BatchStats", "KLObserver", "MinmaxObserver", "OBSERVER_REGISTRY", "Observer", "OmseObserver",
-           "PercentileObserver", "create_observer", "quantile", "to_channel_last"]
+           "PercentileObserver", "create_observer", "hist_quantile", "to_channel_last"]
 
-OMSE_MAX_ELEMENTS = 1 << 16  # bounded sample on which OMSE scores its 90 clip candidates
+HIST_BINS = 1 << 16  # per-batch histogram of a sampled batch: layer-wise percentiles to (batch range) / 2^16
+CHANNEL_HIST_BINS = 1 << 9  # and per channel: channel-wise percentiles to (channel range) / 2^9
 
 
 _SCRATCH = threading.local()
@@ -48,26 +49,54 @@ def to_channel_last(x: Tensor, axis: int) -> Tensor:
     return x.movedim(axis, -1).reshape(-1, x.shape[axis])
 
 
+def _bin_counts(x: Tensor, lo: Tensor, hi: Tensor, bins: int) -> Tensor:
+    """Counts of the columns of ``x`` (R, C) in ``bins`` equal bins over [lo, hi] per column: (C, bins) int32."""
+    width = torch.where(hi > lo, (hi - lo) / bins, torch.ones_like(hi))
+    idx = ((x - lo) / width).floor_().clamp_(0, bins - 1).long()
+    cols = x.shape[1]
+    idx += torch.arange(0, cols * bins, bins, device=x.device).view(1, -1)
+    return torch.bincount(idx.view(-1), minlength=cols * bins).view(cols, bins).to(torch.int32)
+
+
 @dataclass
 class BatchStats:
-    """One calibration batch of one point: exact per-channel min/max and a sample of rows (R, C)."""
+    """One calibration batch of one point: exact per-channel min/max and a sample of rows (R, C).
+
+    When the sample is not the whole batch, histograms of the whole batch are kept too (``hist``: layer-wise,
+    ``HIST_BINS`` bins over the batch's range; ``chist``: ``CHANNEL_HIST_BINS`` per channel over its range), so
+    percentiles see every value, to the bin width.
+    """
 
     sample: Tensor
     cmin: Tensor
     cmax: Tensor
     n_rows: int = 0  # rows of the batch the sample was drawn from (0: unknown)
+    hist: Tensor | None = None
+    chist: Tensor | None = None
 
     @classmethod
     def from_2d(cls, x2d: Tensor, max_elements: int | None = None, seed: int = 0) -> BatchStats:
         x2d = x2d.detach().float()
         cmin, cmax = torch.aminmax(x2d, dim=0)
         rows, cols = x2d.shape
+        hist = chist = None
         if max_elements is not None and rows * cols > max_elements:
+            hist = _bin_counts(x2d.reshape(-1, 1), cmin.min().view(1), cmax.max().view(1), HIST_BINS)[0]
+            chist = _bin_counts(x2d, cmin, cmax, CHANNEL_HIST_BINS)
             keep = max(1, max_elements // cols)
             g = torch.Generator().manual_seed(seed)
             idx = torch.randperm(rows, generator=g)[:keep].sort().values
             x2d = x2d.index_select(0, idx.to(x2d.device))
-        return cls(x2d.clone(), cmin, cmax, rows)
+        return cls(x2d.clone(), cmin, cmax, rows, hist, chist)
+
+    def quantile(self, q: float, channel_wise: bool) -> Tensor:
+        """``numpy.quantile`` (linear) of the whole batch: exact from the sample when it is the whole batch, else
+        from the histograms, within one bin width (each order statistic lies in the bin its rank falls in)."""
+        if self.exact or self.hist is None or self.chist is None:
+            return quantile_sorted(self.sorted(channel_wise), q)
+        if channel_wise:
+            return hist_quantile(self.chist, self.cmin, self.cmax, q)
+        return hist_quantile(self.hist.view(1, -1), self.cmin.min().view(1), self.cmax.max().view(1), q)[0]
 
     @property
     def exact(self) -> bool:
@@ -85,14 +114,36 @@ class BatchStats:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.sample, self.cmin, self.cmax))
+        return sum(t.numel() * t.element_size() for t in (self.sample, self.cmin, self.cmax, self.hist, self.chist)
+                   if t is not None)
 
 
-def quantile(x: Tensor, q: float, dim: int | None = None) -> Tensor:
-    """``numpy.quantile`` (linear interpolation) along ``dim`` (all elements when None), any size."""
-    if dim is None:
-        x, dim = x.reshape(-1), 0
-    return quantile_sorted(x.sort(dim=dim).values, q, dim)
+def hist_quantile(counts: Tensor, lo: Tensor, hi: Tensor, q: float) -> Tensor:
+    """Quantile ``q`` (numpy's linear method) per row of ``counts`` (C, B), bins equal over [lo, hi] per row.
+
+    Order statistic k is placed at its rank's share of its bin (values spread evenly in a bin); the least and the
+    greatest are the exact min and max. The error is at most one bin width, ``(hi - lo) / B``.
+    """
+    c = counts.double()
+    n = c.sum(dim=1)
+    bins = c.shape[1]
+    width = (hi.double() - lo.double()) / bins
+    cum = c.cumsum(dim=1)
+    pos = q * (n - 1)
+    k0 = pos.floor()
+    k1 = torch.minimum(k0 + 1, n - 1)
+
+    def value(k: Tensor) -> Tensor:
+        b = torch.searchsorted(cum, k.view(-1, 1), right=True).clamp_(max=bins - 1)  # first bin with cum > k
+        before = torch.where(b > 0, cum.gather(1, (b - 1).clamp(min=0)), torch.zeros_like(k.view(-1, 1)))
+        inside = c.gather(1, b).clamp(min=1)
+        v = lo.double() + width * (b.view(-1).double() + ((k.view(-1, 1) - before + 0.5) / inside).view(-1))
+        v = torch.where(k <= 0, lo.double(), v)
+        return torch.where(k >= n - 1, hi.double(), v)
+
+    v0, v1 = value(k0), value(k1)
+    t = pos - k0
+    return torch.where(t >= 0.5, v1 - (v1 - v0) * (1 - t), v0 + (v1 - v0) * t).float()
 
 
 def quantile_sorted(s: Tensor, q: float, dim: int = 0) -> Tensor:
@@ -109,9 +160,13 @@ def quantile_sorted(s: Tensor, q: float, dim: int = 0) -> Tensor:
 
 
 class Observer:
-    """Base class: ``update`` with batch statistics, then ``compute`` → (min, max) of the range."""
+    """Base class: ``update`` with batch statistics, then ``compute`` → (min, max) of the range.
+
+    ``affine``: the range is quantized on an affine grid whatever the sign (else signed types are symmetric).
+    """
 
     name = "Observer"
+    affine = False
     depends_on: tuple[str, ...] = ()  # config fields besides observer and mode that change the range
 
     @classmethod
@@ -178,8 +233,7 @@ class PercentileObserver(Observer):
 
     def update(self, s: BatchStats) -> None:
         a = self.cfg.percentile_alpha
-        srt = s.sorted(self.channel_wise)
-        lo, hi = quantile_sorted(srt, 1 - a), quantile_sorted(srt, a)
+        lo, hi = s.quantile(1 - a, self.channel_wise), s.quantile(a, self.channel_wise)
         if self.min_val is None or self.max_val is None:
             self.min_val, self.max_val = lo, hi
         else:
@@ -188,22 +242,16 @@ class PercentileObserver(Observer):
             self.max_val = self.max_val + sigma * (hi - self.max_val)
 
 
-def _subsample_rows(x: Tensor, max_elements: int) -> Tensor:
-    rows, cols = x.shape
-    if rows * cols <= max_elements:
-        return x
-    keep = max(1, max_elements // cols)
-    idx = torch.linspace(0, rows - 1, keep, device=x.device).round().long()
-    return x.index_select(0, idx)
-
-
 @register_observer
 class OmseObserver(Observer):
-    """Clip factors ``1 - 0.01 i`` (i = 0..89) of min/max; keep the one of least fake-quant MSE.
+    """Clip factors ``1 - 0.01 i`` (i = 0..89) of min/max; keep the one of least fake-quant MSE (FQ-ViT's OMSE).
 
-    Scored on a bounded sample of all calibration batches, all candidates at once (in chunks of
-    ~``chunk_elements`` values, on one buffer reused across calls). ``channel_wise`` ranges are the per-channel
-    min/max times a clip factor chosen per channel when the scored rows are the whole data (weights) or at
+    Candidates are affine grids over ``[f·min, f·max]`` for signed and unsigned types alike (FQ-ViT's
+    ``OmseObserver``: ``scale = (max - min) / (qmax - qmin)``, ``zp = qmin - round(min / scale)``), and the chosen
+    range is quantized on that affine grid (``affine = True``). Scored on every kept calibration value (the whole
+    batch up to ``STATS_MAX_ELEMENTS`` values per batch, a seeded row sample beyond), all candidates at once (in
+    chunks of ~``chunk_elements`` values, on one buffer reused across calls). ``channel_wise`` ranges are the
+    per-channel min/max times a clip factor chosen per channel when the scored rows are the whole data (weights) or at
     least ``min_rows_per_channel``; with fewer sampled rows a per-channel choice overfits the sample
     (it clips tails the sample missed: 8-40x the MSE of min/max on 256 rows), so one factor of least
     total MSE is shared by all channels (within ~1-15 % of per-channel OMSE on the full data).
@@ -211,13 +259,13 @@ class OmseObserver(Observer):
 
     name = "OmseObserver"
     depends_on = ("bit_type",)
+    affine = True
     n_candidates = 90
     min_rows_per_channel = 4096
     chunk_elements = 1 << 21  # candidates scored together: ~8 MB of work buffer
 
-    def __init__(self, cfg: QuantConfig, max_elements: int = OMSE_MAX_ELEMENTS) -> None:
+    def __init__(self, cfg: QuantConfig) -> None:
         super().__init__(cfg)
-        self.max_elements = max_elements
         self.samples: list[BatchStats] = []
 
     def update(self, s: BatchStats) -> None:
@@ -233,7 +281,7 @@ class OmseObserver(Observer):
         errs = []
         for start in range(0, self.n_candidates, chunk):
             f = factors[start:start + chunk].view(-1, 1)  # (k, 1)
-            scale, zp = uniform_qparams(lo.reshape(1, -1) * f, hi.reshape(1, -1) * f, bt)  # (k, C)
+            scale, zp = affine_qparams(lo.reshape(1, -1) * f, hi.reshape(1, -1) * f, bt)  # (k, C)
             grid = UniformGrid(scale.unsqueeze(1), zp.unsqueeze(1), bt.qmin, bt.qmax)
             y = grid.kernel(x.unsqueeze(0), out=work[:len(f)])  # (k, R, C)
             errs.append(y.sub_(x).square_().mean(dim=1))
@@ -241,10 +289,8 @@ class OmseObserver(Observer):
 
     def compute(self) -> tuple[Tensor, Tensor]:
         lo, hi = super().compute()
-        x = torch.cat([s.sample for s in self.samples])
+        xs = torch.cat([s.sample for s in self.samples])
         exact = all(s.exact for s in self.samples)
-        xs = _subsample_rows(x, self.max_elements)
-        exact = exact and xs.shape[0] == x.shape[0]
         if not self.channel_wise:
             xs = xs.reshape(-1, 1)
         factors, err = self.candidate_errors(xs, lo, hi)  # (K, C)

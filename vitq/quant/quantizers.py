@@ -15,8 +15,8 @@ from torch import Tensor
 
 from vitq.quant.config import BitTypeConfig
 
-__all__ = ["FLOAT32_EPS", "Log2Quantizer", "PTF_K", "QUANTIZERS", "UniformGrid", "UniformQuantizer", "fake_quant_log2",
-           "fake_quant_uniform", "ptf_qparams", "uniform_qparams"]
+__all__ = ["FLOAT32_EPS", "PTF_K", "QUANTIZERS", "Log2Quantizer", "UniformGrid", "UniformQuantizer", "affine_qparams",
+           "fake_quant_log2", "fake_quant_uniform", "ptf_qparams", "uniform_qparams"]
 
 FLOAT32_EPS = torch.tensor(torch.finfo(torch.float32).eps)
 
@@ -44,6 +44,15 @@ def uniform_qparams(min_val: Tensor, max_val: Tensor, bit_type: BitTypeConfig) -
     return scale, zero_point
 
 
+def affine_qparams(min_val: Tensor, max_val: Tensor, bit_type: BitTypeConfig) -> tuple[Tensor, Tensor]:
+    """FQ-ViT's affine grid for any sign: ``scale = (max - min) / (qmax - qmin)`` (at least float32 eps) and
+    ``zp = clamp(qmin - round(min / scale), qmin, qmax)``; the range is not widened to include 0."""
+    qmin, qmax = bit_type.qmin, bit_type.qmax
+    scale = torch.clamp((max_val.float() - min_val.float()) / float(qmax - qmin), min=FLOAT32_EPS.item())
+    zero_point = torch.clamp(qmin - torch.round(min_val.float() / scale), qmin, qmax).to(torch.int64)
+    return scale, zero_point
+
+
 PTF_K = 3  # FQ-ViT's power-of-two factors 2^0..2^K
 
 
@@ -55,8 +64,8 @@ def ptf_qparams(lo: Tensor, hi: Tensor, x: Tensor, bit_type: BitTypeConfig, k: i
     least mean squared fake-quant error (the first on ties). Returns per-channel scale and zero point (C,).
     """
     qmin, qmax = bit_type.qmin, bit_type.qmax
-    base = torch.clamp((hi.float() - lo.float()) / float(qmax - qmin), min=FLOAT32_EPS.item())
-    zp = torch.clamp(qmin - torch.round(lo.float() / base), qmin, qmax)
+    base, zp = affine_qparams(lo, hi, bit_type)
+    zp = zp.float()
     best_err, best_scale = None, None
     for f in range(k + 1):
         scale = base / 2 ** (k - f)
