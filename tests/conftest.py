@@ -35,3 +35,35 @@ def byo(tmp_path_factory):
     import byo_case
 
     return byo_case.build(tmp_path_factory.mktemp("byo"))
+
+
+PG_URL = os.environ.get("VITQ_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+@pytest.fixture
+def pg_database():
+    """A factory of throwaway PostgreSQL databases on the test server (dropped afterwards); the test is skipped,
+    with the reason, when no server answers at ``VITQ_TEST_PG_URL``."""
+    import uuid
+
+    import sqlalchemy
+
+    admin = sqlalchemy.create_engine(PG_URL, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 5})
+    try:
+        admin.connect().close()
+    except sqlalchemy.exc.OperationalError as e:
+        pytest.skip(f"no PostgreSQL server at {PG_URL}: {str(e.orig).splitlines()[0]}")
+    made: list[str] = []
+
+    def make(driver: str = "postgresql") -> str:
+        name = f"vitq_test_{uuid.uuid4().hex[:10]}"
+        with admin.connect() as c:
+            c.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+        made.append(name)
+        return driver + PG_URL.split("postgresql", 1)[1].rsplit("/", 1)[0] + f"/{name}"
+
+    yield make
+    with admin.connect() as c:
+        for name in made:
+            c.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()

@@ -17,7 +17,6 @@ from pathlib import Path
 import mlflow
 import optuna
 import pytest
-import sqlalchemy
 from _util import free_port, mlflow_server, run_sweep
 from mlflow.tracking import MlflowClient
 
@@ -50,17 +49,9 @@ def study_name():
 
 
 @pytest.fixture
-def mlflow_db():
+def mlflow_db(pg_database):
     """A fresh PostgreSQL database for an MLflow backend store, dropped afterwards."""
-    name = f"vitq_mlflow_{uuid.uuid4().hex[:10]}"
-    admin = sqlalchemy.create_engine(PG, isolation_level="AUTOCOMMIT")
-    with admin.connect() as c:
-        c.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
-    url = PG.rsplit("/", 1)[0] + f"/{name}"
-    yield url
-    with admin.connect() as c:
-        c.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    return pg_database()
 
 
 def test_three_workers_share_one_study(tmp_path, study_name, mlflow_db):

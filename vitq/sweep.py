@@ -8,7 +8,6 @@ metrics (the objectives of vitq's Optuna sweeper).
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from vitq.quant.config import SECTIONS, LayerQuantConfig
+from vitq.redact import fail, install_log_redaction, redact_tree, say
 from vitq.schema import register
 
 register()
@@ -104,6 +104,27 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
         raise ConfigError("overrides", f"{' '.join(overrides)}: {msg[0] if msg else type(e).__name__}") from None
 
 
+class Redact(Callback):
+    """Secrets never reach Hydra's files or logs: log records are redacted from the start, and the config files
+    Hydra writes (``.hydra/*.yaml``, ``multirun.yaml``) are rewritten redacted before the task runs."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        install_log_redaction()
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        install_log_redaction()
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        h = config.hydra
+        if h.output_subdir is not None:
+            redact_tree(Path(h.runtime.output_dir) / h.output_subdir)
+        if h.mode == RunMode.MULTIRUN:
+            redact_tree(Path(h.sweep.dir) / "multirun.yaml")
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        redact_tree(Path(config.hydra.sweep.dir) / "multirun.yaml")
+
+
 class CheckInputs(Callback):
     """Before a Hydra grid sweep: build the model and data once, so bad input fails with rc 2 before any run."""
 
@@ -115,8 +136,7 @@ class CheckInputs(Callback):
         try:
             session_of(config)
         except SessionError as e:
-            print(f"vitq: {e}", file=sys.stderr)
-            raise SystemExit(2) from None
+            fail(e)
 
 
 def _is_multirun() -> bool:
@@ -129,15 +149,28 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
     multirun = _is_multirun()
     number = cfg.trial_number
+    grid = multirun and "vitq" not in str(HydraConfig.get().sweeper.get("_target_", "")).lower()
     if number is None and multirun:  # a Hydra grid job: its job number
         number = HydraConfig.get().job.num
+
     try:
-        qcfg, session = session_of(cfg)
-    except SessionError as e:
+        return _job(cfg, number, multirun)
+    except KeyboardInterrupt:
+        if multirun:
+            raise
+        fail("interrupted (Ctrl-C); the trial's MLflow run is KILLED", code=130)
+    except Exception as e:  # noqa: BLE001 - one line for the user; vitq's sweeper records the failure itself
         if not multirun:
-            print(f"vitq: {e}", file=sys.stderr)
-            raise SystemExit(2) from None
-        raise
+            fail(e if isinstance(e, SessionError) else f"{type(e).__name__}: {e}", code=2 if isinstance(
+                e, SessionError) else 1)
+        if not grid:
+            raise
+        say(f"trial {number} failed: {type(e).__name__}: {e}")  # the grid goes on; its end reports the count
+        return {}
+
+
+def _job(cfg: DictConfig, number: int | None, multirun: bool) -> dict[str, float]:
+    qcfg, session = session_of(cfg)
     from vitq import tracking
     from vitq.trial import run_trial
 

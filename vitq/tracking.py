@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -26,6 +25,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
 from vitq.quant.config import POINTS, SECTION_OF, LayerQuantConfig
+from vitq.redact import fail, redact
 from vitq.search.pareto import pareto_mask
 
 __all__ = ["DEFAULT_OBJECTIVES", "MlflowSweepCallback", "finalize_parent", "flat_params", "start_parent",
@@ -37,8 +37,9 @@ DEFAULT_OBJECTIVES: dict[str, str] = {"top1": "maximize", "weight_bytes": "minim
 
 
 def resolve_uri(uri: str | None) -> str:
-    """The tracking URI; by default a SQLite database in the working folder."""
-    return uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    """The tracking URI: ``tracking.uri``, else ``MLFLOW_TRACKING_URI`` (keeps a password out of Hydra's files),
+    else a SQLite database in the working folder."""
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
 def sqlite_file(uri: str) -> Path | None:
@@ -140,6 +141,9 @@ def trial_run(uri: str | None, study: str, trial_number: int | None, cfg: LayerQ
             client.log_batch(rid, params=items[i:i + 100])
         client.log_text(rid, cfg.to_yaml(), "quant_config.yaml")
         yield rid
+    except KeyboardInterrupt:
+        client.set_terminated(rid, "KILLED")
+        raise
     except BaseException:
         client.set_terminated(rid, "FAILED")
         raise
@@ -243,7 +247,8 @@ class MlflowSweepCallback(Callback):
         from vitq.session import Session
 
         self.parent = start_parent(config.tracking.uri, config.study_name,
-                                   params={"sweeper": "hydra-basic", "overrides": list(config.hydra.overrides.task)},
+                                   params={"sweeper": "hydra-basic",
+                                           "overrides": [redact(o) for o in config.hydra.overrides.task]},
                                    tags=Session.from_config(config).provenance())
         os.environ[PARENT_ENV] = self.parent
 
@@ -258,16 +263,13 @@ class MlflowSweepCallback(Callback):
             finalize_parent(parent, terminate=False)
         except Exception as e:  # noqa: BLE001 - the parent must not stay RUNNING, and the exit code must say so
             client.set_terminated(parent, "FAILED")
-            print(f"vitq: could not write the Pareto front of sweep run {parent}: {type(e).__name__}: {e}",
-                  file=sys.stderr)
-            raise SystemExit(1) from None
+            fail(f"could not write the Pareto front of sweep run {parent}: {type(e).__name__}: {e}", code=1)
         runs = child_runs(parent)
         failed = runs[runs["status"] != "FINISHED"] if len(runs) else runs
         client.set_terminated(parent, "FAILED" if len(failed) else "FINISHED")
         if len(failed):
-            print(f"vitq: {len(failed)} of {len(runs)} trials failed (MLflow parent run {parent}, "
-                  f"experiment {config.study_name})", file=sys.stderr)
-            raise SystemExit(1)
+            fail(f"{len(failed)} of {len(runs)} trials failed (MLflow parent run {parent}, experiment "
+                 f"{config.study_name})", code=1)
 
 
 def kill_runs(uri: str | None, study: str, trial_numbers: list[int]) -> None:

@@ -13,12 +13,12 @@ FAIL/FAILED and the sweep goes on.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import random
 import socket
-import sys
 import threading
 import time
 import warnings
@@ -37,36 +37,43 @@ from omegaconf import DictConfig
 from optuna.storages import BaseStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 
 from vitq import tracking
-from vitq.search.space import SearchSpec, load_search
+from vitq.quant.config import ConfigError
+from vitq.redact import fail, install_log_redaction, redact
+from vitq.search.space import SAMPLERS, SearchSpec, load_search
 
 log = logging.getLogger(__name__)
 TrialState = optuna.trial.TrialState
 WORKER_ATTR = "vitq:worker"
+STORAGE_ENV = "VITQ_STORAGE"  # the storage URL from the environment: it never reaches Hydra's files
 
 
 class StorageError(RuntimeError):
     """The Optuna storage cannot be opened (server down, bad URL); the message names the redacted URL."""
 
 
-def redact(url: str) -> str:
-    """The URL with its password replaced by ``***``."""
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 - not an SQLAlchemy URL (journal path)
-        return url
-
-
 def make_storage(url: str, heartbeat_interval: int | None = 30, grace_period: int | None = None,
                  max_retry: int | None = 3, on_stale: Any = None) -> BaseStorage:
-    """An Optuna storage for ``url``: RDB with heartbeat and retry of stale trials, or a journal file."""
-    if url.startswith("journal://") or url.endswith((".log", ".journal")):
+    """An Optuna storage for ``url``: RDB with heartbeat and retry of stale trials, or a journal file.
+
+    A journal file is chosen only by ``journal:///path`` (or ``journal://relative/path``) or by a plain path
+    without a scheme; anything else is parsed by SQLAlchemy's ``make_url`` (a bad URL is a StorageError).
+    """
+    from sqlalchemy.engine import make_url
+
+    if url.startswith("journal:") or "://" not in url:
         from optuna.storages.journal import JournalFileBackend
 
-        path = Path(url.removeprefix("journal://"))  # journal:///abs/path.log or journal://rel/path.log
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+        path = Path(url.removeprefix("journal://").removeprefix("journal:")).expanduser()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+        except OSError as e:
+            raise StorageError(f"hydra.sweeper.storage: cannot open the journal file {path}: {e.strerror}") from None
+    try:
+        make_url(url)
+    except Exception as e:  # noqa: BLE001 - sqlalchemy.exc.ArgumentError and friends
+        raise StorageError(f"hydra.sweeper.storage: {redact(url)} is not a database URL ({type(e).__name__}); use "
+                           "dialect+driver://user:password@host:port/db, sqlite:///path or journal:///path") from None
     tracking.sqlite_file(url)  # a SQLite storage's folder must exist
     retry = _retry_callback(max_retry)
 
@@ -143,7 +150,7 @@ class VitqOptunaSweeperImpl(Sweeper):
                  warm_start_metric: str = "weight_bytes", warm_start_score: str = "drop_loss") -> None:
         self.search = search
         self.n_trials = n_trials
-        self.n_jobs = max(1, int(n_jobs))
+        self.n_jobs = int(n_jobs)  # checked in _spec: 0 is an error, not 1
         self.study_name = study_name
         self.storage = storage
         self.sampler = sampler
@@ -168,26 +175,38 @@ class VitqOptunaSweeperImpl(Sweeper):
                                                                 task_function=task_function, config=config)
 
     def _spec(self) -> SearchSpec:
+        """The search definition with the command line's fields; bad values are ConfigErrors naming the key."""
         spec = load_search(self.search)
         if self.n_trials is not None:
             spec.n_trials = int(self.n_trials)
+        if spec.n_trials < 1:
+            raise ConfigError("hydra.sweeper.n_trials", f"must be >= 1, got {spec.n_trials}")
+        if int(self.n_jobs) < 1:
+            raise ConfigError("hydra.sweeper.n_jobs", f"must be >= 1, got {self.n_jobs}")
         if self.sampler is not None:
-            spec.sampler = self.sampler
+            if str(self.sampler).lower() not in SAMPLERS:
+                raise ConfigError("hydra.sweeper.sampler",
+                                  f"unknown sampler {self.sampler!r}; valid: {', '.join(SAMPLERS)}")
+            spec.sampler = str(self.sampler).lower()
         if self.seed is not None:
             spec.seed = int(self.seed)
         spec.study_name = self.study_name or spec.study_name or spec.name
-        spec.storage = self.storage or spec.storage or f"sqlite:///{Path.cwd() / 'optuna.db'}"
+        spec.storage = (self.storage or os.environ.get(STORAGE_ENV) or spec.storage
+                        or f"sqlite:///{Path.cwd() / 'optuna.db'}")
         return spec
 
     def sweep(self, arguments: list[str]) -> list[Any]:
         assert self.config is not None
-        spec = self._spec()
+        install_log_redaction()
+        try:
+            spec = self._spec()
+        except ConfigError as e:
+            fail(e)
         try:
             storage = make_storage(spec.storage, self.heartbeat_interval, self.grace_period, self.max_retry,
                                    on_stale=lambda t: self._dead.append(t.number))
         except StorageError as e:
-            print(f"vitq: {e}", file=sys.stderr)
-            raise SystemExit(2) from None
+            fail(e)
         self._rdb = storage if isinstance(storage, RDBStorage) else None  # (the study wraps it in a cache)
         from vitq.session import SessionError
         from vitq.sweep import session_of
@@ -196,16 +215,14 @@ class VitqOptunaSweeperImpl(Sweeper):
             base, session = session_of(self.config)
             fingerprint = study_fingerprint(self.config, spec, session)
         except SessionError as e:
-            print(f"vitq: {e}", file=sys.stderr)
-            raise SystemExit(2) from None
+            fail(e)
         study, created = _open_study(spec, storage)
         stored = study.user_attrs.get(FINGERPRINT_ATTR)
         if stored is None:
             study.set_user_attr(FINGERPRINT_ATTR, fingerprint)
         elif stored != fingerprint:
-            print(f"vitq: hydra.sweeper.study_name={spec.study_name}: this study was run with other inputs "
-                  f"({fingerprint_diff(stored, fingerprint)}); use another study_name or storage", file=sys.stderr)
-            raise SystemExit(2)
+            fail(f"hydra.sweeper.study_name={spec.study_name}: this study was run with other inputs "
+                 f"({fingerprint_diff(stored, fingerprint)}); use another study_name or storage")
         if not created and spec.seed is not None:  # joining workers must not replay the creator's random draws
             study.sampler = spec.make_sampler(zlib.crc32(f"{spec.seed}/{_worker_id()}/{len(study.trials)}".encode()))
         cfg = self.config
@@ -225,21 +242,33 @@ class VitqOptunaSweeperImpl(Sweeper):
                 first += spec.baseline_params(base)
             for params in first:
                 study.enqueue_trial(params, skip_if_exists=True)
-        returns = self._run(study, spec, arguments)
+        try:
+            returns, failed = self._run(study, spec, arguments)
+        except KeyboardInterrupt:
+            if parent is not None:
+                mlflow.MlflowClient().set_terminated(parent, "KILLED")
+            fail(f"interrupted (Ctrl-C): the running trials of study {spec.study_name} are FAIL and their MLflow "
+                 "runs KILLED; run the same command again to resume", code=130)
         self._reap(study, spec)
         if parent is not None:
             tracking.use_store(cfg.tracking.uri, spec.study_name)
-            _finalize(parent, spec)
+            _finalize(parent, spec, "FAILED" if failed else "FINISHED")
             os.environ.pop(tracking.PARENT_ENV, None)
         log.info("study %s: %d complete trials", spec.study_name, _count(study, TrialState.COMPLETE))
+        if failed:
+            where = f"MLflow parent run {parent}" if parent else f"Optuna storage {redact(spec.storage)}"
+            fail(f"{len(failed)} trial(s) failed in study {spec.study_name} (first: trial {failed[0][0]}: "
+                 f"{failed[0][1]}); see {where}", code=1)
         return returns
 
-    def _run(self, study: optuna.Study, spec: SearchSpec, arguments: list[str]) -> list[Any]:
+    def _run(self, study: optuna.Study, spec: SearchSpec, arguments: list[str]) -> tuple[list[Any], list[tuple]]:
+        """Ask, launch, tell until the study has ``n_trials`` COMPLETE; returns results and (number, error) fails."""
         max_failures = self.max_failures if self.max_failures is not None else max(5, spec.n_trials)
-        failures, job_idx = 0, 0
+        job_idx = 0
         returns: list[Any] = []
+        failed: list[tuple[int, str]] = []
         worker = _worker_id()
-        while failures < max_failures:
+        while len(failed) < max_failures:
             self._reap(study, spec)
             complete, running = _count(study, TrialState.COMPLETE), _count(study, TrialState.RUNNING)
             if complete >= spec.n_trials:
@@ -262,8 +291,14 @@ class VitqOptunaSweeperImpl(Sweeper):
             if not batch:
                 continue
             overrides = [tuple(arguments) + self._trial_overrides(t, spec) for t in batch]
-            with heartbeat(self._rdb, [t._trial_id for t in batch], self.heartbeat_interval):
-                results = self.launcher.launch(overrides, initial_job_idx=job_idx)
+            try:
+                with heartbeat(self._rdb, [t._trial_id for t in batch], self.heartbeat_interval):
+                    results = self.launcher.launch(overrides, initial_job_idx=job_idx)
+            except KeyboardInterrupt:
+                for t in batch:
+                    with contextlib.suppress(Exception):
+                        study.tell(t, state=TrialState.FAIL)
+                raise
             job_idx += len(batch)
             for t, ret in zip(batch, results, strict=True):
                 try:
@@ -276,11 +311,12 @@ class VitqOptunaSweeperImpl(Sweeper):
                     study.tell(t, values)
                     returns.append(ret)
                 except Exception as e:  # noqa: BLE001 - a failing trial is recorded and the sweep goes on
-                    failures += 1
-                    log.warning("trial %d failed: %s: %s", t.number, type(e).__name__, e)
-                    t.set_user_attr("error", f"{type(e).__name__}: {e}"[:2000])
+                    error = redact(f"{type(e).__name__}: {e}")
+                    failed.append((t.number, error.splitlines()[0][:300] if error else type(e).__name__))
+                    log.warning("trial %d failed: %s", t.number, error)
+                    t.set_user_attr("error", error[:2000])
                     study.tell(t, state=TrialState.FAIL)
-        return returns
+        return returns, failed
 
     def _warm_start_params(self, spec: SearchSpec) -> list[dict[str, Any]]:
         """The sensitivity solver's configs at ``warm_start_budgets`` (cached sensitivity of the swept model)."""
@@ -385,16 +421,18 @@ def _open_study(spec: SearchSpec, storage: BaseStorage) -> tuple[optuna.Study, b
         return optuna.load_study(**kwargs), False
 
 
-def _finalize(parent: str, spec: SearchSpec, attempts: int = 5) -> None:
-    """Tag the front on the parent run; workers finishing together may collide on a tag, so retry."""
+def _finalize(parent: str, spec: SearchSpec, status: str = "FINISHED", attempts: int = 5) -> None:
+    """Tag the front on the parent run and end it with ``status``; workers finishing together may collide on a
+    tag, so retry. If the front cannot be written, the parent ends FAILED and the sweep exits 1."""
     for i in range(attempts):
         try:
-            tracking.finalize_parent(parent, spec.objectives)
+            tracking.finalize_parent(parent, spec.objectives, terminate=False)
+            mlflow.MlflowClient().set_terminated(parent, status)
             return
         except mlflow.exceptions.MlflowException as e:
             if i == attempts - 1:
-                log.warning("could not finalize parent run %s: %s", parent, e)
-                return
+                mlflow.MlflowClient().set_terminated(parent, "FAILED")
+                fail(f"could not write the Pareto front of parent run {parent}: {e}", code=1)
             time.sleep(0.2 + random.random())
 
 

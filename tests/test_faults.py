@@ -1,0 +1,111 @@
+"""What a user sees when things go wrong: secrets never written, one-line errors with honest exit codes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+import sqlalchemy
+from _util import run_sweep
+
+from vitq.redact import redact
+
+MARK = "Pw4Vitq9Zq"  # a password that must appear nowhere
+
+
+def _error_line(r: subprocess.CompletedProcess, rc: int = 2) -> str:
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.startswith("vitq: ")]
+    assert r.returncode == rc, r.stderr[-3000:]
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    return lines[0]
+
+
+@pytest.mark.parametrize(("text", "expect"), [
+    ("postgresql://u:pw@h:5432/db", "postgresql://u:***@h:5432/db"),
+    ("postgresql+psycopg://u:p%40ss@h/db", "postgresql+psycopg://u:***@h/db"),
+    ("http://a:b@c@host:5000/x", "http://a:***@host:5000/x"),
+    ("mysql+pymysql://u:pa:ss@h/db?ssl=1", "mysql+pymysql://u:***@h/db?ssl=1"),
+    ("postgresql://h/db?user=u&password=xyz", "postgresql://h/db?user=u&password=***"),
+    ("https://host/api?token=abc&x=1", "https://host/api?token=***&x=1"),
+    ("http://h/?api_key=k1;secret=s2", "http://h/?api_key=***;secret=***"),
+    ("sqlite:///tmp/optuna.db", "sqlite:///tmp/optuna.db"),
+    ("journal:///shared/study.log", "journal:///shared/study.log"),
+    ("http://127.0.0.1:5000", "http://127.0.0.1:5000"),
+])
+def test_redact(text, expect):
+    assert redact(text) == expect
+    assert redact(f"tracking.uri={text} and more") == f"tracking.uri={expect} and more"
+
+
+def _mlflow_texts(url: str) -> str:
+    """Every text column of every table of an MLflow store on PostgreSQL."""
+    engine = sqlalchemy.create_engine(url)
+    meta = sqlalchemy.MetaData()
+    meta.reflect(engine)
+    out = []
+    with engine.connect() as c:
+        for table in meta.sorted_tables:
+            out += [str(row) for row in c.execute(table.select())]
+    engine.dispose()
+    return "\n".join(out)
+
+
+@pytest.mark.slow
+def test_secrets_never_written(tmp_path, pg_database):
+    track_db, store_db = pg_database("postgresql+psycopg"), pg_database("postgresql+psycopg")
+    with_pw = lambda url: url.replace("postgres@", f"postgres:{MARK}@")  # noqa: E731 - trust auth ignores it
+    track, store = with_pw(track_db), with_pw(store_db)
+    assert MARK in track and MARK in store
+    outputs = []
+    r = run_sweep(tmp_path, "-m", "hydra/sweeper=vitq_optuna", "hydra.sweeper.search=bits_only",
+                  "hydra.sweeper.n_trials=3", "hydra.sweeper.study_name=secret", f"hydra.sweeper.storage={store}",
+                  f"tracking.uri={track}")
+    assert r.returncode == 0, redact(r.stderr[-3000:])
+    outputs.append(r)
+    r = run_sweep(tmp_path, "-m", "layers.attn_qkv.bit_type.bits=4,8", "debug.inject_nan=true", "study_name=grid",
+                  f"tracking.uri={track}")  # a sweep whose trials all fail
+    assert r.returncode == 1, redact(r.stderr[-3000:])
+    outputs.append(r)
+    r = run_sweep(tmp_path, "layers.attn_qkv.bit_type.bits=1", f"tracking.uri={track}")  # a bad config
+    assert r.returncode == 2, redact(r.stderr[-3000:])
+    outputs.append(r)
+    r = run_sweep(tmp_path, "-m", "hydra/sweeper=vitq_optuna", "hydra.sweeper.n_trials=2",
+                  f"hydra.sweeper.storage={with_pw('postgresql://postgres@127.0.0.1:1/nope')}")  # unreachable storage
+    assert "postgres:***@127.0.0.1:1/nope" in _error_line(r)
+    outputs.append(r)
+    for r in outputs:
+        assert MARK not in r.stdout and MARK not in r.stderr
+    written = [p for p in tmp_path.rglob("*") if p.is_file() and MARK.encode() in p.read_bytes()]
+    assert written == []
+    assert len(list(tmp_path.rglob(".hydra/overrides.yaml"))) >= 4  # the files were written, redacted
+    assert MARK not in _mlflow_texts(track_db) and MARK not in _mlflow_texts(store_db)
+    assert "secret" in _mlflow_texts(track_db)  # the runs are there
+
+
+@pytest.mark.slow
+def test_bad_sweeper_arguments_fail_before_any_trial(tmp_path):
+    base = ["-m", "hydra/sweeper=vitq_optuna", "hydra.sweeper.search=bits_only"]
+    cases = {
+        "hydra.sweeper.n_trials=0": "hydra.sweeper.n_trials: must be >= 1, got 0",
+        "hydra.sweeper.n_trials=-1": "hydra.sweeper.n_trials: must be >= 1, got -1",
+        "hydra.sweeper.n_jobs=0": "hydra.sweeper.n_jobs: must be >= 1, got 0",
+        "hydra.sweeper.sampler=cmaes": "hydra.sweeper.sampler: unknown sampler 'cmaes'; valid: tpe, nsgaii",
+        "hydra.sweeper.storage=postgresql://nobody@127.0.0.1:1/db.log":
+            "cannot open the Optuna storage postgresql://nobody@127.0.0.1:1/db.log",
+        "hydra.sweeper.storage=notadialect://x/y": "cannot open the Optuna storage notadialect://x/y",
+    }
+    for override, expect in cases.items():
+        r = run_sweep(tmp_path, *base, override, timeout=300)
+        assert expect in _error_line(r), (override, r.stderr[-1000:])
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "db.log").exists()
+
+
+def test_env_vars_keep_urls_out_of_the_config(monkeypatch, tmp_path):
+    from vitq import tracking
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'env.db'}")
+    assert tracking.resolve_uri(None) == f"sqlite:///{tmp_path / 'env.db'}"
+    assert tracking.resolve_uri("http://h:1") == "http://h:1"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert tracking.resolve_uri(None) == f"sqlite:///{os.getcwd()}/mlflow.db"
