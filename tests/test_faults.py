@@ -109,3 +109,49 @@ def test_env_vars_keep_urls_out_of_the_config(monkeypatch, tmp_path):
     assert tracking.resolve_uri("http://h:1") == "http://h:1"
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     assert tracking.resolve_uri(None) == f"sqlite:///{os.getcwd()}/mlflow.db"
+
+
+@pytest.mark.slow
+def test_bad_inputs_each_one_line_rc2(tmp_path):
+    bad_db = tmp_path / "corrupt.db"
+    bad_db.write_text("not a database " * 40)
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("study_name: d\nparams:\n  layers.attn_qkv.bit_type.bits: [4, 8]\n"
+                   "  layers.attn_qkv.bit_type.bits: [2]\n")
+    cases = {
+        ("+blocks.99.layers.mlp_fc1.bit_type.bits=3",): "blocks.99: the model has 4 blocks (0..3)",
+        ("eval_batch_size=0",): "eval_batch_size: must be >= 1, got 0",
+        (f"tracking.uri=sqlite:///{bad_db}",): f"tracking.uri: cannot use the MLflow store sqlite:///{bad_db}",
+        ("tracking.uri=http://127.0.0.1:9",): "tracking.uri: cannot use the MLflow store http://127.0.0.1:9",
+        ("-m", "hydra/sweeper=vitq_optuna", f"hydra.sweeper.search={dup}"): "duplicate key 'layers.attn_qkv.bit_type",
+        ("attn_layer.kv_act.kv_bins=1000000",): "kv_bins: must be an integer in 16..65536",
+    }
+    for args, expect in cases.items():
+        r = run_sweep(tmp_path, *args, timeout=300)
+        assert expect in _error_line(r), (args, r.stderr[-1500:])
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.slow
+def test_per_block_export_feeds_back_as_a_preset(tmp_path):
+    r = run_sweep(tmp_path, "+blocks.2.layers.mlp_fc1.bit_type.bits=3", "+blocks.2.attn_layer.kv_act.enabled=false",
+                  "layers.attn_qkv.bit_type.bits=6", "tracking=none", f"export_dir={tmp_path / 'a'}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    exported = (tmp_path / "a" / "quant_config_0.yaml").read_text()
+    assert "'2':" in exported and exported.startswith("# @package _global_")
+    (tmp_path / "conf" / "quant").mkdir(parents=True)
+    (tmp_path / "conf" / "quant" / "mine.yaml").write_text(exported)
+    r = run_sweep(tmp_path, f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "quant=mine", "tracking=none",
+                  f"export_dir={tmp_path / 'b'}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "b" / "quant_config_0.yaml").read_text() == exported
+
+
+@pytest.mark.slow
+def test_unwritable_cache_falls_back_with_a_warning(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    unwritable = blocker / "cache"  # under a file: no user, root included, can create it
+    r = run_sweep(tmp_path, "tracking=none", env={"VITQ_CACHE": str(unwritable)}, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"cache folder {unwritable} is not writable" in r.stdout + r.stderr

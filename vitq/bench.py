@@ -43,6 +43,7 @@ from torch.utils.data import TensorDataset
 from vitq.calibrate import calibrated_model, clear_cache
 from vitq.data import DataBundle, batches
 from vitq.evaluate import evaluate
+from vitq.paths import CONF_DIR
 from vitq.quant.config import ACTIVATION_POINTS, BitTypeConfig, LayerQuantConfig, QuantConfig, load_config_from_yaml
 from vitq.quant.modules import STATS_MAX_ELEMENTS
 from vitq.quant.observers import BatchStats, create_observer
@@ -51,7 +52,6 @@ from vitq.trial import run_trial
 
 __all__ = ["MODEL_FIGURES", "OBSERVER_FIGURES", "main", "run_bench"]
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 MODEL_FIGURES = ("trial_over_fp_eval", "calib_passes_after_first", "fakequant_over_fp_forward", "trials_per_hour",
                  "stats_memory_over_calib_batch", "fp_eval_ms", "trial_ms")
 OBSERVER_FIGURES = ("omse_ms", "kl_ms", "omse_mse", "kl_mse", "reference_ms", "reference_mse", "fqvit_loop_ms",

@@ -26,6 +26,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from vitq.paths import cache_root
+
 __all__ = ["DIGITS_MEAN", "DIGITS_STD", "DataBundle", "DataError", "ImageSet", "batches", "digits_pixels",
            "labels_of", "load_digits", "load_image_folder", "resolve_transform", "stratified_subset", "subset"]
 
@@ -288,16 +290,12 @@ def _decode(samples: list[tuple[str, int]], tcfg: dict[str, Any], num_workers: i
     return x, torch.tensor([lab for _, lab in samples], dtype=torch.int64), h.hexdigest()[:16]
 
 
-def _cache_root() -> Path:
-    return Path(os.environ.get("VITQ_CACHE", "~/.cache/vitq")).expanduser() / "images"
-
-
 def _cached_images(samples: list[tuple[str, int]], tcfg: dict[str, Any], num_workers: int,
                    cache: bool) -> tuple[Tensor, Tensor, str]:
     """:func:`_decode` through the on-disk cache; a corrupt entry is rebuilt, an unwritable cache is skipped."""
     stat = [(p, os.stat(p).st_size, os.stat(p).st_mtime_ns, lab) for p, lab in samples]
     key = _digest(IMAGE_CACHE_VERSION, {k: tcfg[k] for k in sorted(tcfg)}, stat)
-    path = _cache_root() / f"images_v{IMAGE_CACHE_VERSION}_{key}.pt"
+    path = cache_root("images") / f"images_v{IMAGE_CACHE_VERSION}_{key}.pt"
     if cache and path.is_file():
         try:
             blob = torch.load(path, weights_only=True)

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
+from vitq.paths import NOTEBOOK
 from vitq.quant.config import POINTS, SECTION_OF, WEIGHT_POINTS
 from vitq.search.pareto import hypervolume_2d, pareto_mask
 from vitq.tracking import DEFAULT_OBJECTIVES, resolve_uri
@@ -27,7 +28,6 @@ from vitq.tracking import DEFAULT_OBJECTIVES, resolve_uri
 __all__ = ["ReportError", "Study", "front_metrics", "load_study", "observer_table", "pareto_configs",
            "point_bits", "sensitivity_table"]
 
-NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "pareto_analysis.ipynb"
 
 
 class ReportError(ValueError):

@@ -24,6 +24,7 @@ import vitq
 from vitq.data import DataBundle, DataError, load_digits, load_image_folder
 from vitq.evaluate import EvalResult
 from vitq.models.factory import REFERENCE_NAME, ModelError, create_model, file_sha256
+from vitq.paths import REPO_ROOT
 from vitq.quant.config import ConfigError, LayerQuantConfig
 from vitq.quant.modules import STATS_MAX_ELEMENTS
 from vitq.trial import TrialResult, fp_reference, run_trial
@@ -57,7 +58,7 @@ def resolve_device(spec: str | None) -> torch.device:
 @functools.cache
 def git_commit() -> str:
     """The git commit of the vitq checkout (``unknown`` when installed from a wheel)."""
-    root = Path(vitq.__file__).resolve().parents[1]
+    root = REPO_ROOT
     if not (root / ".git").exists():
         return "unknown"
     try:

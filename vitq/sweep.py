@@ -17,6 +17,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from vitq.paths import CONF_DIR as PATHS_CONF_DIR
 from vitq.quant.config import SECTIONS, LayerQuantConfig
 from vitq.redact import fail, install_log_redaction, redact_tree, say
 from vitq.schema import register
@@ -77,13 +78,16 @@ def default_fields_set(overrides: list[str] | tuple[str, ...]) -> dict[str, str]
 
 def session_of(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = ()):  # noqa: ANN201
     """The validated quant config and the built :class:`~vitq.session.Session` of ``cfg`` (errors name the key)."""
+    from vitq.models.vit import check_block_indices
     from vitq.session import Session
 
     qcfg = layer_config_from(cfg)
     if not overrides and HydraConfig.initialized():
         overrides = list(HydraConfig.get().overrides.task)
     qcfg.check_default_reaches(default_fields_set(overrides))
-    return qcfg, Session.from_config(cfg).build()
+    session = Session.from_config(cfg).build()
+    check_block_indices(qcfg, len(session.model.blocks))
+    return qcfg, session
 
 
 def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
@@ -146,6 +150,7 @@ def _is_multirun() -> bool:
 def run(cfg: DictConfig) -> dict[str, float]:
     """One trial; returns its metrics."""
     from vitq.session import SessionError
+    from vitq.tracking import TrackingError
 
     multirun = _is_multirun()
     number = cfg.trial_number
@@ -160,9 +165,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
             raise
         fail("interrupted (Ctrl-C); the trial's MLflow run is KILLED", code=130)
     except Exception as e:  # noqa: BLE001 - one line for the user; vitq's sweeper records the failure itself
+        bad_input = isinstance(e, (*SessionError, TrackingError))
         if not multirun:
-            fail(e if isinstance(e, SessionError) else f"{type(e).__name__}: {e}", code=2 if isinstance(
-                e, SessionError) else 1)
+            fail(e if bad_input else f"{type(e).__name__}: {e}", code=2 if bad_input else 1)
         if not grid:
             raise
         say(f"trial {number} failed: {type(e).__name__}: {e}")  # the grid goes on; its end reports the count
@@ -216,7 +221,7 @@ def _print_table(metrics: dict[str, float], number: int | None) -> None:
     print(f"[vitq] {label}: " + " | ".join(f"{k} {v}" for k, v in rows), flush=True)
 
 
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")  # absolute: works however the module is loaded
+CONF_DIR = str(PATHS_CONF_DIR)  # absolute: works however the module is loaded
 
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")

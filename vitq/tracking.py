@@ -33,7 +33,41 @@ __all__ = ["DEFAULT_OBJECTIVES", "MlflowSweepCallback", "finalize_parent", "flat
 
 PARENT_ENV = "VITQ_PARENT_RUN_ID"
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no progress bars in sweep logs
+# an unreachable tracking server fails within ~30 s (MLflow's defaults retry for minutes)
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "8")
+
+
+class TrackingError(RuntimeError):
+    """The MLflow store cannot be used (server down, corrupt database); the message names the redacted URI."""
+
+
+@contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """Workers starting together on one new SQLite store would race on MLflow's schema migration: serialize them."""
+    path = sqlite_file(uri)
+    if path is None:
+        yield
+        return
+    import fcntl
+
+    with open(path.with_name(path.name + ".lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 DEFAULT_OBJECTIVES: dict[str, str] = {"top1": "maximize", "weight_bytes": "minimize"}
+
+
+def literal(value: str) -> str:
+    """``value`` as a string literal of MLflow's search filter (single quotes, or double when it holds one)."""
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    raise ValueError(f"{value!r}: a name with both ' and \" cannot be searched in MLflow")
 
 
 def resolve_uri(uri: str | None) -> str:
@@ -62,11 +96,17 @@ def use_store(uri: str | None, experiment: str) -> str:
     uri = resolve_uri(uri)
     mlflow.set_tracking_uri(uri)
     root = artifact_root(uri)
-    if root is not None and mlflow.get_experiment_by_name(experiment) is None:
-        location = f"{root}/{uuid.uuid5(uuid.NAMESPACE_URL, experiment).hex}"
-        with contextlib.suppress(mlflow.exceptions.MlflowException):  # another worker created it first
-            mlflow.create_experiment(experiment, artifact_location=location)
-    exp = mlflow.set_experiment(experiment)
+    try:
+        with _store_lock(uri):
+            if root is not None and mlflow.get_experiment_by_name(experiment) is None:
+                location = f"{root}/{uuid.uuid5(uuid.NAMESPACE_URL, experiment).hex}"
+                with contextlib.suppress(mlflow.exceptions.MlflowException):  # another worker created it first
+                    mlflow.create_experiment(experiment, artifact_location=location)
+            exp = mlflow.set_experiment(experiment)
+    except Exception as e:  # noqa: BLE001 - server down, corrupt database, bad URI: one line naming the store
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise TrackingError(f"tracking.uri: cannot use the MLflow store {redact(uri)}: {type(e).__name__}: "
+                            f"{redact(first)}") from None
     return exp.experiment_id
 
 
@@ -98,13 +138,13 @@ def start_parent(uri: str | None, study: str, key: str | None = None, params: di
     """
     exp_id = use_store(uri, study)
     client = MlflowClient()
-    query = f"tags.`vitq.sweep_key` = '{key}' and tags.`vitq.role` = 'parent'"
 
-    def earliest() -> str | None:
+    def earliest(key: str) -> str | None:
+        query = f"tags.`vitq.sweep_key` = {literal(key)} and tags.`vitq.role` = 'parent'"
         runs = client.search_runs([exp_id], query, max_results=100)
         return min(runs, key=lambda r: (r.info.start_time, r.info.run_id)).info.run_id if runs else None
 
-    if key is not None and (found := earliest()) is not None:
+    if key is not None and (found := earliest(key)) is not None:
         return found
     key = key or uuid.uuid4().hex
     run = client.create_run(exp_id, tags={**(tags or {}), "vitq.role": "parent", "vitq.sweep_key": key,
@@ -112,7 +152,7 @@ def start_parent(uri: str | None, study: str, key: str | None = None, params: di
     rid = run.info.run_id
     for k, v in (params or {}).items():
         client.log_param(rid, k, str(v)[:6000])
-    winner = earliest() or rid
+    winner = earliest(key) or rid
     if winner != rid:  # another worker's parent came first
         client.delete_run(rid)
     return winner
@@ -246,10 +286,15 @@ class MlflowSweepCallback(Callback):
             return
         from vitq.session import Session
 
-        self.parent = start_parent(config.tracking.uri, config.study_name,
-                                   params={"sweeper": "hydra-basic",
-                                           "overrides": [redact(o) for o in config.hydra.overrides.task]},
-                                   tags=Session.from_config(config).provenance())
+        try:
+            self.parent = start_parent(config.tracking.uri, config.study_name,
+                                       params={"sweeper": "hydra-basic",
+                                               "overrides": [redact(o) for o in config.hydra.overrides.task]},
+                                       tags=Session.from_config(config).provenance())
+        except TrackingError as e:
+            fail(e)
+        except Exception as e:  # noqa: BLE001 - Hydra would only warn and run the grid without a parent
+            fail(f"could not start the sweep's MLflow parent run: {type(e).__name__}: {e}", code=1)
         os.environ[PARENT_ENV] = self.parent
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:

@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import os
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,8 +21,9 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from vitq.data import DIGITS_MEAN, DIGITS_STD, DataBundle, load_digits
+from vitq.paths import cache_root
 
-__all__ = ["ReferenceSpec", "build_reference", "cache_dir", "load_reference"]
+__all__ = ["ReferenceSpec", "build_reference", "load_reference"]
 
 
 @dataclass(frozen=True)
@@ -49,12 +51,6 @@ class ReferenceSpec:
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
-
-
-def cache_dir() -> Path:
-    d = Path(os.environ.get("VITQ_CACHE", "~/.cache/vitq")).expanduser()
-    d.mkdir(parents=True, exist_ok=True)
-    return d
 
 
 def build_reference(spec: ReferenceSpec = ReferenceSpec()) -> VisionTransformer:
@@ -123,7 +119,7 @@ def _accuracy(model: nn.Module, data: DataBundle) -> float:
 
 def load_reference(spec: ReferenceSpec = ReferenceSpec(), verbose: bool = False) -> tuple[VisionTransformer, dict]:
     """The trained reference (trained once, then read from the cache) and its metadata."""
-    path = cache_dir() / f"digits_vit_{spec.key()}.pt"
+    path = cache_root() / f"digits_vit_{spec.key()}.pt"
     data = load_digits(seed=spec.data_seed, n_train=spec.n_train)
     if path.is_file():
         blob = torch.load(path, weights_only=True)
@@ -136,9 +132,10 @@ def load_reference(spec: ReferenceSpec = ReferenceSpec(), verbose: bool = False)
     model = train_reference(spec, data, verbose)
     meta = {"top1": _accuracy(model, data), "train_seconds": time.time() - t0, "spec": asdict(spec),
             "key": spec.key(), "n_params": sum(p.numel() for p in model.parameters())}
-    tmp = path.with_suffix(".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")  # unique: workers may train at once
+    os.close(fd)
     torch.save({"state_dict": model.state_dict(), "meta": meta}, tmp)
-    tmp.replace(path)
+    os.replace(tmp, path)
     return model, meta
 
 

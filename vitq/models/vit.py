@@ -13,7 +13,7 @@ from vitq.models.vit_block import QuantConfigLike, QuantTimmVitBlock, as_layer_c
 from vitq.quant.config import ConfigError, LayerQuantConfig
 from vitq.quant.modules import STATS_MAX_ELEMENTS, QAct, QLinear, calibration_of
 
-__all__ = ["QuantViT", "quantize_vit"]
+__all__ = ["QuantViT", "check_block_indices", "quantize_vit"]
 
 
 class QuantViT(nn.Module):
@@ -29,7 +29,7 @@ class QuantViT(nn.Module):
         if not isinstance(blocks, nn.Sequential):
             raise TypeError(f"quantize_vit needs a timm VisionTransformer (with .blocks), got {type(model).__name__}")
         cfg = as_layer_config(quant_config)
-        _check_block_indices(cfg, len(blocks))
+        check_block_indices(cfg, len(blocks))
         self.layer_config = cfg
         for i, blk in enumerate(blocks):
             if not isinstance(blk, QuantTimmVitBlock):
@@ -64,7 +64,7 @@ class QuantViT(nn.Module):
 
     def set_config(self, quant_config: QuantConfigLike) -> None:
         cfg = as_layer_config(quant_config)
-        _check_block_indices(cfg, len(self.qblocks))
+        check_block_indices(cfg, len(self.qblocks))
         self.layer_config = cfg
         for b in self.qblocks:
             b.set_config(cfg)
@@ -80,7 +80,8 @@ class QuantViT(nn.Module):
         return self.model(x)
 
 
-def _check_block_indices(cfg: LayerQuantConfig, depth: int) -> None:
+def check_block_indices(cfg: LayerQuantConfig, depth: int) -> None:
+    """ConfigError for a ``blocks.N`` entry past the model's depth."""
     for b in cfg.blocks:
         if b >= depth:
             raise ConfigError(f"blocks.{b}", f"the model has {depth} blocks (0..{depth - 1})")

@@ -200,7 +200,7 @@ def _self_check() -> None:
     torch.manual_seed(0)
     model = VisionTransformer(img_size=32, patch_size=4, num_classes=10, embed_dim=96, depth=2, num_heads=4).eval()
     x = torch.randn(64, 3, 32, 32)
-    conf = Path(__file__).resolve().parents[2] / "conf" / "quant"
+    from vitq.paths import PRESETS_DIR as conf
     for name in ("int8", "w4a8", "fqvit"):
         path = conf / f"{name}.yaml"
         cfg = load_config_from_yaml(path) if path.is_file() else LayerQuantConfig()

@@ -363,14 +363,15 @@ class LayerQuantConfig:
         out: dict[str, Any] = {"default": self.default.to_dict()}
         for sec, keys in SECTIONS.items():
             out[sec] = {k: self.resolve(k).to_dict() for k in keys}
-        if self.blocks:
+        if self.blocks:  # string keys: Hydra refuses integer keys, so an export can be fed back as a preset
             out["blocks"] = {
-                b: {sec: {k: self.resolve(k, b).to_dict() for k in entries} for sec, entries in secs.items()}
+                str(b): {sec: {k: self.resolve(k, b).to_dict() for k in entries} for sec, entries in secs.items()}
                 for b, secs in self.blocks.items()}
         return out
 
     def to_yaml(self, path: str | Path | None = None) -> str:
-        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        """The seed format, headed ``# @package _global_`` so the file also works as a Hydra preset (conf/quant)."""
+        text = "# @package _global_\n" + yaml.safe_dump(self.to_dict(), sort_keys=False)
         if path is not None:
             Path(path).write_text(text)
         return text
@@ -400,15 +401,56 @@ def _strip_names(raw: dict) -> None:
                 _strip_names(v)
 
 
+YAML_MAX_BYTES = 1 << 20  # a config or search file larger than 1 MB is refused
+YAML_MAX_ALIASES = 64
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys and bounds alias references (no billion-laughs expansion)."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.aliases = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            self.aliases += 1
+            if self.aliases > YAML_MAX_ALIASES:
+                raise yaml.YAMLError(f"more than {YAML_MAX_ALIASES} alias references")
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.YAMLError(f"duplicate key {key!r} (line {key_node.start_mark.line + 1})")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(path: str | Path) -> Any:
+    """A YAML file's data: at most 1 MB, no duplicate keys, at most 64 aliases; problems are ConfigErrors."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(str(p), f"file not found: {p}")
+    if p.stat().st_size > YAML_MAX_BYTES:
+        raise ConfigError(str(p), f"larger than {YAML_MAX_BYTES} bytes: not a config file")
+    loader = _StrictLoader(p.read_text())
+    try:
+        return loader.get_single_data()
+    except yaml.YAMLError as e:
+        raise ConfigError(str(p), f"not valid YAML: {str(e).splitlines()[0][:200]}") from None
+    finally:
+        loader.dispose()
+
+
 def load_config_from_yaml(path: str | Path) -> LayerQuantConfig:
     """Load and validate a seed-format YAML file; every problem is a :class:`ConfigError`."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(str(p), f"quant config file not found: {p}")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(str(p), f"not valid YAML: {e}") from None
+    data = read_yaml(p)
     try:
         return LayerQuantConfig.from_dict(data, source=str(p))
     except ConfigError as e:

@@ -42,6 +42,7 @@ from vitq.calibrate import calib_key, calibrated_model, model_checksum
 from vitq.cost import BOP_PAIRS, model_cost
 from vitq.data import DataBundle, batches, labels_of, stratified_subset, subset
 from vitq.evaluate import evaluate, model_device
+from vitq.paths import cache_root
 from vitq.quant.config import POINTS, SECTION_OF, WEIGHT_POINTS, LayerQuantConfig
 
 __all__ = ["CostTable", "Sensitivity", "compute_sensitivity", "configs_for_budgets", "cost_table", "solve_mck"]
@@ -158,8 +159,7 @@ def _cache_path(model: nn.Module, data: DataBundle, base: LayerQuantConfig, cand
     key = "|".join([f"v{SENSITIVITY_VERSION}", model_checksum(model), calib_key(data, batch_size), str(n_eval),
                     str(candidates), data.meta["eval_fingerprint"], base.to_yaml()])
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    root = Path(os.environ.get("VITQ_CACHE", "~/.cache/vitq")).expanduser()
-    return root / "sensitivity" / f"sens_{digest}.json"
+    return cache_root("sensitivity") / f"sens_{digest}.json"
 
 
 def compute_sensitivity(model: nn.Module, data: DataBundle, base: LayerQuantConfig,

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-import yaml
 
+from vitq.paths import PRESETS_DIR, SWEEPS_DIR
 from vitq.quant.config import (
     POINTS,
     SECTION_OF,
@@ -23,12 +23,11 @@ from vitq.quant.config import (
     ConfigError,
     LayerQuantConfig,
     load_config_from_yaml,
+    read_yaml,
 )
 
 __all__ = ["SWEEPS_DIR", "SearchSpec", "expand_key", "load_search"]
 
-SWEEPS_DIR = Path(__file__).resolve().parents[2] / "sweeps"
-PRESETS_DIR = Path(__file__).resolve().parents[2] / "conf" / "quant"
 SAMPLERS = ("tpe", "nsgaii", "gp", "random", "qmc")
 METRICS = ("top1", "top5", "loss", "agreement", "top1_drop", "weight_bytes", "compression", "bops",
            "mean_weight_bits", "mean_act_bits")
@@ -183,7 +182,9 @@ def load_search(name_or_path: str) -> SearchSpec:
     if not path.is_file():
         avail = ", ".join(sorted(p.stem for p in SWEEPS_DIR.glob("*.yaml")))
         raise ConfigError("hydra.sweeper.search", f"search definition not found: {path} (available: {avail})")
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = read_yaml(path) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError("hydra.sweeper.search", f"{path} must hold a mapping (params, objectives, ...)")
     params = []
     for name, spec in (raw.get("params") or {}).items():
         spec = spec if isinstance(spec, dict) else {"choices": list(spec)}

@@ -228,6 +228,10 @@ class VitqOptunaSweeperImpl(Sweeper):
         cfg = self.config
         parent = None
         if cfg.tracking.enabled:
+            try:
+                tracking.use_store(cfg.tracking.uri, spec.study_name)
+            except tracking.TrackingError as e:
+                fail(e)
             parent = tracking.start_parent(cfg.tracking.uri, spec.study_name, key=f"optuna:{spec.study_name}",
                                            params={"search": spec.name, "sampler": spec.sampler, "seed": spec.seed,
                                                    "storage": redact(spec.storage), "n_trials": spec.n_trials,

@@ -1,0 +1,45 @@
+"""Every path vitq computes: the packaged configs, search files and notebook, and the cache root.
+
+The cache root is ``$VITQ_CACHE`` (default ``~/.cache/vitq``). When it cannot be written, a per-user folder in
+the system's temp dir is used instead, with one warning.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+__all__ = ["CONF_DIR", "NOTEBOOK", "PRESETS_DIR", "REPO_ROOT", "SWEEPS_DIR", "cache_root"]
+
+log = logging.getLogger(__name__)
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = REPO_ROOT / "conf"
+PRESETS_DIR = CONF_DIR / "quant"
+SWEEPS_DIR = REPO_ROOT / "sweeps"
+NOTEBOOK = REPO_ROOT / "notebooks" / "pareto_analysis.ipynb"
+
+
+@functools.cache
+def _writable_root(wanted: str) -> Path:
+    root = Path(wanted).expanduser()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=root, prefix=".probe", delete=True)  # noqa: SIM115
+        probe.close()
+        return root
+    except OSError as e:
+        fallback = Path(tempfile.gettempdir()) / f"vitq-cache-{os.getuid()}"
+        fallback.mkdir(parents=True, exist_ok=True)
+        log.warning("cache folder %s is not writable (%s); using %s (set VITQ_CACHE to choose another)", root,
+                    e.strerror or e, fallback)
+        return fallback
+
+
+def cache_root(sub: str = "") -> Path:
+    """``$VITQ_CACHE/sub`` (created), or a temp-dir fallback when the cache cannot be written."""
+    path = _writable_root(os.environ.get("VITQ_CACHE", "~/.cache/vitq")) / sub
+    path.mkdir(parents=True, exist_ok=True)
+    return path
