@@ -14,11 +14,42 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+STARTED: list[int] = []  # process-group ids of every process the suite starts (checked at the session's end)
+
+
+def spawn(args: list[str], cwd: Path, env: dict | None = None, **kw) -> subprocess.Popen:  # noqa: ANN003
+    """A child in its own process group, recorded so that the session can prove it did not outlive the suite."""
+    full = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # mlflow.set_tracking_uri in this
+    full.update(PYTHONUNBUFFERED="1", **(env or {}))  # process exports it: a child would log to the last test's store
+    proc = subprocess.Popen(args, cwd=cwd, env=full, start_new_session=True, **kw)
+    STARTED.append(proc.pid)
+    return proc
+
+
+def run(args: list[str], cwd: Path, env: dict | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
+    """Run a command to its end (text output captured); on timeout or interruption its whole group is killed."""
+    proc = spawn(args, cwd, env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        stop_group(proc)
+    return subprocess.CompletedProcess(args, proc.returncode, out, err)
+
 
 def run_sweep(cwd: Path, *args: str, timeout: int = 900, env: dict | None = None) -> subprocess.CompletedProcess:
-    full = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
-    return subprocess.run([sys.executable, "-m", "vitq.sweep", *args], cwd=cwd, env=full, capture_output=True,
-                          text=True, timeout=timeout)
+    return run([sys.executable, "-m", "vitq.sweep", *args], cwd, env, timeout)
+
+
+def alive_groups() -> list[int]:
+    """Recorded process groups that still have a member."""
+    out = []
+    for pgid in STARTED:
+        try:
+            os.killpg(pgid, 0)
+            out.append(pgid)
+        except (ProcessLookupError, PermissionError):
+            pass
+    return out
 
 
 def free_port() -> int:
@@ -30,11 +61,13 @@ def free_port() -> int:
 def stop_group(proc: subprocess.Popen, timeout: float = 30) -> None:
     """SIGTERM the process group we started (then SIGKILL if it lingers) and reap it."""
     if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
     with contextlib.suppress(ProcessLookupError):  # children of the group that outlived the leader
         os.killpg(proc.pid, signal.SIGKILL)
@@ -45,12 +78,11 @@ def mlflow_server(tmp: Path, backend_uri: str | None = None) -> Iterator[str]:
     """An ``mlflow server`` on 127.0.0.1 at a free port (one worker, no job execution); yields its URL."""
     port = free_port()
     backend = backend_uri or f"sqlite:///{tmp / 'server.db'}"
-    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     log = open(tmp / "mlflow_server.log", "w")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend,
-                             "--artifacts-destination", str(tmp / "server_artifacts"), "--host", "127.0.0.1",
-                             "--port", str(port), "--workers", "1"], env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = spawn([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend,
+                  "--artifacts-destination", str(tmp / "server_artifacts"), "--host", "127.0.0.1",
+                  "--port", str(port), "--workers", "1"], tmp, env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 120

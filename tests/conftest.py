@@ -1,8 +1,13 @@
-"""Shared fixtures: a per-session cache directory and the trained digits reference."""
+"""Shared fixtures: a temporary cache root, the digits reference trained once before any test, PostgreSQL
+databases made per test, and the guarantee that no process the suite starts outlives it."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import signal
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,12 +15,38 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = ROOT / "conf" / "quant"
 
-if "VITQ_CACHE" not in os.environ:
-    os.environ["VITQ_CACHE"] = str(ROOT / ".cache" / "vitq")
+# A cache root of this session (VITQ_TEST_CACHE reuses one across sessions, e.g. to keep the trained reference);
+# subprocesses inherit it through the environment.
+_OWN_CACHE = not os.environ.get("VITQ_TEST_CACHE")
+os.environ["VITQ_CACHE"] = os.environ.get("VITQ_TEST_CACHE") or tempfile.mkdtemp(prefix="vitq-test-cache-")
 
 
-@pytest.fixture(scope="session")
+def _sigterm(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt("SIGTERM")  # pytest then runs every finalizer (stopping the processes tests started)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    signal.signal(signal.SIGTERM, _sigterm)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the session if a process a test started is still alive (then end it)."""
+    from _util import alive_groups
+
+    left = alive_groups()
+    for pgid in left:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGKILL)
+    if left:
+        print(f"\nprocess groups started by tests outlived them: {left}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    if _OWN_CACHE:
+        shutil.rmtree(os.environ["VITQ_CACHE"], ignore_errors=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
 def reference():
+    """The digits reference, trained (or read from the cache) once, before the first test and any subprocess."""
     from vitq.models.reference import load_reference
 
     return load_reference()

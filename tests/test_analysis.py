@@ -15,7 +15,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
-from _util import mlflow_server, run_sweep
+from _util import mlflow_server, run, run_sweep
 
 from vitq.report import front_metrics, load_study, run_notebook
 
@@ -69,11 +69,10 @@ def test_dvc_repro_twice_in_a_clone(tmp_path):
     clone = tmp_path / "clone"
     clone.mkdir()
     _copy_checkout(clone)
-    env = dict(os.environ, DVC_NO_ANALYTICS="1", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    env = {"DVC_NO_ANALYTICS": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
 
     def dvc(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=clone, env=env, capture_output=True,
-                              text=True, timeout=900)
+        return run([sys.executable, "-m", "dvc", *args], clone, env, timeout=900)
 
     r = dvc("repro")
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 import sys
 
 import pytest
+from _util import run
 
 from vitq.bench import MODEL_FIGURES, OBSERVER_FIGURES, flat_figures, format_table, goal_status
 
@@ -17,8 +17,7 @@ COUNTS = {"calib_passes_after_first"}  # a count whose goal is 0: finite and >= 
 
 def test_bench_quick_reports_every_figure(tmp_path):
     out = tmp_path / "bench.json"
-    r = subprocess.run([sys.executable, "-m", "vitq.bench", "--quick", "--out", str(out)], capture_output=True,
-                       text=True, timeout=1200)
+    r = run([sys.executable, "-m", "vitq.bench", "--quick", "--out", str(out)], tmp_path, timeout=1200)
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads(out.read_text())
     figures = flat_figures(result)

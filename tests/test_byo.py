@@ -16,7 +16,7 @@ import numpy as np
 import optuna
 import pytest
 import torch
-from _util import run_sweep
+from _util import run, run_sweep
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
@@ -230,11 +230,11 @@ def test_optuna_sweep_records_provenance_and_refuses_other_inputs(byo, tmp_path)
 
 @pytest.mark.slow
 def test_sensitivity_cli_takes_a_timm_model_and_folders(byo, tmp_path):
-    r = subprocess.run([sys.executable, "-m", "vitq.search.sensitivity", "--budgets", "60000,1e9", "--n-eval", "100",
-                        *byo.cli()], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    r = run([sys.executable, "-m", "vitq.search.sensitivity", "--budgets", "60000,1e9", "--n-eval", "100",
+             *byo.cli()], tmp_path, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"on {byo_case.MODEL_NAME} / folder:eval (100 eval images, cpu)" in r.stdout
     assert "budget 1e+09 weight_bytes: predicted" in r.stdout and "budget 60000 weight_bytes:" in r.stdout
-    r = subprocess.run([sys.executable, "-m", "vitq.search.sensitivity", "--budgets", "1", "model.name=nope_vit"],
-                       cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    r = run([sys.executable, "-m", "vitq.search.sensitivity", "--budgets", "1", "model.name=nope_vit"], tmp_path,
+            timeout=300)
     assert _one_line_error(r).startswith("vitq: model.name: unknown timm model 'nope_vit'")

@@ -17,7 +17,8 @@ from pathlib import Path
 import mlflow
 import optuna
 import pytest
-from _util import free_port, mlflow_server, run_sweep
+import sqlalchemy
+from _util import free_port, mlflow_server, run_sweep, spawn, stop_group
 from mlflow.tracking import MlflowClient
 
 pytestmark = pytest.mark.slow
@@ -32,15 +33,25 @@ def _sweep_args(study: str, n_trials: int, tracking_uri: str, *extra: str) -> li
             "hydra.sweeper.poll_interval=0.5", f"tracking.uri={tracking_uri}", *extra]
 
 
-def _worker(cwd: Path, args: list[str]) -> subprocess.Popen:
-    cwd.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, "-m", "vitq.sweep", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+@pytest.fixture
+def workers():
+    """Start sweep workers; every one's process group is killed at teardown, also when the test fails."""
+    started: list[subprocess.Popen] = []
+
+    def start(cwd: Path, args: list[str], env: dict | None = None) -> subprocess.Popen:
+        cwd.mkdir(parents=True, exist_ok=True)
+        proc = spawn([sys.executable, "-m", "vitq.sweep", *args], cwd, env, stdout=subprocess.PIPE,
+                     stderr=subprocess.STDOUT, text=True)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        stop_group(proc)
 
 
 @pytest.fixture
-def study_name():
+def study_name(pg_database):  # pg_database: skipped, with the reason, when no PostgreSQL server answers
     name = f"vitq_test_{uuid.uuid4().hex[:10]}"
     optuna.storages.RDBStorage(PG)  # tables exist before workers race to create them
     yield name
@@ -54,11 +65,11 @@ def mlflow_db(pg_database):
     return pg_database()
 
 
-def test_three_workers_share_one_study(tmp_path, study_name, mlflow_db):
+def test_three_workers_share_one_study(tmp_path, study_name, mlflow_db, workers):
     with mlflow_server(tmp_path, backend_uri=mlflow_db) as url:
-        workers = [_worker(tmp_path / f"w{i}", _sweep_args(study_name, 24, url)) for i in range(3)]
-        outs = [w.communicate(timeout=900)[0] for w in workers]
-        assert all(w.returncode == 0 for w in workers), "\n".join(o[-2000:] for o in outs)
+        procs = [workers(tmp_path / f"w{i}", _sweep_args(study_name, 24, url)) for i in range(3)]
+        outs = [w.communicate(timeout=900)[0] for w in procs]
+        assert all(w.returncode == 0 for w in procs), "\n".join(o[-2000:] for o in outs)
         study = optuna.load_study(study_name=study_name, storage=PG)
         done = study.get_trials(states=(COMPLETE,))
         assert len(done) == 24
@@ -76,11 +87,11 @@ def test_three_workers_share_one_study(tmp_path, study_name, mlflow_db):
         assert sorted(finished["tags.trial_number"].astype(int)) == sorted(t.number for t in done)
 
 
-def test_killed_worker_trial_is_failed_after_grace_and_retried(tmp_path, study_name):
+def test_killed_worker_trial_is_failed_after_grace_and_retried(tmp_path, study_name, workers):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     beat = ["hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.grace_period=4", "hydra.sweeper.reap_local=false"]
-    a = _worker(tmp_path / "a", _sweep_args(study_name, 4, uri, *beat, "hydra.sweeper.enqueue_baselines=false",
-                                            "debug.sleep_s=120"))
+    a = workers(tmp_path / "a", _sweep_args(study_name, 4, uri, *beat, "hydra.sweeper.enqueue_baselines=false"),
+                env={"VITQ_FAULTS": "sleep=120@*"})
     deadline = time.time() + 180
     running = []
     while not running:
@@ -99,7 +110,6 @@ def test_killed_worker_trial_is_failed_after_grace_and_retried(tmp_path, study_n
         time.sleep(0.5)
     os.killpg(a.pid, signal.SIGKILL)
     a.wait(30)
-    t0 = time.time()
     b = run_sweep(tmp_path / "a", *_sweep_args(study_name, 4, uri, *beat, "hydra.sweeper.enqueue_baselines=false"),
                   timeout=300)
     assert b.returncode == 0, b.stderr[-3000:]
@@ -110,7 +120,12 @@ def test_killed_worker_trial_is_failed_after_grace_and_retried(tmp_path, study_n
     assert dead.state == FAIL
     retried = [t for t in study.trials if t.system_attrs.get("failed_trial") == killed]
     assert retried and retried[0].state == COMPLETE and retried[0].params == dead.params
-    assert time.time() - t0 > 4  # it waited for the grace period, it did not guess
+    with sqlalchemy.create_engine(PG).connect() as c:  # it waited out the grace period after the last beat
+        last_beat = c.execute(sqlalchemy.text(
+            "SELECT h.heartbeat FROM trial_heartbeats h JOIN trials t ON t.trial_id = h.trial_id "
+            "JOIN studies s ON s.study_id = t.study_id WHERE s.study_name = :s AND t.number = :n"),
+            {"s": study_name, "n": killed}).scalar()
+    assert last_beat is not None and (dead.datetime_complete - last_beat).total_seconds() >= 4
     runs = mlflow.search_runs([MlflowClient().get_experiment_by_name(study_name).experiment_id], max_results=100)
     mine = runs[runs["tags.trial_number"] == str(killed)]
     assert len(mine) == 1 and mine["status"].iloc[0] in ("KILLED", "FAILED")
@@ -139,5 +154,8 @@ def test_joblib_launcher_runs_trials_in_parallel(tmp_path):
     parents = runs[runs["tags.vitq.role"] == "parent"]
     children = runs[runs["tags.mlflow.parentRunId"] == parents["run_id"].iloc[0]]
     assert len(parents) == 1 and len(children) == 4 and (children["status"] == "FINISHED").all()
-    pids = {t.system_attrs["vitq:worker"] for t in study.trials}
-    assert len(pids) == 1  # one sweeper process; joblib ran the trials
+    assert len({t.system_attrs["vitq:worker"] for t in study.trials}) == 1  # one sweeper process asked for them
+    procs = children["tags.vitq.process"]
+    assert procs.nunique() == 2  # joblib ran them in two worker processes...
+    spans = list(zip(procs, children["start_time"], children["end_time"], strict=True))
+    assert any(p != q and s1 < e2 and s2 < e1 for p, s1, e1 in spans for q, s2, e2 in spans)  # ...at the same time

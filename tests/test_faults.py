@@ -63,8 +63,8 @@ def test_secrets_never_written(tmp_path, pg_database):
                   f"tracking.uri={track}")
     assert r.returncode == 0, redact(r.stderr[-3000:])
     outputs.append(r)
-    r = run_sweep(tmp_path, "-m", "layers.attn_qkv.bit_type.bits=4,8", "debug.inject_nan=true", "study_name=grid",
-                  f"tracking.uri={track}")  # a sweep whose trials all fail
+    r = run_sweep(tmp_path, "-m", "layers.attn_qkv.bit_type.bits=4,8", "study_name=grid", f"tracking.uri={track}",
+                  env={"VITQ_FAULTS": "nan@*"})  # a sweep whose trials all fail
     assert r.returncode == 1, redact(r.stderr[-3000:])
     outputs.append(r)
     r = run_sweep(tmp_path, "layers.attn_qkv.bit_type.bits=1", f"tracking.uri={track}")  # a bad config
@@ -155,3 +155,36 @@ def test_unwritable_cache_falls_back_with_a_warning(tmp_path):
     r = run_sweep(tmp_path, "tracking=none", env={"VITQ_CACHE": str(unwritable)}, timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"cache folder {unwritable} is not writable" in r.stdout + r.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("step", ["before_run", "in_trial", "after_finish"])
+def test_a_kill_at_any_step_loses_nothing_and_duplicates_nothing(tmp_path, step):
+    """SIGKILL at trial 1 before its MLflow run opens, inside it, or after it is FINISHED but before Optuna records
+    it; the rerun ends with exactly n_trials COMPLETE trials, one FINISHED run each, and nothing RUNNING."""
+    import mlflow
+    import optuna
+    from mlflow.tracking import MlflowClient
+
+    args = ["-m", "hydra/sweeper=vitq_optuna", "hydra.sweeper.search=bits_only", "hydra.sweeper.n_trials=3",
+            "hydra.sweeper.study_name=once", "hydra.sweeper.enqueue_baselines=false"]
+    r = run_sweep(tmp_path, *args, env={"VITQ_FAULTS": f"kill_{step}@1"})
+    assert r.returncode == -9, r.stderr[-2000:]  # the fault fired
+    r = run_sweep(tmp_path, *args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    study = optuna.load_study(study_name="once", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    states = [t.state for t in study.trials]
+    complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert len(complete) == 3 and optuna.trial.TrialState.RUNNING not in states
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = mlflow.search_runs([MlflowClient().get_experiment_by_name("once").experiment_id])
+    kids = runs[runs["tags.vitq.role"] == "trial"]
+    finished = kids[kids["status"] == "FINISHED"]
+    assert len(finished) == 3 and finished["tags.trial_number"].is_unique  # no duplicate of the killed trial
+    assert "RUNNING" not in set(runs["status"]) and len(kids) <= len(study.trials)
+    by_number = {int(n): m for n, m in zip(finished["tags.trial_number"], finished["metrics.top1"], strict=True)}
+    for t in complete:  # each COMPLETE trial's value is its own run's (or, for a retry, the original's)
+        assert t.values[0] in {by_number.get(t.number), by_number.get(t.system_attrs.get("failed_trial", -1))}
+    if step == "after_finish":
+        assert study.trials[1].state == optuna.trial.TrialState.COMPLETE  # recorded from its FINISHED run
+        assert len(study.trials) == 3

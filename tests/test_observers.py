@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from reference import fqvit as fqvit_ref
+from reference import tensorrt as trt
 from torch.ao.quantization import MinMaxObserver, PerChannelMinMaxObserver
 
 from vitq import BitTypeConfig, QuantConfig
@@ -236,27 +237,8 @@ def test_omse_buffer_made_in_inference_mode_serves_later_calls():
 
 
 def tensorrt_entropy_reference(hist: np.ndarray, levels: int, start: int = 128) -> int:
-    """Plain loop: P = bins[:i] + outliers into bin i-1; Q = bins[:i] merged into `levels` groups.
-
-    The first threshold within 1e-12 (relative) of the least KL wins: thresholds that tie in exact arithmetic
-    (past the last non-empty bin, say) differ here by float64 rounding alone, in either direction."""
-    kls = {}
-    for i in range(max(start, levels), len(hist) + 1):
-        p = hist[:i].astype(np.float64).copy()
-        p[i - 1] += hist[i:].sum()
-        m = i // levels
-        q = np.zeros(i)
-        for grp in range(levels):
-            a, b = grp * m, (i if grp == levels - 1 else grp * m + m)
-            seg = hist[a:b]
-            nonzero = (seg > 0).sum()
-            if nonzero:
-                q[a:b] = np.where(seg > 0, seg.sum() / nonzero, 0.0)
-        p, q = p / p.sum(), q / q.sum()
-        mask = p > 0
-        kls[i] = float((p[mask] * np.log(p[mask] / np.maximum(q[mask], 1e-12))).sum())
-    least = min(kls.values())
-    return next(i for i, kl in kls.items() if kl <= least + 1e-12 * abs(least))
+    """vitq keeps the first of tied thresholds (as exact arithmetic and TensorRT's description do)."""
+    return trt.entropy_best_bin(hist, levels, start, tie="first")
 
 
 @pytest.mark.parametrize("bits", [8, 4])

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-import time
 
 import mlflow
 import numpy as np
 import optuna
 import pytest
-from _util import run_sweep
+from _util import run, run_sweep, spawn, stop_group
 from mlflow.tracking import MlflowClient
 
 from vitq.search.pareto import pareto_mask
@@ -28,15 +26,14 @@ def _runs(cwd, experiment):
     return mlflow.search_runs([exp.experiment_id], max_results=1000)
 
 
-def test_bad_override_fails_fast_with_config_error(tmp_path):
-    t0 = time.time()
+def test_bad_override_fails_with_config_error(tmp_path):
     r = _sweep(tmp_path, "attn_layer.kv_act.observer_type=MinMaxObserver")
-    assert r.returncode == 2 and time.time() - t0 < 15
+    assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "attn_layer.kv_act.observer_type" in r.stderr and "Did you mean 'MinmaxObserver'" in r.stderr
     r = _sweep(tmp_path, "layers.attn_qkv.bit_type.bits=1")
     assert r.returncode == 2 and "layers.attn_qkv.bit_type.bits: must be in 2..16" in r.stderr
-    r = _sweep(tmp_path, "layers.attn_qvk.bit_type.bits=4")
-    assert r.returncode != 0 and "attn_qvk" in r.stderr
+    r = _sweep(tmp_path, "layers.attn_qvk.bit_type.bits=4")  # Hydra's own struct check: its message, no traceback
+    assert r.returncode != 0 and "Key 'attn_qvk' is not in struct" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "mlflow.db").exists()  # nothing was started
 
 
@@ -97,9 +94,10 @@ def test_failing_trial_is_recorded_and_sweep_continues(tmp_path):
     sweep_file = tmp_path / "nan.yaml"
     sweep_file.write_text(
         "study_name: nan\nsampler: random\nn_trials: 3\n"
-        "baselines: [{debug.inject_nan: true, layers.attn_qkv.bit_type.bits: 8}]\n"
+        "baselines: [{layers.attn_qkv.bit_type.bits: 8}]\n"
         "params:\n  layers.attn_qkv.bit_type.bits: [4, 8]\n")
-    r = _sweep(tmp_path, "-m", "hydra/sweeper=vitq_optuna", f"hydra.sweeper.search={sweep_file}")
+    r = _sweep(tmp_path, "-m", "hydra/sweeper=vitq_optuna", f"hydra.sweeper.search={sweep_file}",
+               env={"VITQ_FAULTS": "nan@0"})  # trial 0 evaluates NaN images
     assert r.returncode == 1, r.stderr[-3000:]  # not every trial completed
     summary = [ln for ln in r.stderr.splitlines() if ln.startswith("vitq: ")]
     assert len(summary) == 1 and "1 trial(s) failed in study nan (first: trial 0: NonFiniteOutputError" in summary[0]
@@ -117,20 +115,26 @@ def test_failing_trial_is_recorded_and_sweep_continues(tmp_path):
 
 
 def test_kill_and_resume(tmp_path):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
     args = [sys.executable, "-m", "vitq.sweep", "-m", "hydra/sweeper=vitq_optuna", "hydra.sweeper.n_trials=6",
             "hydra.sweeper.study_name=resume", "hydra.sweeper.search=bits_only"]
-    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = spawn(args, tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seen = 0
     assert proc.stdout is not None
-    for line in proc.stdout:
-        seen += line.startswith("[vitq] trial")
-        if seen >= 2:
-            proc.kill()
-            break
-    proc.wait(timeout=60)
-    r = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    try:
+        for line in proc.stdout:
+            seen += line.startswith("[vitq] trial")
+            if seen >= 2:
+                proc.kill()
+                break
+        proc.wait(timeout=60)
+    finally:
+        stop_group(proc)
+    assert seen == 2 and proc.returncode == -9  # killed mid-sweep, after its second trial
+    before = _study(tmp_path, "resume")
+    assert len(before.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 2
+    r = run(args, tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("[vitq] trial") == 4  # the second run did only the rest
     study = _study(tmp_path, "resume")
     states = [t.state for t in study.trials]
     assert states.count(optuna.trial.TrialState.COMPLETE) == 6

@@ -20,7 +20,7 @@ OFF = LayerQuantConfig(default=QuantConfig(enabled=False))
 
 # The trained reference's weights differ with the CPU's float kernels: over reference seeds 0-3 and all four
 # blocks (one AMD EPYC machine), int8 gave 28.2-36.4 dB and w4a8 24.1-29.9 dB; the bounds sit ~3 and ~9 dB below.
-INT8_MIN_SQNR_DB = 25.0
+INT8_MIN_SQNR_DB = 32.0  # measured 34.0-37.1 dB over the 4 blocks
 
 
 def _sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
@@ -53,7 +53,7 @@ def _reference_block_io(reference, digits, index=1):
     return copy.deepcopy(model.blocks[index]), feats["x"]
 
 
-@pytest.mark.parametrize(("preset", "min_db"), [("int8", INT8_MIN_SQNR_DB), ("w4a8", 15.0)])
+@pytest.mark.parametrize(("preset", "min_db"), [("int8", INT8_MIN_SQNR_DB), ("w4a8", 25.0)])  # block 1: 35.7, 28.9
 def test_trained_block_sqnr(reference, digits, preset, min_db):
     block, x = _reference_block_io(reference, digits)
     q = QuantTimmVitBlock(copy.deepcopy(block), str(PRESETS / f"{preset}.yaml"), enable_profiling=True)
@@ -111,8 +111,9 @@ def test_int_softmax_and_log2_path(reference, digits):
     with torch.inference_mode():
         with q.calibration():
             q(x[:128])
+        assert q.softmax.integer(q.quantizers["kv_act"])  # uint8 scores with a zero point: the integer path runs
         out = q(x[128:])
-    assert torch.isfinite(out).all() and _sqnr(block(x[128:]), out) > 15
+    assert torch.isfinite(out).all() and _sqnr(block(x[128:]), out) > 18  # measured 20.7 dB (blocks 0-3: 20.7-27)
 
 
 def test_ranges_memoized_per_observer_key(reference, digits, monkeypatch):

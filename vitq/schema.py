@@ -75,12 +75,6 @@ class TrackingSchema:
 
 
 @dataclass
-class DebugSchema:
-    inject_nan: bool = False
-    sleep_s: float = 0.0  # hold each trial this long before evaluating (crash/heartbeat tests)
-
-
-@dataclass
 class VitqConfig:
     default: EntrySchema = field(default_factory=EntrySchema)
     layers: LayersSchema = field(default_factory=LayersSchema)  # type: ignore[valid-type]
@@ -90,7 +84,6 @@ class VitqConfig:
     model: ModelSchema = field(default_factory=ModelSchema)
     data: DataSchema = field(default_factory=DataSchema)
     tracking: TrackingSchema = field(default_factory=TrackingSchema)
-    debug: DebugSchema = field(default_factory=DebugSchema)
     device: str = "auto"
     study_name: str = "vitq"
     trial_number: int | None = None

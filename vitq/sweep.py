@@ -8,6 +8,8 @@ metrics (the objectives of vitq's Optuna sweeper).
 from __future__ import annotations
 
 import json
+import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from vitq.faults import fault, maybe_kill
 from vitq.paths import CONF_DIR as PATHS_CONF_DIR
 from vitq.quant.config import SECTIONS, LayerQuantConfig
 from vitq.redact import fail, install_log_redaction, redact_tree, say
@@ -184,23 +187,26 @@ def _job(cfg: DictConfig, number: int | None, multirun: bool) -> dict[str, float
         qcfg.to_yaml(Path(cfg.export_dir) / f"quant_config_{number or 0}.yaml")
 
     def trial() -> tuple[dict[str, float], Any]:
-        if cfg.debug.sleep_s:
+        maybe_kill("in_trial", number)
+        if (seconds := fault("sleep", number)) is not None:
             import time
 
-            time.sleep(cfg.debug.sleep_s)
-        if cfg.debug.inject_nan:
+            time.sleep(float(seconds))
+        if fault("nan", number) is not None:
             res = run_trial(session.model, _nan_data(session.data), qcfg, batch_size=session.eval_batch_size,
                             calib_batch_size=session.calib_batch_size, stats_dir=session.stats_dir)
         else:
             res = session.run_trial(qcfg)
         return res.metrics(), res.profile
 
+    maybe_kill("before_run", number)
     if cfg.tracking.enabled:
         with tracking.trial_run(cfg.tracking.uri, cfg.study_name, number, qcfg,
-                                tags={**session.provenance(),
+                                tags={**session.provenance(), "vitq.process": f"{socket.gethostname()}:{os.getpid()}",
                                       **({"vitq.baseline": cfg.baseline} if cfg.baseline else {})}) as rid:
             metrics, profile = trial()
             tracking.log_result(rid, metrics, profile)
+        maybe_kill("after_finish", number)
     else:
         metrics, profile = trial()
     if not multirun and HydraConfig.initialized():

@@ -198,6 +198,16 @@ def log_result(run_id: str, metrics: dict[str, float], profile: pd.DataFrame | N
         client.log_text(run_id, profile.to_csv(index=False), "profile.csv")
 
 
+def finished_metrics(parent_id: str, trial_number: int) -> dict[str, float] | None:
+    """The metrics of trial ``trial_number``'s FINISHED run under ``parent_id`` (the current store), if any."""
+    client = MlflowClient()
+    exp_id = client.get_run(parent_id).info.experiment_id
+    query = (f"tags.mlflow.parentRunId = {literal(parent_id)} and tags.trial_number = {literal(str(trial_number))} "
+             "and attributes.status = 'FINISHED'")
+    runs = client.search_runs([exp_id], query, max_results=1)
+    return dict(runs[0].data.metrics) if runs else None
+
+
 def child_runs(parent_id: str) -> pd.DataFrame:
     client = MlflowClient()
     exp_id = client.get_run(parent_id).info.experiment_id

@@ -168,6 +168,7 @@ class VitqOptunaSweeperImpl(Sweeper):
         self.config: DictConfig | None = None
         self._dead: list[int] = []
         self._rdb: RDBStorage | None = None  # trial numbers failed as stale/dead, whose MLflow runs must end KILLED
+        self._parent: str | None = None  # this sweep's MLflow parent run
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.config = config
@@ -240,6 +241,7 @@ class VitqOptunaSweeperImpl(Sweeper):
                                                              for p in spec.params}},
                                            tags=session.provenance())
             os.environ[tracking.PARENT_ENV] = parent
+            self._parent = parent
         if created:  # only the worker that created the study enqueues: no duplicates
             first = self._warm_start_params(spec) if self.warm_start_budgets else []
             if self.enqueue_baselines:
@@ -290,6 +292,11 @@ class VitqOptunaSweeperImpl(Sweeper):
                 if _rank(study, t) > spec.n_trials:  # another worker asked at the same moment
                     t.set_user_attr("vitq:surplus", True)
                     study.tell(t, state=TrialState.PRUNED)
+                    continue
+                retried = study._storage.get_trial_system_attrs(t._trial_id).get("failed_trial")
+                if retried is not None and self._recorded(study, spec, t, retried):
+                    log.warning("trial %d repeats trial %d, whose MLflow run had finished: recorded from it",
+                                t.number, retried)
                     continue
                 batch.append(t)
             if not batch:
@@ -352,6 +359,23 @@ class VitqOptunaSweeperImpl(Sweeper):
                 out.append(f"{k}={str(v).lower() if isinstance(v, bool) else v}")
         return tuple(out)
 
+    def _recorded(self, study: optuna.Study, spec: SearchSpec, trial: Any, number: int) -> bool:
+        """Exactly once: if trial ``number`` already has a FINISHED MLflow run under this sweep (its worker died
+        between MLflow's record and Optuna's), tell ``trial`` COMPLETE with that run's metrics; True if it did."""
+        if self._parent is None:
+            return False
+        metrics = tracking.finished_metrics(self._parent, number)
+        if metrics is None or any(k not in metrics for k in spec.objectives):
+            return False
+        try:
+            for k, v in metrics.items():
+                study._storage.set_trial_user_attr(trial._trial_id, k, float(v))
+            study._storage.set_trial_state_values(trial._trial_id, TrialState.COMPLETE,
+                                                  [float(metrics[k]) for k in spec.objectives])
+        except optuna.exceptions.UpdateFinishedTrialError:
+            return False
+        return True
+
     def _reap(self, study: optuna.Study, spec: SearchSpec) -> None:
         """Fail trials of dead workers: stale heartbeats (any host), or a dead process on this host."""
         optuna.storages.fail_stale_trials(study)
@@ -361,6 +385,10 @@ class VitqOptunaSweeperImpl(Sweeper):
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if self.reap_local else []:
             h, _, pid = str(t.system_attrs.get(WORKER_ATTR, "")).rpartition(":")
             if h != host or not pid.isdigit() or _alive(int(pid)):
+                continue
+            if self._recorded(study, spec, t, t.number):
+                log.warning("trial %d: its worker (pid %s) died after the trial finished; recorded from its MLflow "
+                            "run", t.number, pid)
                 continue
             try:
                 storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
