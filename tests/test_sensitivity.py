@@ -109,15 +109,16 @@ def test_warm_start_enqueues_solver_configs_then_baselines(tmp_path):
     trials = sorted(study.trials, key=lambda t: t.number)
     assert len([t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]) == 7
     spec = load_search("mixed_precision")
-    baselines = spec.baseline_params()
+    baselines = spec.baseline_params(load_config_from_yaml(PRESETS / "int8.yaml"))
     assert len(baselines) == 4
     warm = [t.params for t in trials[:2]]
     for params, budget, t in zip(warm, budgets, trials[:2], strict=True):
         bits = {k: v for k, v in params.items() if k.endswith("bit_type.bits")}
         assert len(bits) == len(POINTS)
         assert t.user_attrs["weight_bytes"] <= budget  # the solver's config, as run, fits its budget
+    names = {p.name for p in spec.params}
     for t, b in zip(trials[2:6], baselines, strict=True):
-        assert {k: t.params[k] for k in b} == b
+        assert {k: t.params[k] for k in names} == {k: b[k] for k in names}  # every searched parameter pinned
     assert enqueue_params({"kv_act": 4}) == {"attn_layer.kv_act.bit_type.bits": 4}
 
 

@@ -33,7 +33,8 @@ def test_bad_override_fails_with_config_error(tmp_path):
     r = _sweep(tmp_path, "layers.attn_qkv.bit_type.bits=1")
     assert r.returncode == 2 and "layers.attn_qkv.bit_type.bits: must be in 2..16" in r.stderr
     r = _sweep(tmp_path, "layers.attn_qvk.bit_type.bits=4")  # Hydra's own struct check: its message, no traceback
-    assert r.returncode != 0 and "Key 'attn_qvk' is not in struct" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode != 0 and "Could not override 'layers.attn_qvk.bit_type.bits'" in r.stderr
+    assert "Traceback" not in r.stderr
     assert not (tmp_path / "mlflow.db").exists()  # nothing was started
 
 
@@ -130,8 +131,8 @@ def test_kill_and_resume(tmp_path):
     finally:
         stop_group(proc)
     assert seen == 2 and proc.returncode == -9  # killed mid-sweep, after its second trial
-    before = _study(tmp_path, "resume")
-    assert len(before.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 2
+    before = _study(tmp_path, "resume")  # trial 1 may have died between its MLflow run and Optuna's record
+    assert len(before.get_trials(states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING))) == 2
     r = run(args, tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("[vitq] trial") == 4  # the second run did only the rest

@@ -106,7 +106,8 @@ def compare(n_trials: int = 30, seeds: int = 3, reference_trials: int = 300, sea
     cheapest = table.cost([0] * len(table.points))  # every point at the narrowest candidate
     widest = table.cost([len(table.candidates) - 1] * len(table.points))
     sols = configs_for_budgets(sens, table, [cheapest + f * (widest - cheapest) for f in budgets_frac])
-    warm = [enqueue_params(s["bits"]) for s in sols if s["feasible"]] + spec.baseline_params(base)
+    warm = [spec.pinned_params(base.with_overrides(enqueue_params(s["bits"])), base, "warm start")
+            for s in sols if s["feasible"]] + spec.baseline_params(base)
     samplers = {"tpe_warm": lambda s: optuna.samplers.TPESampler(seed=s, multivariate=True),
                 "nsga2_warm": lambda s: optuna.samplers.NSGAIISampler(seed=s, population_size=10),
                 "nsga2": lambda s: optuna.samplers.NSGAIISampler(seed=s, population_size=10),

@@ -121,31 +121,33 @@ class SearchSpec:
         ConfigError: nothing is rounded to the nearest choice.
         """
         out = []
-        flat_base = flat_resolved(base)
         for b in self.baselines:
             if isinstance(b, dict):
                 out.append(dict(b))
                 continue
             label, cfg = _baseline_config(str(b), base)
-            flat = flat_resolved(cfg)
-            params: dict[str, Any] = {}
-            covered: set[str] = set()
-            for p in self.params:
-                keys = expand_key(p.name)
-                vals = {flat[k] for k in keys}
-                if len(vals) != 1:
-                    raise ConfigError(f"search.baselines.{b}", f"{p.name} covers keys whose values differ in this "
-                                                               f"baseline ({sorted(map(str, vals))}); split the "
-                                                               "parameter so the baseline can be pinned")
-                v = vals.pop()
-                if not p.accepts(v):
-                    raise ConfigError(f"search.baselines.{b}", f"{p.name}={v} lies outside the search space")
-                params[p.name] = v
-                covered.update(keys)
-            params.update({k: v for k, v in flat.items() if k not in covered and flat_base.get(k) != v})
-            params["baseline"] = label
-            out.append(params)
+            out.append({**self.pinned_params(cfg, base, f"search.baselines.{b}"), "baseline": label})
         return out
+
+    def pinned_params(self, cfg: LayerQuantConfig, base: LayerQuantConfig, where: str) -> dict[str, Any]:
+        """Params that make a trial run exactly ``cfg`` on top of ``base``: every searched parameter pinned to
+        ``cfg``'s value, and every other field where ``cfg`` differs from ``base`` as a dotted override."""
+        flat, flat_base = flat_resolved(cfg), flat_resolved(base)
+        params: dict[str, Any] = {}
+        covered: set[str] = set()
+        for p in self.params:
+            keys = expand_key(p.name)
+            vals = {flat[k] for k in keys}
+            if len(vals) != 1:
+                raise ConfigError(where, f"{p.name} covers keys whose values differ in this config "
+                                         f"({sorted(map(str, vals))}); split the parameter so it can be pinned")
+            v = vals.pop()
+            if not p.accepts(v):
+                raise ConfigError(where, f"{p.name}={v} lies outside the search space")
+            params[p.name] = v
+            covered.update(keys)
+        params.update({k: v for k, v in flat.items() if k not in covered and flat_base.get(k) != v})
+        return params
 
 
 def flat_resolved(cfg: LayerQuantConfig) -> dict[str, Any]:

@@ -347,7 +347,8 @@ class VitqOptunaSweeperImpl(Sweeper):
                 log.warning("warm start: budget %s %s is infeasible; skipped", s["budget"], self.warm_start_metric)
         if cfg.tracking.enabled:
             sens_mod.log_to_mlflow(sens, sols, cfg.tracking.uri, spec.study_name, self.warm_start_score)
-        return [sens_mod.enqueue_params(s["bits"]) for s in sols if s["feasible"]]
+        return [spec.pinned_params(base.with_overrides(sens_mod.enqueue_params(s["bits"])), base, "warm start")
+                for s in sols if s["feasible"]]
 
     def _trial_overrides(self, trial: optuna.Trial, spec: SearchSpec) -> tuple[str, ...]:
         out = [f"trial_number={trial.number}", f"study_name={spec.study_name}"]
