@@ -21,6 +21,8 @@ import sqlalchemy
 from _util import free_port, mlflow_server, run_sweep, spawn, stop_group
 from mlflow.tracking import MlflowClient
 
+from vitq.search.space import load_search
+
 pytestmark = pytest.mark.slow
 PG = os.environ.get("VITQ_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 COMPLETE, RUNNING, FAIL = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING,
@@ -159,3 +161,36 @@ def test_joblib_launcher_runs_trials_in_parallel(tmp_path):
     assert procs.nunique() == 2  # joblib ran them in two worker processes...
     spans = list(zip(procs, children["start_time"], children["end_time"], strict=True))
     assert any(p != q and s1 < e2 and s2 < e1 for p, s1, e1 in spans for q, s2, e2 in spans)  # ...at the same time
+
+
+def _cold_start(tmp_path: Path, workers, storage: str, rounds: int) -> None:
+    """``rounds`` times: 3 workers started at once on an empty folder (and an empty study) all succeed, the study
+    ends with exactly n_trials COMPLETE, and each baseline runs exactly once."""
+    spec = load_search("bits_only")
+    for k in range(rounds):
+        cwd = tmp_path / f"round{k}"
+        study = f"cold_{k}_{uuid.uuid4().hex[:6]}"
+        args = ["-m", "hydra/sweeper=vitq_optuna", "hydra.sweeper.search=bits_only", "hydra.sweeper.n_trials=5",
+                f"hydra.sweeper.study_name={study}", f"hydra.sweeper.storage={storage(cwd)}",
+                "hydra.sweeper.poll_interval=0.5"]
+        procs = [workers(cwd, args) for _ in range(3)]
+        outs = [p.communicate(timeout=600)[0] for p in procs]
+        said = [[ln for ln in o.splitlines() if "vitq:" in ln or "Error" in ln or "failed" in ln] for o in outs]
+        assert [p.returncode for p in procs] == [0, 0, 0], said
+        s = optuna.load_study(study_name=study, storage=storage(cwd))
+        done = s.get_trials(states=(COMPLETE,))
+        assert len(done) == 5 and not s.get_trials(states=(RUNNING,))
+        labels = [t.system_attrs.get("fixed_params", {}).get("baseline") for t in s.trials]
+        assert sorted(x for x in labels if x) == sorted(f"W{b[1]}A{b[3]}" for b in spec.baselines)  # once each
+        mlflow.set_tracking_uri(f"sqlite:///{cwd / 'mlflow.db'}")
+        runs = mlflow.search_runs([MlflowClient().get_experiment_by_name(study).experiment_id], max_results=100)
+        assert (runs["tags.vitq.role"] == "parent").sum() == 1 and "RUNNING" not in set(runs["status"])
+
+
+def test_three_workers_cold_start_sqlite(tmp_path, workers):
+    _cold_start(tmp_path, workers, lambda cwd: f"sqlite:///{cwd / 'optuna.db'}", rounds=3)
+
+
+def test_three_workers_cold_start_postgres(tmp_path, workers, pg_database):
+    url = pg_database()
+    _cold_start(tmp_path, workers, lambda cwd: url, rounds=2)

@@ -24,6 +24,7 @@ from hydra.experimental.callback import Callback
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
+from vitq.paths import file_lock
 from vitq.quant.config import POINTS, SECTION_OF, LayerQuantConfig
 from vitq.redact import fail, redact
 from vitq.search.pareto import pareto_mask
@@ -50,14 +51,8 @@ def _store_lock(uri: str) -> Iterator[None]:
     if path is None:
         yield
         return
-    import fcntl
-
-    with open(path.with_name(path.name + ".lock"), "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    with file_lock(path.with_name(path.name + ".lock")):
+        yield
 DEFAULT_OBJECTIVES: dict[str, str] = {"top1": "maximize", "weight_bytes": "minimize"}
 
 

@@ -37,6 +37,7 @@ from omegaconf import DictConfig
 from optuna.storages import BaseStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 
 from vitq import tracking
+from vitq.paths import file_lock
 from vitq.quant.config import ConfigError
 from vitq.redact import fail, install_log_redaction, redact
 from vitq.search.space import SAMPLERS, SearchSpec, load_search
@@ -44,6 +45,7 @@ from vitq.search.space import SAMPLERS, SearchSpec, load_search
 log = logging.getLogger(__name__)
 TrialState = optuna.trial.TrialState
 WORKER_ATTR = "vitq:worker"
+ENQUEUED_ATTR = "vitq:enqueued"  # the study's warm-start configs and baselines are in
 STORAGE_ENV = "VITQ_STORAGE"  # the storage URL from the environment: it never reaches Hydra's files
 
 
@@ -82,17 +84,54 @@ def make_storage(url: str, heartbeat_interval: int | None = 30, grace_period: in
         if on_stale is not None:
             on_stale(trial)
 
+    engine = {"pool_pre_ping": True} if not url.startswith("sqlite") else {}
+    if url.startswith("postgresql"):
+        engine["connect_args"] = {"connect_timeout": 10}
     try:
-        engine = {"pool_pre_ping": True} if not url.startswith("sqlite") else {}
-        if url.startswith("postgresql"):
-            engine["connect_args"] = {"connect_timeout": 10}
-        return RDBStorage(url, engine_kwargs=engine, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
-                          heartbeat_stale_trial_callback=stale if heartbeat_interval else None)
+        for attempt in range(3):  # workers creating one new database's tables together may collide: try again
+            try:
+                with storage_lock(url):
+                    return RDBStorage(url, engine_kwargs=engine, heartbeat_interval=heartbeat_interval,
+                                      grace_period=grace_period,
+                                      heartbeat_stale_trial_callback=stale if heartbeat_interval else None)
+            except Exception as e:  # noqa: BLE001
+                if attempt == 2 or "connect" in str(e).lower():
+                    raise
+                time.sleep(0.5 + random.random())
+        raise AssertionError("unreachable")
     except Exception as e:  # noqa: BLE001 - any driver/SQLAlchemy error becomes one clear message
         cause = e.__cause__ if isinstance(e, ImportError) and e.__cause__ else getattr(e, "orig", None) or e
         reason = f"{type(cause).__name__}: {cause}".strip().splitlines()
         raise StorageError(f"cannot open the Optuna storage {redact(url)}: "
                            f"{reason[0] if reason else type(e).__name__}") from None
+
+
+@contextmanager
+def storage_lock(url: str, storage: BaseStorage | None = None) -> Iterator[None]:
+    """Serialize workers on one storage: a file lock beside a SQLite database or a journal file, a PostgreSQL
+    advisory lock on a PostgreSQL storage (``storage`` given); other databases run the body unlocked."""
+    if url.startswith("journal:") or "://" not in url:
+        with file_lock(Path(url.removeprefix("journal://").removeprefix("journal:")).expanduser().with_suffix(".lock")):
+            yield
+        return
+    if (path := tracking.sqlite_file(url)) is not None:
+        with file_lock(path.with_name(path.name + ".lock")):
+            yield
+        return
+    engine = getattr(storage, "engine", None)
+    if engine is None or engine.dialect.name != "postgresql":
+        yield
+        return
+    import sqlalchemy
+
+    key = zlib.crc32(b"vitq-study-setup")
+    with engine.connect() as conn:
+        conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+        try:
+            yield
+        finally:
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+            conn.commit()
 
 
 def _retry_callback(max_retry: int | None) -> RetryHeartbeatStaleTrialCallback:
@@ -242,12 +281,15 @@ class VitqOptunaSweeperImpl(Sweeper):
                                            tags=session.provenance())
             os.environ[tracking.PARENT_ENV] = parent
             self._parent = parent
-        if created:  # only the worker that created the study enqueues: no duplicates
+        if not study.user_attrs.get(ENQUEUED_ATTR):  # whichever worker comes first, even if the creator died
             first = self._warm_start_params(spec) if self.warm_start_budgets else []
             if self.enqueue_baselines:
                 first += spec.baseline_params(base)
-            for params in first:
-                study.enqueue_trial(params, skip_if_exists=True)
+            with storage_lock(spec.storage, self._rdb):  # one worker at a time: exactly once
+                if not study.user_attrs.get(ENQUEUED_ATTR):
+                    for params in first:
+                        study.enqueue_trial(params, skip_if_exists=True)
+                    study.set_user_attr(ENQUEUED_ATTR, True)
         try:
             returns, failed = self._run(study, spec, arguments)
         except KeyboardInterrupt:
