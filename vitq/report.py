@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import ast
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from mlflow.tracking import MlflowClient
 
 from vitq.paths import NOTEBOOK
 from vitq.quant.config import POINTS, SECTION_OF, WEIGHT_POINTS
+from vitq.redact import say
 from vitq.search.pareto import hypervolume_2d, pareto_mask
 from vitq.tracking import DEFAULT_OBJECTIVES, resolve_uri
 
@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 table = presets_table(args.overrides)
             except SessionError as e:
-                print(f"vitq: {e}", file=sys.stderr)
+                say(e)
                 return 2
             print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
         elif args.cmd == "export":
@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"[vitq.report] {run_notebook(args.tracking_uri, args.study.split(','), args.out)}")
     except ReportError as e:
-        print(f"vitq.report: {e}", file=sys.stderr)
+        say(e)
         return 2
     return 0
 

@@ -192,7 +192,8 @@ class Session:
             if d.name == "digits":
                 if d.root or d.calib_root or d.eval_root:
                     raise DataError("data.root: data=digits takes no folders (use data=folder)")
-                self._data = load_digits(seed=d.seed, n_train=d.n_train, n_calib=d.n_calib or 256, n_eval=d.n_eval)
+                n_calib = d.n_train if d.n_calib is None else d.n_calib  # null: every training image
+                self._data = load_digits(seed=d.seed, n_train=d.n_train, n_calib=n_calib, n_eval=d.n_eval)
             elif d.name == "folder":
                 self._data = load_image_folder(self.model, root=d.root, calib_root=d.calib_root,
                                                eval_root=d.eval_root, n_calib=d.n_calib, n_eval=d.n_eval,
