@@ -188,3 +188,74 @@ def test_a_kill_at_any_step_loses_nothing_and_duplicates_nothing(tmp_path, step)
     if step == "after_finish":
         assert study.trials[1].state == optuna.trial.TrialState.COMPLETE  # recorded from its FINISHED run
         assert len(study.trials) == 3
+
+
+@pytest.mark.slow
+def test_baselines_enqueued_once_even_if_the_creator_dies(tmp_path):
+    import optuna
+
+    args = ["-m", "hydra/sweeper=vitq_optuna", "hydra.sweeper.search=bits_only", "hydra.sweeper.n_trials=4",
+            "hydra.sweeper.study_name=orphan"]
+    r = run_sweep(tmp_path, *args, env={"VITQ_FAULTS": "kill_before_enqueue@*"})
+    assert r.returncode == -9  # the study exists, nothing enqueued
+    study = optuna.load_study(study_name="orphan", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert study.trials == [] and not study.user_attrs.get("vitq:enqueued")
+    r = run_sweep(tmp_path, *args)
+    assert r.returncode == 0, r.stderr[-2000:]
+    labels = [t.system_attrs.get("fixed_params", {}).get("baseline") for t in study.trials]
+    assert sorted(x for x in labels if x) == ["W4A8", "W6A6", "W8A8"]
+
+
+@pytest.mark.slow
+def test_ctrl_c_one_line_trial_fail_parent_killed(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import mlflow
+    import optuna
+    from _util import spawn, stop_group
+    from mlflow.tracking import MlflowClient
+
+    proc = spawn([sys.executable, "-m", "vitq.sweep", "-m", "hydra/sweeper=vitq_optuna", "hydra.sweeper.n_trials=3",
+                  "hydra.sweeper.search=bits_only", "hydra.sweeper.study_name=ctrlc"], tmp_path,
+                 {"VITQ_FAULTS": "sleep=60@0"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        study = None
+        while time.time() < deadline and proc.poll() is None:  # until trial 0 sleeps inside its MLflow run
+            try:
+                study = optuna.load_study(study_name="ctrlc", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+                if study.get_trials(states=(optuna.trial.TrialState.RUNNING,)):
+                    time.sleep(3)
+                    break
+            except KeyError:
+                pass
+            time.sleep(0.5)
+        assert proc.poll() is None and study is not None
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        stop_group(proc)
+    lines = [ln for ln in err.splitlines() if ln.startswith("vitq: ")]
+    assert proc.returncode == 130 and len(lines) == 1 and "interrupted (Ctrl-C)" in lines[0], err[-2000:]
+    assert "Traceback" not in err
+    study = optuna.load_study(study_name="ctrlc", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    states = [t.state for t in study.trials]  # trial 0 FAIL; the baselines not yet run still WAITING
+    assert states[0] == optuna.trial.TrialState.FAIL and set(states[1:]) <= {optuna.trial.TrialState.WAITING}
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = mlflow.search_runs([MlflowClient().get_experiment_by_name("ctrlc").experiment_id])
+    assert set(runs["status"]) == {"KILLED"}  # the trial's run and the parent
+
+
+@pytest.mark.slow
+def test_study_name_with_a_quote_and_an_alias_bomb(tmp_path):
+    r = run_sweep(tmp_path, "-m", "hydra/sweeper=vitq_optuna", "hydra.sweeper.search=bits_only",
+                  "hydra.sweeper.n_trials=1", 'hydra.sweeper.study_name="it'"'"'s"', "hydra.sweeper.enqueue_baselines=false")
+    assert r.returncode == 0, r.stderr[-2000:]
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{c}: &{c} [{', '.join(['*' + p] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi", strict=True)))
+    r = run_sweep(tmp_path, "-m", "hydra/sweeper=vitq_optuna", f"hydra.sweeper.search={bomb}", timeout=120)
+    assert "more than 64 alias references" in _error_line(r) and len(r.stderr) < 5000

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import random
+import re
 import socket
 import threading
 import time
@@ -37,6 +38,7 @@ from omegaconf import DictConfig
 from optuna.storages import BaseStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 
 from vitq import tracking
+from vitq.faults import maybe_kill
 from vitq.paths import file_lock
 from vitq.quant.config import ConfigError
 from vitq.redact import fail, install_log_redaction, redact
@@ -132,6 +134,17 @@ def storage_lock(url: str, storage: BaseStorage | None = None) -> Iterator[None]
         finally:
             conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
             conn.commit()
+
+
+def hydra_value(v: Any) -> str:
+    """``v`` as a value of a Hydra command-line override: booleans lowercase, a string with characters outside
+    Hydra's bare-value grammar quoted (quotes and backslashes escaped)."""
+    if isinstance(v, bool):
+        return str(v).lower()
+    s = str(v)
+    if isinstance(v, str) and not re.fullmatch(r"[\w.\-+/:@]*", s):
+        return "'" + s.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return s
 
 
 def _retry_callback(max_retry: int | None) -> RetryHeartbeatStaleTrialCallback:
@@ -281,6 +294,7 @@ class VitqOptunaSweeperImpl(Sweeper):
                                            tags=session.provenance())
             os.environ[tracking.PARENT_ENV] = parent
             self._parent = parent
+        maybe_kill("before_enqueue", None)  # (a test's fault hook: VITQ_FAULTS)
         if not study.user_attrs.get(ENQUEUED_ATTR):  # whichever worker comes first, even if the creator died
             first = self._warm_start_params(spec) if self.warm_start_budgets else []
             if self.enqueue_baselines:
@@ -393,13 +407,13 @@ class VitqOptunaSweeperImpl(Sweeper):
                 for s in sols if s["feasible"]]
 
     def _trial_overrides(self, trial: optuna.Trial, spec: SearchSpec) -> tuple[str, ...]:
-        out = [f"trial_number={trial.number}", f"study_name={spec.study_name}"]
+        out = [f"trial_number={trial.number}", f"study_name={hydra_value(spec.study_name)}"]
         names = {p.name for p in spec.params}
-        out += [f"{k}={v}" for k, v in spec.suggest_overrides(trial).items()]
+        out += [f"{k}={hydra_value(v)}" for k, v in spec.suggest_overrides(trial).items()]
         fixed = trial.study._storage.get_trial_system_attrs(trial._trial_id).get("fixed_params", {})
         for k, v in fixed.items():  # enqueued keys outside the search space pass straight through
             if k not in names:
-                out.append(f"{k}={str(v).lower() if isinstance(v, bool) else v}")
+                out.append(f"{k}={hydra_value(v)}")
         return tuple(out)
 
     def _recorded(self, study: optuna.Study, spec: SearchSpec, trial: Any, number: int) -> bool:
