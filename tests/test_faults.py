@@ -251,8 +251,9 @@ def test_ctrl_c_one_line_trial_fail_parent_killed(tmp_path):
 
 @pytest.mark.slow
 def test_study_name_with_a_quote_and_an_alias_bomb(tmp_path):
+    quoted = "hydra.sweeper.study_name=\"it's\""  # Hydra's grammar: a quote needs a quoted value
     r = run_sweep(tmp_path, "-m", "hydra/sweeper=vitq_optuna", "hydra.sweeper.search=bits_only",
-                  "hydra.sweeper.n_trials=1", 'hydra.sweeper.study_name="it'"'"'s"', "hydra.sweeper.enqueue_baselines=false")
+                  "hydra.sweeper.n_trials=1", quoted, "hydra.sweeper.enqueue_baselines=false")
     assert r.returncode == 0, r.stderr[-2000:]
     bomb = tmp_path / "bomb.yaml"
     bomb.write_text("a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(

@@ -341,7 +341,8 @@ class VitqOptunaSweeperImpl(Sweeper):
                 continue
             batch = []
             for _ in range(min(self.n_jobs, free)):
-                t = study.ask()
+                with storage_lock(spec.storage, self._rdb):  # SQLite has no row locks: two workers could pop one
+                    t = study.ask()  # waiting trial; under the lock each pops its own
                 study._storage.set_trial_system_attr(t._trial_id, WORKER_ATTR, worker)
                 if self._rdb is not None and self.heartbeat_interval:
                     self._rdb.record_heartbeat(t._trial_id)
@@ -518,10 +519,11 @@ def _finalize(parent: str, spec: SearchSpec, status: str = "FINISHED", attempts:
             tracking.finalize_parent(parent, spec.objectives, terminate=False)
             mlflow.MlflowClient().set_terminated(parent, status)
             return
-        except mlflow.exceptions.MlflowException as e:
+        except Exception as e:  # noqa: BLE001 - workers finishing together write the same tags: try again
             if i == attempts - 1:
-                mlflow.MlflowClient().set_terminated(parent, "FAILED")
-                fail(f"could not write the Pareto front of parent run {parent}: {e}", code=1)
+                with contextlib.suppress(Exception):
+                    mlflow.MlflowClient().set_terminated(parent, "FAILED")
+                fail(f"could not write the Pareto front of parent run {parent}: {type(e).__name__}: {e}", code=1)
             time.sleep(0.2 + random.random())
 
 
