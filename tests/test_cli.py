@@ -6,6 +6,7 @@ import json
 import sys
 
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
 from _util import run, run_sweep
@@ -51,7 +52,24 @@ def test_compare_cli_writes_its_table(tmp_path):
     table = pd.read_csv(tmp_path / "cmp" / "search_comparison.csv")
     assert set(table["strategy"]) == {"tpe_warm", "nsga2_warm", "nsga2", "random", "aimet_greedy"}
     assert (tmp_path / "cmp" / "search_comparison.png").stat().st_size > 5000
-    assert json.loads((tmp_path / "cmp" / "search_comparison.json").read_text())["n_trials"] == 2
-    assert "wrote" in r.stdout and "tpe_warm" in r.stdout
+    result = json.loads((tmp_path / "cmp" / "search_comparison.json").read_text())
+    assert result["n_trials"] == 2 and result["reference_hv"] > 0 and "wrote" in r.stdout and "tpe_warm" in r.stdout
+    # warm start runs the solver's configs first: tpe_warm's 2 trials are the first 2 of them, evaluated here anew
+    from vitq import load_config_from_yaml
+    from vitq.paths import PRESETS_DIR
+    from vitq.search.sensitivity import compute_sensitivity, configs_for_budgets, cost_table, enqueue_params
+    from vitq.session import Session
+    from vitq.sweep import compose
+
+    session = Session.from_config(compose([]))
+    base = load_config_from_yaml(PRESETS_DIR / "int8.yaml")
+    sens = compute_sensitivity(session.model, session.data, base)  # the CLI's, from the cache
+    costs = cost_table(session.model, base, sens.candidates, "weight_bytes")
+    lo, hi = costs.cost([0] * len(costs.points)), costs.cost([len(costs.candidates) - 1] * len(costs.points))
+    expected = []
+    for s in configs_for_budgets(sens, costs, [lo + f * (hi - lo) for f in (0.1, 0.2)]):
+        res = session.run_trial(base.with_overrides(enqueue_params(s["bits"])), profile=False)
+        expected.append([res.top1, res.weight_bytes / res.fp32_bytes])
+    np.testing.assert_allclose(result["fronts"]["tpe_warm"][0], expected, rtol=1e-12)
     r = run([sys.executable, "-m", "vitq.search.compare", "--trials", "2", "data.n_calib=0"], tmp_path, timeout=300)
     assert r.returncode == 2 and "empty split" in r.stderr

@@ -120,29 +120,3 @@ def test_warm_start_enqueues_solver_configs_then_baselines(tmp_path):
     for t, b in zip(trials[2:6], baselines, strict=True):
         assert {k: t.params[k] for k in names} == {k: b[k] for k in names}  # every searched parameter pinned
     assert enqueue_params({"kv_act": 4}) == {"attn_layer.kv_act.bit_type.bits": 4}
-
-
-@pytest.mark.slow
-def test_strategy_comparison_runs_and_scores_every_strategy():
-    from vitq.search.compare import STRATEGIES, compare
-
-    result = compare(n_trials=3, seeds=1, reference_trials=3, log=lambda _: None)
-    table = {r["strategy"]: r for r in result["table"]}
-    assert set(table) == set(STRATEGIES)
-    assert result["reference_hv"] > 0 and len(result["fronts"]["tpe_warm"][0]) == 3
-    # warm start runs the solver's configs first: its 3 trials are the first 3 enqueued configs, evaluated here anew
-    from vitq.search.sensitivity import compute_sensitivity, configs_for_budgets, cost_table, enqueue_params
-    from vitq.session import Session
-    from vitq.sweep import compose
-
-    session = Session.from_config(compose([]))
-    base = load_config_from_yaml(PRESETS / "int8.yaml")
-    sens = compute_sensitivity(session.model, session.data, base)
-    table_w = cost_table(session.model, base, sens.candidates, "weight_bytes")
-    lo, hi = table_w.cost([0] * len(table_w.points)), table_w.cost([len(table_w.candidates) - 1] * len(POINTS))
-    sols = configs_for_budgets(sens, table_w, [lo + f * (hi - lo) for f in (0.1, 0.2, 0.35)])
-    expected = []
-    for s in sols:
-        r = session.run_trial(base.with_overrides(enqueue_params(s["bits"])), profile=False)
-        expected.append([r.top1, r.weight_bytes / r.fp32_bytes])
-    np.testing.assert_allclose(result["fronts"]["tpe_warm"][0], expected, rtol=1e-12)
