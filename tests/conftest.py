@@ -15,6 +15,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = ROOT / "conf" / "quant"
 
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing downloads in tests: fail at once instead of timing out
+
 # A cache root of this session (VITQ_TEST_CACHE reuses one across sessions, e.g. to keep the trained reference);
 # subprocesses inherit it through the environment.
 _OWN_CACHE = not os.environ.get("VITQ_TEST_CACHE")

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -139,15 +141,17 @@ def start_parent(uri: str | None, study: str, key: str | None = None, params: di
         runs = client.search_runs([exp_id], query, max_results=100)
         return min(runs, key=lambda r: (r.info.start_time, r.info.run_id)).info.run_id if runs else None
 
-    if key is not None and (found := earliest(key)) is not None:
-        return found
-    key = key or uuid.uuid4().hex
-    run = client.create_run(exp_id, tags={**(tags or {}), "vitq.role": "parent", "vitq.sweep_key": key,
-                                          "vitq.study": study, "mlflow.runName": f"sweep-{study}"})
+    with _store_lock(resolve_uri(uri)):  # a SQLite store: workers take turns, so exactly one creates the parent
+        if key is not None and (found := earliest(key)) is not None:
+            return found
+        key = key or uuid.uuid4().hex
+        run = client.create_run(exp_id, tags={**(tags or {}), "vitq.role": "parent", "vitq.sweep_key": key,
+                                              "vitq.study": study, "mlflow.runName": f"sweep-{study}"})
     rid = run.info.run_id
     for k, v in (params or {}).items():
         client.log_param(rid, k, str(v)[:6000])
-    winner = earliest(key) or rid
+    time.sleep(0.2 + 0.3 * random.random())  # a server store has no lock: let simultaneous creators all appear,
+    winner = earliest(key) or rid  # then every worker agrees on the earliest (start time, run id)
     if winner != rid:  # another worker's parent came first
         client.delete_run(rid)
     return winner
