@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch
 from torch import nn
 
 import vitq
-from vitq.data import DataBundle, DataError, load_digits, load_image_folder
+from vitq.data import TRANSFORM_KEYS, DataBundle, DataError, load_digits, load_image_folder
 from vitq.evaluate import EvalResult
 from vitq.models.factory import REFERENCE_NAME, ModelError, create_model, file_sha256
 from vitq.paths import REPO_ROOT
@@ -31,7 +30,6 @@ from vitq.trial import TrialResult, fp_reference, run_trial
 
 __all__ = ["DataSpec", "ModelSpec", "Session", "SessionError", "git_commit", "resolve_device"]
 
-log = logging.getLogger(__name__)
 SessionError = (ConfigError, DataError, ModelError)  # what a bad model/data/device config raises
 
 
@@ -156,17 +154,17 @@ class Session:
         mspec = ModelSpec(str(m.get("name") or REFERENCE_NAME), bool(m.get("pretrained", False)),
                           m.get("checkpoint"), json.dumps(kwargs, sort_keys=True, default=str),
                           bool(m.get("use_ema", True)))
-        transform = {k: d.get(k) for k in ("input_size", "mean", "std", "crop_pct", "interpolation", "crop_mode")
-                     if d.get(k) is not None}
+        transform = {k: d.get(k) for k in TRANSFORM_KEYS if d.get(k) is not None}
         dspec = DataSpec(str(d.get("name") or "digits"), d.get("root"), d.get("calib_root"), d.get("eval_root"),
                          int(d.get("seed") or 0), int(d.get("n_train", 1400) or 0), d.get("n_calib", 256),
                          d.get("n_eval"), json.dumps(transform, sort_keys=True), int(d.get("num_workers") or 0),
                          bool(d.get("cache", True)))
-        eval_bs, calib_bs = int(cfg.get("eval_batch_size") or 512), int(cfg.get("calib_batch_size") or 128)
-        for key, v in (("eval_batch_size", cfg.get("eval_batch_size")), ("calib_batch_size",
-                                                                           cfg.get("calib_batch_size"))):
+        sizes = {"eval_batch_size": cfg.get("eval_batch_size"), "calib_batch_size": cfg.get("calib_batch_size")}
+        for key, v in sizes.items():
             if v is not None and int(v) < 1:
                 raise ConfigError(key, f"must be >= 1, got {v}")
+        eval_bs = 512 if sizes["eval_batch_size"] is None else int(sizes["eval_batch_size"])
+        calib_bs = 128 if sizes["calib_batch_size"] is None else int(sizes["calib_batch_size"])
         device = resolve_device(cfg.get("device"))
         sha = checkpoint_sha256(mspec.checkpoint)
         key = (mspec, sha, dspec, str(device), eval_bs, calib_bs, cfg.get("stats_dir"), max_values)

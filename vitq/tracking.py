@@ -150,8 +150,9 @@ def start_parent(uri: str | None, study: str, key: str | None = None, params: di
     rid = run.info.run_id
     for k, v in (params or {}).items():
         client.log_param(rid, k, str(v)[:6000])
-    time.sleep(0.2 + 0.3 * random.random())  # a server store has no lock: let simultaneous creators all appear,
-    winner = earliest(key) or rid  # then every worker agrees on the earliest (start time, run id)
+    if sqlite_file(resolve_uri(uri)) is None:  # a server store has no lock: let simultaneous creators all appear,
+        time.sleep(0.2 + 0.3 * random.random())  # then every worker agrees on the earliest (start time, run id)
+    winner = earliest(key) or rid
     if winner != rid:  # another worker's parent came first
         client.delete_run(rid)
     return winner
