@@ -170,6 +170,99 @@ def test_omse_through_qact_sees_every_value():
     assert np.isclose(float(q.range[0]), r_lo, rtol=1e-6) and np.isclose(float(q.range[1]), r_hi, rtol=1e-6)
 
 
+def _qact_beyond_budget(obs, mode, bits, signed, seed=0):
+    """A 1M-value batch through QAct at the default budget: the observer sees a sample plus histograms."""
+    from vitq.quant.modules import QAct
+
+    torch.manual_seed(seed)
+    x = torch.distributions.StudentT(3.0).sample((1, 20000, 50)) * torch.linspace(0.2, 5, 50)
+    x = x if signed else x.clamp(min=0)
+    cfg = _cfg(obs, mode, bits, signed)
+    q = QAct("mlp_act", cfg, 2, 3)
+    q.begin_calibration()
+    q(x)
+    q.freeze()
+    assert not q.stats[0].exact
+    return q, cfg, x.reshape(-1, 50).double().numpy()
+
+
+@pytest.mark.parametrize("mode", ["layer_wise", "channel_wise"])
+@pytest.mark.parametrize(("bits", "signed"), [(8, True), (4, True), (4, False)])
+def test_omse_beyond_the_budget_within_its_stated_bound(mode, bits, signed):
+    """Batches larger than calib_max_values are scored on histograms of every value: per tensor the same range as
+    an exhaustive search on all 1M values; per channel (2^9 bins) the pick's true MSE within the bound B(pick) +
+    B(best) that the observer states."""
+    q, cfg, x2d = _qact_beyond_budget("OmseObserver", mode, bits, signed)
+    bt = cfg.bit_type
+    cw = mode == "channel_wise"
+    xx = x2d if cw else x2d.reshape(-1, 1)
+    lo, hi = (t.double().numpy() for t in q.range)
+    r_lo, r_hi = fqvit_ref.omse(x2d, bt.qmin, bt.qmax, cw)
+    ours = fqvit_ref.omse_error(xx, lo, hi, bt.qmin, bt.qmax)
+    best = fqvit_ref.omse_error(xx, r_lo, r_hi, bt.qmin, bt.qmax)
+    if not cw:
+        np.testing.assert_allclose([lo, hi], [r_lo, r_hi], rtol=1e-6)
+        return
+    obs = OmseObserver(cfg)
+    for s in q.stats:
+        obs.update(s)
+    bound = obs.candidate_errors()[2].double().numpy()  # (K, C)
+    hi0 = xx.max(0)
+    k_ours, k_best = (np.rint((1 - h / hi0) / 0.01).astype(int) for h in (hi, r_hi))
+    cols = np.arange(xx.shape[1])
+    assert (ours - best <= (bound[k_ours, cols] + bound[k_best, cols]) * (1 + 1e-5)).all()
+    assert (ours - best).max() > 0  # 2^9 bins per channel: not always the exhaustive pick (the bound is needed)
+
+
+@pytest.mark.parametrize("mode", ["layer_wise", "channel_wise"])
+@pytest.mark.parametrize(("bits", "signed"), [(8, True), (4, True), (8, False)])
+def test_kl_beyond_the_budget_counts_every_value(mode, bits, signed):
+    """KL's histogram of a batch beyond the budget comes from the batch histograms: every value counted within one
+    source bin of itself (CDF checked at every edge), and per tensor the threshold of the whole data."""
+    from vitq.quant.observers import CHANNEL_HIST_BINS, HIST_BINS
+
+    q, cfg, x2d = _qact_beyond_budget("KLObserver", mode, bits, signed)
+    cw = mode == "channel_wise"
+    xx = np.abs(x2d) if cw else np.abs(x2d).reshape(-1, 1)
+    obs = KLObserver(cfg)
+    for s in q.stats:
+        obs.update(s)
+    exact = KLObserver(cfg).observe(torch.from_numpy(x2d if cw else x2d.reshape(-1, 1)).float())
+    src_w = (x2d.max(0) - x2d.min(0)) / CHANNEL_HIST_BINS if cw else np.array([(x2d.max() - x2d.min()) / HIST_BINS])
+    width = obs.width.numpy()
+    np.testing.assert_allclose(width, exact.width.numpy(), rtol=1e-6)
+    got = obs.hist.double().numpy().cumsum(1)[:, :-1]  # values with |x| below each inner edge
+    edges = np.arange(1, cfg.kv_bins) * width.reshape(-1, 1)
+    for c in range(xx.shape[1]):
+        col = np.sort(xx[:, c])
+        lo_b = np.searchsorted(col, edges[c] - src_w[c], side="left")  # CDF one source bin either side
+        hi_b = np.searchsorted(col, edges[c] + src_w[c], side="right")
+        assert (got[c] >= lo_b - 1e-6).all() and (got[c] <= hi_b + 1e-6).all()
+    assert obs.hist.sum().item() == pytest.approx(x2d.size, rel=1e-9)
+    if not cw:
+        assert torch.equal(obs.compute()[1], exact.compute()[1])
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_ptf_beyond_the_budget_scores_every_value(bits):
+    """PTF's per-channel factors for a batch beyond calib_max_values, scored on its per-channel histograms: the
+    factors of ptf_qparams on all 1.3M values (outlier channels 8x)."""
+    from vitq.quant.modules import QAct
+    from vitq.quant.quantizers import ptf_qparams
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 20000, 64) * torch.where(torch.arange(64) % 9 == 0, 8.0, 1.0) + torch.linspace(-2, 2, 64)
+    cfg = _cfg("MinmaxObserver", "ptf", bits=bits, signed=False)
+    q = QAct("residual2", cfg, 2, 3)
+    q.begin_calibration()
+    q(x)
+    q.freeze()
+    assert not q.stats[0].exact
+    full, _ = ptf_qparams(x.min(), x.max(), x.reshape(-1, 64), cfg.bit_type)
+    got = q.scale.reshape(-1)
+    assert torch.equal(got, full) and len(set(full.tolist())) > 1
+
+
 @pytest.mark.parametrize("alpha", [0.99, 0.999, 0.99999])
 @pytest.mark.parametrize("mode", ["layer_wise", "channel_wise"])
 def test_percentile_through_qact_sees_every_value(alpha, mode):

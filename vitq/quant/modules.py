@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitq.quant.config import QuantConfig
-from vitq.quant.observers import OBSERVER_REGISTRY, BatchStats, create_observer, to_channel_last
+from vitq.quant.observers import OBSERVER_REGISTRY, BatchStats, create_observer, scoring_rows, to_channel_last
 from vitq.quant.quantizers import QUANTIZERS, UniformGrid, affine_qparams, ptf_qparams
 
 __all__ = ["NonFiniteActivationError", "QAct", "QIntSoftmax", "QLinear", "calibration_of", "int_layernorm",
@@ -184,8 +184,12 @@ class QAct(nn.Module):
                 rng = self._ranges[key[0]] = obs.compute()
             lo, hi = rng
             quantizer = QUANTIZERS[self.cfg.quantization_method](self.cfg.bit_type)
-            if self.cfg.calibration_mode == "ptf":  # per-channel power-of-two factors, scored on the samples
-                scale, zero_point = ptf_qparams(lo, hi, torch.cat([s.sample for s in self.stats]), self.cfg.bit_type)
+            if self.cfg.calibration_mode == "ptf":  # per-channel power-of-two factors, scored on every value
+                pieces = scoring_rows(self.stats, channel_wise=True)
+                x = torch.cat([p[0] for p in pieces])
+                w = None if all(p[1] is None for p in pieces) else torch.cat(
+                    [torch.ones_like(p[0]) if p[1] is None else p[1] for p in pieces])
+                scale, zero_point = ptf_qparams(lo, hi, x, self.cfg.bit_type, weight=w)
             elif OBSERVER_REGISTRY[self.cfg.observer_type].affine and self.cfg.quantization_method == "Uniform":
                 scale, zero_point = affine_qparams(lo, hi, self.cfg.bit_type)
             else:

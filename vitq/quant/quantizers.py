@@ -56,12 +56,14 @@ def affine_qparams(min_val: Tensor, max_val: Tensor, bit_type: BitTypeConfig) ->
 PTF_K = 3  # FQ-ViT's power-of-two factors 2^0..2^K
 
 
-def ptf_qparams(lo: Tensor, hi: Tensor, x: Tensor, bit_type: BitTypeConfig, k: int = PTF_K) -> tuple[Tensor, Tensor]:
+def ptf_qparams(lo: Tensor, hi: Tensor, x: Tensor, bit_type: BitTypeConfig, k: int = PTF_K,
+                weight: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """FQ-ViT's Power-of-Two Factor: one layer-wise range, a per-channel scale ``s·2^f / 2^K`` (f in 0..K).
 
     ``s = (hi - lo) / (qmax - qmin)`` and the zero point ``clamp(qmin - round(lo / s))`` come from the layer-wise
     range (as FQ-ViT's PtfObserver computes them); each channel of ``x`` (rows, channels) takes the factor with the
-    least mean squared fake-quant error (the first on ties). Returns per-channel scale and zero point (C,).
+    least mean squared fake-quant error (the first on ties), its rows weighted by ``weight`` (rows, channels) if
+    given. Returns per-channel scale and zero point (C,).
     """
     qmin, qmax = bit_type.qmin, bit_type.qmax
     base, zp = affine_qparams(lo, hi, bit_type)
@@ -69,7 +71,8 @@ def ptf_qparams(lo: Tensor, hi: Tensor, x: Tensor, bit_type: BitTypeConfig, k: i
     best_err, best_scale = None, None
     for f in range(k + 1):
         scale = base / 2 ** (k - f)
-        err = ((torch.round(x / scale + zp).clamp_(qmin, qmax) - zp) * scale - x).square_().mean(dim=0)
+        err = ((torch.round(x / scale + zp).clamp_(qmin, qmax) - zp) * scale - x).square_()
+        err = err.mean(dim=0) if weight is None else err.mul_(weight).sum(dim=0) / weight.sum(dim=0).clamp(min=1)
         if best_err is None:
             best_err, best_scale = err, torch.full_like(err, float(scale))
         else:

@@ -48,7 +48,7 @@ from vitq.quant.config import POINTS, SECTION_OF, WEIGHT_POINTS, LayerQuantConfi
 __all__ = ["CostTable", "Sensitivity", "compute_sensitivity", "configs_for_budgets", "cost_table", "solve_mck"]
 
 CANDIDATES = (2, 3, 4, 5, 6, 8)
-SENSITIVITY_VERSION = 2  # bump when the measure changes (v2: stratified evaluation subset)
+SENSITIVITY_VERSION = 3  # bump when the measure changes (v2: stratified eval subset; v3: OMSE/KL see every value)
 SCORES = ("drop_loss", "drop_top1", "grad_score")
 
 
