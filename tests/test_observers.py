@@ -206,7 +206,7 @@ def test_omse_beyond_the_budget_within_its_stated_bound(mode, bits, signed):
     obs = OmseObserver(cfg)
     for s in q.stats:
         obs.update(s)
-    bound = obs.candidate_errors()[2].double().numpy()  # (K, C)
+    bound = obs.candidate_errors(bound=True)[2].double().numpy()  # (K, C)
     hi0 = xx.max(0)
     k_ours, k_best = (np.rint((1 - h / hi0) / 0.01).astype(int) for h in (hi, r_hi))
     cols = np.arange(xx.shape[1])

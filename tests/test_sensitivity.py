@@ -115,7 +115,7 @@ def test_warm_start_enqueues_solver_configs_then_baselines(tmp_path):
     for params, budget, t in zip(warm, budgets, trials[:2], strict=True):
         bits = {k: v for k, v in params.items() if k.endswith("bit_type.bits")}
         assert len(bits) == len(POINTS)
-        assert t.user_attrs["weight_bytes"] <= budget  # the solver's config, as run, fits its budget
+        assert t.user_attrs["metrics"]["weight_bytes"] <= budget  # the solver's config, as run, fits its budget
     names = {p.name for p in spec.params}
     for t, b in zip(trials[2:6], baselines, strict=True):
         assert {k: t.params[k] for k in names} == {k: b[k] for k in names}  # every searched parameter pinned

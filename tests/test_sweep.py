@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -13,6 +14,7 @@ from _util import run, run_sweep, spawn, stop_group
 from mlflow.tracking import MlflowClient
 
 from vitq.search.pareto import pareto_mask
+from vitq.search.space import load_search
 
 pytestmark = pytest.mark.slow
 
@@ -51,11 +53,14 @@ def test_grid_sweep_parent_and_children(tmp_path):
     assert {"pareto/pareto_front.csv", "pareto/pareto_front.png", "pareto/pareto_front.html",
             "pareto/all_trials.csv", "pareto/configs"} <= arts
     assert "Traceback" not in r.stderr and "raised" not in r.stderr
-    by_bits = children.set_index("params.layers.attn_qkv.bit_type.bits")
+    by_bits = children.set_index("params.layers.attn_qkv.bit_type.bits")  # the swept key is a param
     assert set(by_bits.index) == {"4", "8"}
     assert by_bits.loc["4", "metrics.weight_bytes"] < by_bits.loc["8", "metrics.weight_bytes"]
     assert by_bits["metrics.top1"].notna().all()
-    assert by_bits.loc["4", "params.layers.attn_qkv.bit_type.name"] == "int4"
+    assert by_bits.loc["4", "params.quant"] == "int8"  # the preset chosen
+    assert json.loads(by_bits.loc["4", "tags.vitq.points"])["attn_qkv"][0] == 4  # resolved, for the reports
+    params = [c for c in children.columns if c.startswith("params.") and children[c].notna().any()]
+    assert len(params) <= 10  # what varies and the groups chosen, not ~140 resolved fields
 
 
 def _study(tmp_path, name):
@@ -89,6 +94,41 @@ def test_optuna_study_pareto_front(tmp_path):
     assert tagged == on_front
     assert pareto_mask(vals, ["maximize", "minimize"]).sum() == len(on_front)
     assert np.isfinite(front["weight_bytes"]).all()
+    # trials ran in the sweeper's process: one job log, no per-job folders or Hydra files
+    (sweep_dir,) = (tmp_path / "multirun").glob("*/*")
+    assert not [p for p in sweep_dir.iterdir() if p.is_dir()] and (sweep_dir / "sweep.log").is_file()
+    # clean MLflow runs: the searched params only (wildcards as ALL), real metric timestamps, MLflow's system tags
+    spec_params = {p.name.replace("*", "ALL") for p in load_search("mixed_precision").params}
+    client = MlflowClient()
+    for _, row in children.iterrows():
+        run = client.get_run(row["run_id"])
+        assert set(run.data.params) <= spec_params | {"quant", "model", "data"} and len(run.data.params) <= 40
+        assert spec_params <= set(run.data.params)
+        (m,) = client.get_metric_history(row["run_id"], "top1")
+        assert m.timestamp > 1.7e12 and m.value == row["metrics.top1"]
+        assert run.data.tags["mlflow.user"] and run.data.tags["mlflow.source.name"]
+        assert {a.path for a in client.list_artifacts(row["run_id"])} == {"quant_config.yaml", "profile.csv"}
+    assert all(t.user_attrs["metrics"]["top1"] == t.values[0] for t in complete)
+
+
+def test_in_process_trials_equal_hydra_launched_ones(tmp_path):
+    """The in-process path sets the sweeper's values on the composed config; Hydra's launcher composes each job
+    from its override strings. The same seeded search gives the same configs and the same numbers either way."""
+    out = {}
+    for mode in ("true", "false"):
+        cwd = tmp_path / mode
+        cwd.mkdir()
+        r = _sweep(cwd, "-m", "hydra/sweeper=vitq_optuna", "hydra.sweeper.n_trials=6", "hydra.sweeper.study_name=ip",
+                   f"hydra.sweeper.in_process={mode}")
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs = _runs(cwd, "ip")
+        children = runs[runs["tags.vitq.role"] == "trial"].sort_values("tags.trial_number")
+        configs = [mlflow.artifacts.load_text(f"runs:/{rid}/quant_config.yaml") for rid in children["run_id"]]
+        out[mode] = (configs, children["metrics.top1"].tolist(), children["params.quant"].tolist())
+        (sweep_dir,) = (cwd / "multirun").glob("*/*")
+        assert (sweep_dir / "0" / ".hydra" / "overrides.yaml").exists() == (mode == "false")
+    assert out["true"] == out["false"]
+    assert len(set(out["true"][0])) >= 5  # the configs differ between trials
 
 
 def test_failing_trial_is_recorded_and_sweep_continues(tmp_path):

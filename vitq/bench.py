@@ -191,9 +191,9 @@ def trials_per_hour(w: Workload, search: str = "mixed_precision") -> float:
             t0 = time.perf_counter()
             trial = study.ask()
             cfg = base.with_overrides(spec.suggest_overrides(trial))
-            with tracking.trial_run(uri, "bench", trial.number, cfg) as rid:
+            with tracking.trial_run(uri, "bench", trial.number, cfg, params=trial.params) as run:
                 res = run_trial(w.model, w.data, cfg, batch_size=w.batch_size)
-                tracking.log_result(rid, res.metrics(), res.profile)
+                run.finish(res.metrics(), res.profile)
             study.tell(trial, [res.metrics()[k] for k in spec.objectives])
             times.append(time.perf_counter() - t0)
     return 3600.0 / statistics.mean(times[1:] or times)

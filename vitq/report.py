@@ -20,13 +20,13 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from vitq.paths import NOTEBOOK
-from vitq.quant.config import POINTS, SECTION_OF, WEIGHT_POINTS
+from vitq.quant.config import POINTS, WEIGHT_POINTS
 from vitq.redact import say
 from vitq.search.pareto import hypervolume_2d, pareto_mask
 from vitq.tracking import DEFAULT_OBJECTIVES, resolve_uri
 
 __all__ = ["ReportError", "Study", "front_metrics", "load_study", "observer_table", "pareto_configs",
-           "point_bits", "sensitivity_table"]
+           "point_bits", "points", "sensitivity_table"]
 
 
 
@@ -48,8 +48,22 @@ class Study:
         return self.trials[self.trials["pareto"]]
 
 
-def _param(point: str, field: str) -> str:
-    return f"params.{SECTION_OF[point]}.{point}.{field}"
+def points(trials: pd.DataFrame) -> pd.DataFrame:
+    """Per trial (rows) and point: resolved ``<point>.bits`` (NaN when disabled), ``.observer`` and ``.alpha``, read
+    from each run's ``vitq.points`` tag (a run logged without it gives NaN)."""
+    rows = []
+    for raw in trials.get("tags.vitq.points", pd.Series([None] * len(trials), index=trials.index)):
+        summary = json.loads(raw) if isinstance(raw, str) else {}
+        row = {}
+        for p in POINTS:
+            bits, observer, alpha = summary.get(p, (None, None, None))
+            row.update({f"{p}.bits": bits, f"{p}.observer": observer, f"{p}.alpha": alpha})
+        rows.append(row)
+    out = pd.DataFrame(rows, index=trials.index)
+    for p in POINTS:
+        out[f"{p}.bits"] = pd.to_numeric(out[f"{p}.bits"], errors="coerce")
+        out[f"{p}.alpha"] = pd.to_numeric(out[f"{p}.alpha"], errors="coerce")
+    return out
 
 
 def load_study(uri: str | None, study: str) -> Study:
@@ -86,14 +100,8 @@ def load_study(uri: str | None, study: str) -> Study:
 
 def point_bits(trials: pd.DataFrame) -> pd.DataFrame:
     """Bits of every quantization point (columns) per trial (rows); disabled points are NaN."""
-    out = {}
-    for p in POINTS:
-        bits = pd.to_numeric(trials.get(_param(p, "bit_type.bits")), errors="coerce")
-        enabled = trials.get(_param(p, "enabled"))
-        if enabled is not None:
-            bits = bits.where(enabled.astype(str).str.lower() != "false")
-        out[p] = bits
-    return pd.DataFrame(out, index=trials.index)
+    pts = points(trials)
+    return pd.DataFrame({p: pts[f"{p}.bits"] for p in POINTS}, index=trials.index)
 
 
 def baseline_label(row: pd.Series) -> str:
@@ -108,10 +116,10 @@ def pareto_configs(study: Study) -> pd.DataFrame:
     table = pd.DataFrame({"run_id": front["run_id"], "trial_number": front["trial_number"]})
     for k in study.objectives:
         table[k] = front[f"metrics.{k}"]
+    pts = points(front)
     for p in POINTS:
-        table[f"{p}.bits"] = pd.to_numeric(front.get(_param(p, "bit_type.bits")), errors="coerce")
-        table[f"{p}.observer"] = front.get(_param(p, "observer_type"))
-        table[f"{p}.alpha"] = pd.to_numeric(front.get(_param(p, "percentile_alpha")), errors="coerce")
+        for f in ("bits", "observer", "alpha"):
+            table[f"{p}.{f}"] = pts[f"{p}.{f}"]
     return table.sort_values(list(study.objectives)[-1]).reset_index(drop=True)
 
 
@@ -128,11 +136,12 @@ def sensitivity_table(trials: pd.DataFrame, metric: str = "top1") -> pd.DataFram
 def observer_table(trials: pd.DataFrame, metric: str = "top1") -> pd.DataFrame:
     """Mean ``metric`` per activation point (rows) and observer (columns)."""
     rows = {}
+    pts = points(trials)
     for p in POINTS:
         if p in WEIGHT_POINTS:
             continue
-        obs = trials.get(_param(p, "observer_type"))
-        if obs is not None:
+        obs = pts[f"{p}.observer"]
+        if obs.notna().any():
             rows[p] = trials.groupby(obs)[f"metrics.{metric}"].mean()
     return pd.DataFrame(rows).T
 

@@ -88,6 +88,7 @@ class VitqConfig:
     study_name: str = "vitq"
     trial_number: int | None = None
     baseline: str | None = None  # set by the sweeper on an enqueued baseline (logged as tag vitq.baseline)
+    trial_params: str | None = None  # set by the sweeper: the trial's searched params (JSON), its MLflow params
     eval_batch_size: int = 512
     calib_batch_size: int = 128
     calib_max_values: int | None = 262144  # values kept per point and calibration batch (null: all, exact)

@@ -201,11 +201,11 @@ def _job(cfg: DictConfig, number: int | None, multirun: bool) -> dict[str, float
 
     maybe_kill("before_run", number)
     if cfg.tracking.enabled:
-        with tracking.trial_run(cfg.tracking.uri, cfg.study_name, number, qcfg,
+        with tracking.trial_run(cfg.tracking.uri, cfg.study_name, number, qcfg, params=run_params(cfg),
                                 tags={**session.provenance(), "vitq.process": f"{socket.gethostname()}:{os.getpid()}",
-                                      **({"vitq.baseline": cfg.baseline} if cfg.baseline else {})}) as rid:
+                                      **({"vitq.baseline": cfg.baseline} if cfg.baseline else {})}) as run:
             metrics, profile = trial()
-            tracking.log_result(rid, metrics, profile)
+            run.finish(metrics, profile)
         maybe_kill("after_finish", number)
     else:
         metrics, profile = trial()
@@ -214,6 +214,29 @@ def _job(cfg: DictConfig, number: int | None, multirun: bool) -> dict[str, float
         out.write_text(json.dumps({**metrics, "provenance": session.provenance()}, indent=2))
     _print_table(metrics, number)
     return metrics
+
+
+GROUPS = ("quant", "default", "layers", "attn_layer", "residual_layer", "model", "data")
+_NOT_PARAMS = ("trial_number", "study_name", "trial_params", "baseline")
+
+
+def run_params(cfg: DictConfig) -> dict[str, str]:
+    """A trial's MLflow params: the config groups chosen, then what varies between trials: the sweeper's searched
+    params (``trial_params``), else the run's command-line overrides (a grid's swept keys among them)."""
+    out: dict[str, str] = {}
+    if HydraConfig.initialized():
+        choices = HydraConfig.get().runtime.choices
+        out.update({g: str(choices[g]) for g in GROUPS if choices.get(g) not in (None, "null")})
+    if cfg.get("trial_params"):  # MLflow keys take no '*': a wildcard param is logged with ALL in its place
+        out.update({k.replace("*", "ALL"): str(v) for k, v in json.loads(cfg.trial_params).items()
+                    if k not in _NOT_PARAMS})
+    elif HydraConfig.initialized():
+        for o in HydraConfig.get().overrides.task:
+            key, _, value = o.partition("=")
+            key = key.lstrip("+~")
+            if key not in _NOT_PARAMS and key not in GROUPS and not key.startswith("hydra."):
+                out[key] = value
+    return out
 
 
 def _print_table(metrics: dict[str, float], number: int | None) -> None:

@@ -9,6 +9,7 @@ the ``VITQ_PARENT_RUN_ID`` environment variable.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import tempfile
@@ -16,6 +17,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +29,11 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
 from vitq.paths import file_lock
-from vitq.quant.config import POINTS, SECTION_OF, LayerQuantConfig
+from vitq.quant.config import POINTS, LayerQuantConfig
 from vitq.redact import fail, redact
 from vitq.search.pareto import pareto_mask
 
-__all__ = ["DEFAULT_OBJECTIVES", "MlflowSweepCallback", "finalize_parent", "flat_params", "start_parent",
+__all__ = ["DEFAULT_OBJECTIVES", "MlflowSweepCallback", "TrialRun", "finalize_parent", "point_summary", "start_parent",
            "trial_run"]
 
 PARENT_ENV = "VITQ_PARENT_RUN_ID"
@@ -82,19 +84,39 @@ def sqlite_file(uri: str) -> Path | None:
     return path
 
 
+def sqlite_wal(uri: str) -> None:
+    """Put a ``sqlite:///`` database in write-ahead-log mode (a persistent setting of the file): a commit costs one
+    fsync instead of the rollback journal's several (~0.35 ms instead of ~1.3 ms here), and readers do not block
+    the writer. Safe for processes on one machine, as SQLite stores must be; nothing for other URLs."""
+    import sqlite3
+
+    path = sqlite_file(uri)
+    if path is None:
+        return
+    with contextlib.closing(sqlite3.connect(path, timeout=30)) as conn:
+        conn.execute("PRAGMA journal_mode=WAL")
+
+
 def artifact_root(uri: str) -> str | None:
     """For a SQLite store, artifacts live beside the database (``<dir>/mlartifacts``), not in the cwd."""
     path = sqlite_file(uri)
     return None if path is None else (path.parent / "mlartifacts").as_uri()
 
 
+_EXPERIMENTS: dict[tuple[str, str], str] = {}  # (store, experiment) -> id, looked up once per process
+
+
 def use_store(uri: str | None, experiment: str) -> str:
     """Point MLflow at ``uri`` and the study's experiment (created if new); returns the experiment id."""
     uri = resolve_uri(uri)
-    mlflow.set_tracking_uri(uri)
+    if mlflow.get_tracking_uri() != uri:
+        mlflow.set_tracking_uri(uri)
+    if (known := _EXPERIMENTS.get((uri, experiment))) is not None:
+        return known
     root = artifact_root(uri)
     try:
         with _store_lock(uri):
+            sqlite_wal(uri)
             if root is not None and mlflow.get_experiment_by_name(experiment) is None:
                 location = f"{root}/{uuid.uuid5(uuid.NAMESPACE_URL, experiment).hex}"
                 with contextlib.suppress(mlflow.exceptions.MlflowException):  # another worker created it first
@@ -104,27 +126,31 @@ def use_store(uri: str | None, experiment: str) -> str:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise TrackingError(f"tracking.uri: cannot use the MLflow store {redact(uri)}: {type(e).__name__}: "
                             f"{redact(first)}") from None
+    _EXPERIMENTS[(uri, experiment)] = exp.experiment_id
     return exp.experiment_id
 
 
-def flat_params(cfg: LayerQuantConfig) -> dict[str, str]:
-    """Every resolved per-layer field under its dotted name (``layers.attn_qkv.bit_type.bits``)."""
-    out: dict[str, str] = {}
-    blocks: list[int | None] = [None, *sorted(cfg.blocks)]
-    for b in blocks:
-        prefix = "" if b is None else f"blocks.{b}."
-        for key in POINTS:
-            if b is not None and key not in cfg.blocks[b].get(SECTION_OF[key], {}):
-                continue
-            q = cfg.resolve(key, b)
-            base = f"{prefix}{SECTION_OF[key]}.{key}"
-            for f, v in q.to_dict().items():
-                if isinstance(v, dict):
-                    for bk, bv in v.items():
-                        out[f"{base}.{f}.{bk}"] = str(bv)
-                else:
-                    out[f"{base}.{f}"] = str(v)
+def point_summary(cfg: LayerQuantConfig) -> dict[str, list]:
+    """Each point's resolved ``[bits, observer, percentile_alpha]`` (bits None when disabled): the ``vitq.points``
+    tag of a trial run, which the reports read (the full config is the run's ``quant_config.yaml``)."""
+    out = {}
+    for key in POINTS:
+        q = cfg.resolve(key)
+        out[key] = [q.bit_type.bits if q.enabled else None, q.observer_type, q.percentile_alpha]
     return out
+
+
+_SYSTEM_TAGS: dict[str, str] | None = None
+
+
+def system_tags() -> dict[str, str]:
+    """MLflow's own run context (user, source, git commit), resolved once per process."""
+    global _SYSTEM_TAGS
+    if _SYSTEM_TAGS is None:
+        from mlflow.tracking.context.registry import resolve_tags
+
+        _SYSTEM_TAGS = {k: str(v) for k, v in resolve_tags().items()}
+    return _SYSTEM_TAGS
 
 
 def start_parent(uri: str | None, study: str, key: str | None = None, params: dict[str, Any] | None = None,
@@ -158,44 +184,64 @@ def start_parent(uri: str | None, study: str, key: str | None = None, params: di
     return winner
 
 
+@dataclass
+class TrialRun:
+    """A trial's MLflow run: created when the trial starts, written in one batch when it ends."""
+
+    id: str
+    params: dict[str, str]
+    cfg: LayerQuantConfig
+    artifact_uri: str
+
+    def finish(self, metrics: dict[str, float], profile: pd.DataFrame | None) -> None:
+        """Params and metrics in one ``log_batch`` (metrics stamped now), then the config and profile files."""
+        client = MlflowClient()
+        now = int(time.time() * 1000)
+        ms = [mlflow.entities.Metric(k, float(v), now, 0) for k, v in metrics.items() if np.isfinite(v)]
+        client.log_batch(self.id, metrics=ms, params=[mlflow.entities.Param(k, v) for k, v in self.params.items()])
+        self.params = {}
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "quant_config.yaml").write_text(self.cfg.to_yaml())
+            if profile is not None and not profile.empty:
+                profile.to_csv(Path(tmp) / "profile.csv", index=False)
+            get_artifact_repository(self.artifact_uri).log_artifacts(tmp)  # (the client would fetch the run again)
+
+
 @contextmanager
 def trial_run(uri: str | None, study: str, trial_number: int | None, cfg: LayerQuantConfig,
-              tags: dict[str, str] | None = None) -> Iterator[str]:
-    """A child run (nested under the sweep's parent when there is one) with provenance ``tags``; FAILED if the
-    body raises."""
+              tags: dict[str, str] | None = None, params: dict[str, Any] | None = None) -> Iterator[TrialRun]:
+    """A child run (nested under the sweep's parent when there is one) with provenance ``tags``, MLflow's system
+    tags and the points' summary; ``params`` (the searched keys) are logged with the metrics by ``finish``, or
+    alone if the body raises (the run then ends FAILED, KILLED on Ctrl-C)."""
     exp_id = use_store(uri, study)
     client = MlflowClient()
     parent = os.environ.get(PARENT_ENV)
-    tags = {**(tags or {}), "vitq.role": "trial", "vitq.study": study, "pareto": "false"}
+    tags = {**system_tags(), **(tags or {}), "vitq.role": "trial", "vitq.study": study, "pareto": "false",
+            "vitq.points": json.dumps(point_summary(cfg))}
     if trial_number is not None:
         tags["trial_number"] = str(trial_number)
     if parent:
         tags["mlflow.parentRunId"] = parent
     name = f"trial-{trial_number}" if trial_number is not None else "trial"
     run = client.create_run(exp_id, tags={**tags, "mlflow.runName": name})
-    rid = run.info.run_id
+    handle = TrialRun(run.info.run_id, {k: str(v)[:6000] for k, v in (params or {}).items()}, cfg,
+                      run.info.artifact_uri)
+    status = "FINISHED"
     try:
-        params = flat_params(cfg)
-        items = [mlflow.entities.Param(k, v) for k, v in params.items()]
-        for i in range(0, len(items), 100):
-            client.log_batch(rid, params=items[i:i + 100])
-        client.log_text(rid, cfg.to_yaml(), "quant_config.yaml")
-        yield rid
+        yield handle
     except KeyboardInterrupt:
-        client.set_terminated(rid, "KILLED")
+        status = "KILLED"
         raise
     except BaseException:
-        client.set_terminated(rid, "FAILED")
+        status = "FAILED"
         raise
-    client.set_terminated(rid, "FINISHED")
-
-
-def log_result(run_id: str, metrics: dict[str, float], profile: pd.DataFrame | None) -> None:
-    client = MlflowClient()
-    ms = [mlflow.entities.Metric(k, float(v), 0, 0) for k, v in metrics.items() if np.isfinite(v)]
-    client.log_batch(run_id, metrics=ms)
-    if profile is not None and not profile.empty:
-        client.log_text(run_id, profile.to_csv(index=False), "profile.csv")
+    finally:
+        if handle.params and status != "FINISHED":
+            with contextlib.suppress(Exception):
+                client.log_batch(handle.id, params=[mlflow.entities.Param(k, v) for k, v in handle.params.items()])
+        client.set_terminated(handle.id, status)
 
 
 def finished_metrics(parent_id: str, trial_number: int) -> dict[str, float] | None:

@@ -292,8 +292,8 @@ class OmseObserver(Observer):
       changes its squared error e = (q(x) - x)^2 (continuous, |e'| = 2|q(x) - x|) by at most w·D, D the largest
       |q - x| of that candidate over the bin (s/2 inside the grid, the clipped distance at the bin's far edge
       outside). So each candidate's scored MSE lies within B = mean(w·D) of its MSE on every value, and the pick's
-      MSE within B(pick) + B(best) of the best's: ``candidate_errors()`` returns B beside the MSEs (tested against
-      an exhaustive search over 1M values).
+      MSE within B(pick) + B(best) of the best's: ``candidate_errors(bound=True)`` returns B beside the MSEs
+      (tested against an exhaustive search over 1M values).
 
     ``channel_wise`` ranges are the per-channel min/max times a clip factor chosen per channel when the scored rows
     number at least ``min_rows_per_channel`` (or are the whole data); with fewer rows a per-channel choice overfits
@@ -327,7 +327,7 @@ class OmseObserver(Observer):
         ``sum(weight · width · D)`` on how far the first sum may lie from the binned values' own (else zeros)."""
         bt = self.cfg.bit_type
         factors = self.factors.to(x.device)
-        parts = 3 if weight is not None else 1  # bins: the centers and both edges
+        parts = 3 if width is not None else 1  # bins: the centers and both edges
         chunk = max(1, min(self.n_candidates, self.chunk_elements // max(1, parts * x.numel())))
         work = _scratch(chunk * x.numel(), x.device).view(chunk, *x.shape)  # one buffer for every chunk and call
         sse, bound = [], []
@@ -340,7 +340,8 @@ class OmseObserver(Observer):
                 sse.append(y.sum(dim=1, dtype=torch.float64))
                 continue
             sse.append(y.mul_(weight).sum(dim=1, dtype=torch.float64))
-            assert width is not None
+            if width is None:
+                continue
             half = width.reshape(1, -1) / 2
             ends = [torch.minimum(torch.maximum(x + d, lo.reshape(1, -1)), hi.reshape(1, -1)) for d in (-half, half)]
             worst = torch.maximum(*[(grid.kernel(e.unsqueeze(0)) - e).abs() for e in ends])  # |q - x| peaks at an end
@@ -349,19 +350,20 @@ class OmseObserver(Observer):
         zeros = torch.zeros(self.n_candidates, x.shape[1], dtype=torch.float64, device=x.device)
         return torch.cat(sse), (torch.cat(bound) if bound else zeros)
 
-    def candidate_errors(self) -> tuple[Tensor, Tensor, Tensor]:
-        """Clip factors (K,), each one's mean squared error over every calibration value (K, C), and the bound on
-        how far that may lie from the MSE of the values themselves (K, C; zero when every batch was kept whole)."""
+    def candidate_errors(self, bound: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+        """Clip factors (K,), each one's mean squared error over every calibration value (K, C), and if ``bound``
+        how far that may lie from the MSE of the values themselves (K, C; zero when every batch was kept whole,
+        or when not asked for)."""
         lo, hi = super().compute()
-        sse = bound = None
+        sse = total_bound = None
         n = 0.0
         for x, w, width in scoring_rows(self.samples, self.channel_wise):
-            part, part_bound = self.candidate_sse(x, lo, hi, w, width)
+            part, part_bound = self.candidate_sse(x, lo, hi, w, width if bound else None)
             sse = part if sse is None else sse + part
-            bound = part_bound if bound is None else bound + part_bound
+            total_bound = part_bound if total_bound is None else total_bound + part_bound
             n += float(x.shape[0] if w is None else w[:, 0].sum())
-        assert sse is not None and bound is not None
-        return self.factors.to(lo.device), (sse / n).float(), (bound / n).float()
+        assert sse is not None and total_bound is not None
+        return self.factors.to(lo.device), (sse / n).float(), (total_bound / n).float()
 
     def compute(self) -> tuple[Tensor, Tensor]:
         lo, hi = super().compute()

@@ -42,11 +42,13 @@ from vitq.faults import maybe_kill
 from vitq.paths import file_lock
 from vitq.quant.config import ConfigError
 from vitq.redact import fail, install_log_redaction, redact
+from vitq.search.launch import InProcessLauncher
 from vitq.search.space import SAMPLERS, SearchSpec, load_search
 
 log = logging.getLogger(__name__)
 TrialState = optuna.trial.TrialState
 WORKER_ATTR = "vitq:worker"
+METRICS_ATTR = "metrics"  # a trial's metrics, one user attr (one storage write)
 ENQUEUED_ATTR = "vitq:enqueued"  # the study's warm-start configs and baselines are in
 STORAGE_ENV = "VITQ_STORAGE"  # the storage URL from the environment: it never reaches Hydra's files
 
@@ -93,6 +95,7 @@ def make_storage(url: str, heartbeat_interval: int | None = 30, grace_period: in
         for attempt in range(3):  # workers creating one new database's tables together may collide: try again
             try:
                 with storage_lock(url):
+                    tracking.sqlite_wal(url)
                     return RDBStorage(url, engine_kwargs=engine, heartbeat_interval=heartbeat_interval,
                                       grace_period=grace_period,
                                       heartbeat_stale_trial_callback=stale if heartbeat_interval else None)
@@ -199,7 +202,8 @@ class VitqOptunaSweeperImpl(Sweeper):
                  seed: int | None = None, enqueue_baselines: bool = True, max_failures: int | None = None,
                  heartbeat_interval: int | None = 30, grace_period: int | None = None, max_retry: int | None = 3,
                  poll_interval: float = 2.0, reap_local: bool = True, warm_start_budgets: list[float] | None = None,
-                 warm_start_metric: str = "weight_bytes", warm_start_score: str = "drop_loss") -> None:
+                 warm_start_metric: str = "weight_bytes", warm_start_score: str = "drop_loss",
+                 in_process: bool = True) -> None:
         self.search = search
         self.n_trials = n_trials
         self.n_jobs = int(n_jobs)  # checked in _spec: 0 is an error, not 1
@@ -217,7 +221,9 @@ class VitqOptunaSweeperImpl(Sweeper):
         self.warm_start_budgets = list(warm_start_budgets or [])
         self.warm_start_metric = warm_start_metric
         self.warm_start_score = warm_start_score
+        self.in_process = in_process
         self.config: DictConfig | None = None
+        self._inproc: InProcessLauncher | None = None
         self._dead: list[int] = []
         self._rdb: RDBStorage | None = None  # trial numbers failed as stale/dead, whose MLflow runs must end KILLED
         self._parent: str | None = None  # this sweep's MLflow parent run
@@ -226,6 +232,14 @@ class VitqOptunaSweeperImpl(Sweeper):
         self.config = config
         self.launcher = Plugins.instance().instantiate_launcher(hydra_context=hydra_context,
                                                                 task_function=task_function, config=config)
+        self._task = (hydra_context, task_function)
+
+    def _launch(self, arguments: list[str], jobs: list[dict[str, Any]], job_idx: int) -> Any:
+        """Hydra's launcher, or in this process on the pre-composed config where every job only sets values."""
+        lines = [[f"{k}={hydra_value(v)}" for k, v in values.items()] for values in jobs]
+        if self._inproc is not None and all(self._inproc.accepts(list(values)) for values in jobs):
+            return self._inproc.launch(list(zip(lines, jobs, strict=True)), initial_job_idx=job_idx)
+        return self.launcher.launch([tuple(arguments) + tuple(ln) for ln in lines], initial_job_idx=job_idx)
 
     def _spec(self) -> SearchSpec:
         """The search definition with the command line's fields; bad values are ConfigErrors naming the key."""
@@ -304,6 +318,8 @@ class VitqOptunaSweeperImpl(Sweeper):
                     for params in first:
                         study.enqueue_trial(params, skip_if_exists=True)
                     study.set_user_attr(ENQUEUED_ATTR, True)
+        if self.in_process and str(cfg.hydra.launcher.get("_target_", "")).endswith(".BasicLauncher"):
+            self._inproc = InProcessLauncher(*self._task, cfg, arguments)
         try:
             returns, failed = self._run(study, spec, arguments)
         except KeyboardInterrupt:
@@ -311,6 +327,9 @@ class VitqOptunaSweeperImpl(Sweeper):
                 mlflow.MlflowClient().set_terminated(parent, "KILLED")
             fail(f"interrupted (Ctrl-C): the running trials of study {spec.study_name} are FAIL and their MLflow "
                  "runs KILLED; run the same command again to resume", code=130)
+        finally:
+            if self._inproc is not None:
+                self._inproc.close()
         self._reap(study, spec)
         if parent is not None:
             tracking.use_store(cfg.tracking.uri, spec.study_name)
@@ -330,9 +349,14 @@ class VitqOptunaSweeperImpl(Sweeper):
         returns: list[Any] = []
         failed: list[tuple[int, str]] = []
         worker = _worker_id()
+        last_reap = -float("inf")
         while len(failed) < max_failures:
-            self._reap(study, spec)
-            complete, running = _count(study, TrialState.COMPLETE), _count(study, TrialState.RUNNING)
+            if time.monotonic() - last_reap >= self.poll_interval:  # dead workers' trials: at most every poll
+                self._reap(study, spec)
+                last_reap = time.monotonic()
+            states = [t.state for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,
+                                                                                 TrialState.RUNNING))]
+            complete, running = states.count(TrialState.COMPLETE), states.count(TrialState.RUNNING)
             if complete >= spec.n_trials:
                 break
             free = spec.n_trials - complete - running
@@ -358,10 +382,10 @@ class VitqOptunaSweeperImpl(Sweeper):
                 batch.append(t)
             if not batch:
                 continue
-            overrides = [tuple(arguments) + self._trial_overrides(t, spec) for t in batch]
+            jobs = [self._trial_values(t, spec) for t in batch]
             try:
                 with heartbeat(self._rdb, [t._trial_id for t in batch], self.heartbeat_interval):
-                    results = self.launcher.launch(overrides, initial_job_idx=job_idx)
+                    results = self._launch(arguments, jobs, job_idx)
             except KeyboardInterrupt:
                 for t in batch:
                     with contextlib.suppress(Exception):
@@ -374,8 +398,7 @@ class VitqOptunaSweeperImpl(Sweeper):
                     values = [float(metrics[k]) for k in spec.objectives]
                     if spec.constraint:
                         t.set_user_attr("constraint_violation", spec.violation(metrics))
-                    for k, v in metrics.items():
-                        t.set_user_attr(k, float(v))
+                    t.set_user_attr(METRICS_ATTR, {k: float(v) for k, v in metrics.items()})  # one write
                     study.tell(t, values)
                     returns.append(ret)
                 except Exception as e:  # noqa: BLE001 - a failing trial is recorded and the sweep goes on
@@ -407,15 +430,18 @@ class VitqOptunaSweeperImpl(Sweeper):
         return [spec.pinned_params(base.with_overrides(sens_mod.enqueue_params(s["bits"])), base, "warm start")
                 for s in sols if s["feasible"]]
 
-    def _trial_overrides(self, trial: optuna.Trial, spec: SearchSpec) -> tuple[str, ...]:
-        out = [f"trial_number={trial.number}", f"study_name={hydra_value(spec.study_name)}"]
+    def _trial_values(self, trial: optuna.Trial, spec: SearchSpec) -> dict[str, Any]:
+        """The trial's config values by dotted key: its number and study, every sampled parameter (wildcards
+        expanded), enqueued keys outside the space, and ``trial_params`` (the params as searched, for MLflow)."""
+        out: dict[str, Any] = {"trial_number": trial.number, "study_name": spec.study_name}
         names = {p.name for p in spec.params}
-        out += [f"{k}={hydra_value(v)}" for k, v in spec.suggest_overrides(trial).items()]
+        out.update(spec.suggest_overrides(trial))
         fixed = trial.study._storage.get_trial_system_attrs(trial._trial_id).get("fixed_params", {})
-        for k, v in fixed.items():  # enqueued keys outside the search space pass straight through
-            if k not in names:
-                out.append(f"{k}={hydra_value(v)}")
-        return tuple(out)
+        extra = {k: v for k, v in fixed.items() if k not in names}  # enqueued keys outside the space pass through
+        out.update(extra)
+        searched = {**trial.params, **{k: v for k, v in extra.items() if k != "baseline"}}
+        out["trial_params"] = json.dumps(searched, sort_keys=True, default=str)
+        return out
 
     def _recorded(self, study: optuna.Study, spec: SearchSpec, trial: Any, number: int) -> bool:
         """Exactly once: if trial ``number`` already has a FINISHED MLflow run under this sweep (its worker died
@@ -426,8 +452,7 @@ class VitqOptunaSweeperImpl(Sweeper):
         if metrics is None or any(k not in metrics for k in spec.objectives):
             return False
         try:
-            for k, v in metrics.items():
-                study._storage.set_trial_user_attr(trial._trial_id, k, float(v))
+            study._storage.set_trial_user_attr(trial._trial_id, METRICS_ATTR, {k: float(v) for k, v in metrics.items()})
             study._storage.set_trial_state_values(trial._trial_id, TrialState.COMPLETE,
                                                   [float(metrics[k]) for k in spec.objectives])
         except optuna.exceptions.UpdateFinishedTrialError:
