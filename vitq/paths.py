@@ -1,4 +1,5 @@
-"""Every path vitq computes: the packaged configs, search files and notebook, and the cache root.
+"""Every path vitq computes: the configs, search files and notebook (at a checkout's top, or inside the installed
+package), and the cache root.
 
 The cache root is ``$VITQ_CACHE`` (default ``~/.cache/vitq``). When it cannot be written, a per-user folder in
 the system's temp dir is used instead, with one warning.
@@ -18,10 +19,12 @@ __all__ = ["CONF_DIR", "NOTEBOOK", "PRESETS_DIR", "REPO_ROOT", "SWEEPS_DIR", "ca
 
 log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[1]
-CONF_DIR = REPO_ROOT / "conf"
+# a checkout keeps conf/, sweeps/ and notebooks/ at its top; an installed wheel carries them inside the package
+_DATA = REPO_ROOT if (REPO_ROOT / "conf" / "config.yaml").is_file() else Path(__file__).resolve().parent
+CONF_DIR = _DATA / "conf"
 PRESETS_DIR = CONF_DIR / "quant"
-SWEEPS_DIR = REPO_ROOT / "sweeps"
-NOTEBOOK = REPO_ROOT / "notebooks" / "pareto_analysis.ipynb"
+SWEEPS_DIR = _DATA / "sweeps"
+NOTEBOOK = _DATA / "notebooks" / "pareto_analysis.ipynb"
 
 
 @functools.cache

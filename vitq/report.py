@@ -185,9 +185,13 @@ def export(uri: str | None, study: str, out: Path, size_budgets: list[float]) ->
 
 def run_notebook(uri: str | None, studies: list[str], out: Path, timeout: int = 600) -> Path:
     """Execute the Pareto notebook headless (papermill) and render it to HTML; returns the HTML path."""
-    import nbformat
-    import papermill as pm
-    from nbconvert import HTMLExporter
+    try:
+        import nbformat
+        import papermill as pm
+        from nbconvert import HTMLExporter
+    except ImportError as e:
+        raise ReportError(f"the notebook report needs the [report] extra ({e.name} is missing): "
+                          "pip install 'vitq[report]'") from None
 
     out.mkdir(parents=True, exist_ok=True)
     executed = out / "pareto_analysis.ipynb"

@@ -227,9 +227,8 @@ def run_params(cfg: DictConfig) -> dict[str, str]:
     if HydraConfig.initialized():
         choices = HydraConfig.get().runtime.choices
         out.update({g: str(choices[g]) for g in GROUPS if choices.get(g) not in (None, "null")})
-    if cfg.get("trial_params"):  # MLflow keys take no '*': a wildcard param is logged with ALL in its place
-        out.update({k.replace("*", "ALL"): str(v) for k, v in json.loads(cfg.trial_params).items()
-                    if k not in _NOT_PARAMS})
+    if cfg.get("trial_params"):
+        out.update({k: str(v) for k, v in json.loads(cfg.trial_params).items() if k not in _NOT_PARAMS})
     elif HydraConfig.initialized():
         for o in HydraConfig.get().overrides.task:
             key, _, value = o.partition("=")

@@ -184,6 +184,12 @@ def start_parent(uri: str | None, study: str, key: str | None = None, params: di
     return winner
 
 
+def param_key(name: str) -> str:
+    """A search parameter's name as an MLflow param key, which takes no ``*``: ``layers.attn_*.observer_type`` is
+    logged as ``layers.attn_ALL.observer_type``."""
+    return name.replace("*", "ALL")
+
+
 @dataclass
 class TrialRun:
     """A trial's MLflow run: created when the trial starts, written in one batch when it ends."""
@@ -226,7 +232,7 @@ def trial_run(uri: str | None, study: str, trial_number: int | None, cfg: LayerQ
         tags["mlflow.parentRunId"] = parent
     name = f"trial-{trial_number}" if trial_number is not None else "trial"
     run = client.create_run(exp_id, tags={**tags, "mlflow.runName": name})
-    handle = TrialRun(run.info.run_id, {k: str(v)[:6000] for k, v in (params or {}).items()}, cfg,
+    handle = TrialRun(run.info.run_id, {param_key(k): str(v)[:6000] for k, v in (params or {}).items()}, cfg,
                       run.info.artifact_uri)
     status = "FINISHED"
     try:

@@ -104,6 +104,10 @@ def make_storage(url: str, heartbeat_interval: int | None = 30, grace_period: in
                     raise
                 time.sleep(0.5 + random.random())
         raise AssertionError("unreachable")
+    except ImportError as e:  # the database driver is an extra
+        extra = " (pip install 'vitq[postgres]')" if url.startswith("postgresql") else ""
+        raise StorageError(f"cannot open the Optuna storage {redact(url)}: its driver is not installed: "
+                           f"{e.name or e}{extra}") from None
     except Exception as e:  # noqa: BLE001 - any driver/SQLAlchemy error becomes one clear message
         cause = e.__cause__ if isinstance(e, ImportError) and e.__cause__ else getattr(e, "orig", None) or e
         reason = f"{type(cause).__name__}: {cause}".strip().splitlines()

@@ -1,0 +1,37 @@
+"""Hydra plugin shim: Hydra discovers sweepers in the ``hydra_plugins`` namespace only."""
+
+from dataclasses import dataclass
+
+from hydra.core.config_store import ConfigStore
+
+from vitq.search.sweeper import VitqOptunaSweeperImpl
+
+
+class VitqOptunaSweeper(VitqOptunaSweeperImpl):
+    """vitq's Optuna 5 sweeper (implementation in ``vitq.search.sweeper``)."""
+
+
+@dataclass
+class VitqOptunaSweeperConf:
+    _target_: str = "hydra_plugins.vitq_sweeper.vitq_sweeper.VitqOptunaSweeper"
+    search: str = "mixed_precision"
+    n_trials: int | None = None
+    n_jobs: int = 1
+    study_name: str | None = None
+    storage: str | None = None
+    sampler: str | None = None
+    seed: int | None = None
+    enqueue_baselines: bool = True
+    max_failures: int | None = None
+    heartbeat_interval: int | None = 30  # seconds; RDB storages (0/null: off)
+    grace_period: int | None = None  # seconds without a heartbeat before a trial is failed (Optuna: 2x interval)
+    max_retry: int | None = 3  # retries of a trial whose worker died
+    poll_interval: float = 2.0  # seconds between checks while other workers' trials fill n_trials
+    warm_start_budgets: list[float] | None = None  # enqueue the sensitivity solver's configs at these budgets
+    warm_start_metric: str = "weight_bytes"  # or bops
+    warm_start_score: str = "drop_loss"  # or drop_top1, grad_score
+    in_process: bool = True  # run trials in the sweeper's process on the pre-composed config (no per-job folders)
+    reap_local: bool = True  # fail RUNNING trials of dead processes on this host at once (else: heartbeat only)
+
+
+ConfigStore.instance().store(group="hydra/sweeper", name="vitq_optuna", node=VitqOptunaSweeperConf, provider="vitq")

@@ -1,0 +1,91 @@
+"""Cost model of a quantized ViT: weight storage, compression, mean bits and BOPs (Σ MACs × w bits × a bits).
+
+Storage: a quantized weight costs ``bits`` per element plus a 32-bit scale per channel (or tensor) and,
+for unsigned (affine) grids, a 32-bit zero point each; every other parameter stays FP32. Disabled
+points count 32 bits. BOPs follow AIMET: per image, each matmul's MACs times its two operands' bits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from torch import nn
+
+from vitq.quant.config import ACTIVATION_POINTS, WEIGHT_POINTS, LayerQuantConfig, QuantConfig
+
+__all__ = ["BOP_PAIRS", "CostReport", "model_cost"]
+
+FP_BITS = 32
+# linear weight point -> activation point that quantizes its input
+_INPUT_OF = {"attn_qkv": "norm1", "attn_proj": "sv_attn", "mlp_fc1": "norm2", "mlp_fc2": "mlp_act"}
+# pairs of points whose widths multiply in BOPs (besides attn_qkv_output with itself, in q·kᵀ)
+BOP_PAIRS: tuple[tuple[str, str], ...] = (*_INPUT_OF.items(), ("intSoft", "attn_qkv_output"))
+
+
+@dataclass
+class CostReport:
+    fp32_bytes: float
+    weight_bytes: float
+    compression: float
+    mean_weight_bits: float
+    mean_act_bits: float
+    bops: float
+    macs: float
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def _bits(cfg: QuantConfig) -> int:
+    return cfg.bit_type.bits if cfg.enabled else FP_BITS
+
+
+def _fp_model(model: nn.Module) -> nn.Module:
+    return getattr(model, "model", model)
+
+
+def _linear(block: nn.Module, key: str) -> nn.Linear:
+    inner = getattr(block, "block", block)
+    return {"attn_qkv": inner.attn.qkv, "attn_proj": inner.attn.proj, "mlp_fc1": inner.mlp.fc1,
+            "mlp_fc2": inner.mlp.fc2}[key]
+
+
+def model_cost(model: nn.Module, cfg: LayerQuantConfig) -> CostReport:
+    """Cost of ``model`` (a timm ViT or a QuantViT) under ``cfg``; needs no calibration."""
+    vit = _fp_model(model)
+    params = dict(vit.named_parameters())
+    fp32_bytes = sum(p.numel() for p in params.values()) * FP_BITS / 8
+    n_tokens = vit.patch_embed.num_patches + getattr(vit, "num_prefix_tokens", 1)
+    quantized: set[int] = set()
+    weight_bits = 0.0
+    w_elems = w_bits_sum = 0.0
+    act_bits: list[int] = []
+    macs = bops = 0.0
+    for b, block in enumerate(vit.blocks):
+        res = cfg.resolved(b)
+        for key in WEIGHT_POINTS:
+            lin = _linear(block, key)
+            c = res[key]
+            n = lin.weight.numel()
+            w_elems += n
+            w_bits_sum += n * _bits(c)
+            if c.enabled:
+                quantized.add(id(lin.weight))
+                n_scales = lin.weight.shape[0] if c.calibration_mode == "channel_wise" else 1
+                weight_bits += n * c.bit_type.bits + n_scales * FP_BITS * (1 if c.bit_type.signed else 2)
+            m = n_tokens * lin.in_features * lin.out_features
+            macs += m
+            bops += m * _bits(c) * _bits(res[_INPUT_OF[key]])
+        act_bits += [_bits(res[k]) for k in ACTIVATION_POINTS]
+        attn = getattr(block, "block", block).attn
+        m = attn.num_heads * n_tokens * n_tokens * attn.head_dim  # q·kᵀ and attn·v each
+        a_qkv = _bits(res["attn_qkv_output"])
+        macs += 2 * m
+        bops += m * a_qkv * a_qkv + m * _bits(res["intSoft"]) * a_qkv
+    for p in params.values():
+        if id(p) not in quantized:
+            weight_bits += p.numel() * FP_BITS
+    weight_bytes = weight_bits / 8
+    return CostReport(fp32_bytes=fp32_bytes, weight_bytes=weight_bytes, compression=fp32_bytes / weight_bytes,
+                      mean_weight_bits=w_bits_sum / w_elems, mean_act_bits=sum(act_bits) / len(act_bits),
+                      bops=bops, macs=macs)

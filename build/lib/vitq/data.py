@@ -1,0 +1,393 @@
+"""Datasets: scikit-learn's bundled digits (offline default) and ImageNet-style class folders.
+
+A :class:`DataBundle` holds deterministic calibration and evaluation sets (plus the training split that trains
+the digits reference). Folder images are decoded and transformed (timm's eval transform, resolved from the
+model, any field overridable) once, kept as uint8 tensors, and cached on disk keyed by the files (path, size,
+mtime), the transform and the subset; normalization runs per batch on the target device, exactly as timm's
+``ToTensor`` + ``Normalize`` compute it. Every bundle carries a content fingerprint of its images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from vitq.paths import cache_root
+
+__all__ = ["DIGITS_MEAN", "DIGITS_STD", "DataBundle", "DataError", "ImageSet", "batches", "digits_pixels",
+           "labels_of", "load_digits", "load_image_folder", "resolve_transform", "stratified_subset", "subset"]
+
+log = logging.getLogger(__name__)
+DIGITS_MEAN, DIGITS_STD = 0.5, 0.5  # applied after ToTensor-style scaling to [0, 1]
+DIGITS_PIXEL_SCALE = 15  # digits values 0..16 → 0..240 as 8-bit PNG pixels
+IMAGE_CACHE_VERSION = 1  # bump when decoding or the cache layout changes
+SPLIT_NAMES = frozenset({"train", "training", "val", "valid", "validation", "calib", "calibration", "eval",
+                         "evaluation", "test", "testing"})
+TRANSFORM_KEYS = ("input_size", "mean", "std", "crop_pct", "interpolation", "crop_mode")
+
+
+class DataError(ValueError):
+    """A dataset problem a user can fix, naming the key or path: missing folder, unreadable image, bad split."""
+
+
+class ImageSet(Dataset):
+    """Decoded images as uint8 (N, C, H, W) with labels; items are normalized float32 like timm's eval transform."""
+
+    def __init__(self, images: Tensor, labels: Tensor, mean: Sequence[float], std: Sequence[float]) -> None:
+        self.images, self.labels = images, labels
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        return self.normalize(self.images[i:i + 1])[0], int(self.labels[i])
+
+    def normalize(self, x: Tensor) -> Tensor:
+        """uint8 → float32 in [0, 1] → (x - mean) / std: the arithmetic of ToTensor + Normalize, bit for bit."""
+        return x.float().div_(255).sub_(self.mean.to(x.device)).div_(self.std.to(x.device))
+
+
+@dataclass
+class DataBundle:
+    """Calibration and evaluation sets (plus the training split for the digits reference) and their provenance."""
+
+    name: str
+    calib: Dataset
+    eval: Dataset
+    num_classes: int
+    train: Dataset | None = None
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def fingerprint(self) -> str:
+        """Content hash of the calibration and evaluation images, labels and transform."""
+        return self.meta.get("fingerprint") or _digest(self.meta.get("calib_fingerprint"),
+                                                       self.meta.get("eval_fingerprint"))
+
+    def check_classes(self, model_classes: int) -> None:
+        if self.num_classes > model_classes:
+            raise DataError(f"data '{self.name}' has {self.num_classes} classes but the model predicts only "
+                            f"{model_classes}: labels would fall outside the model's classes")
+
+
+def _digest(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def batches(ds: Dataset, batch_size: int, device: torch.device | str | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+    """(images, labels) batches in order, on ``device``; in-memory sets are sliced without a DataLoader."""
+    if batch_size < 1:
+        raise DataError(f"batch size must be >= 1, got {batch_size}")
+    dev = torch.device(device) if device is not None else None
+    if isinstance(ds, ImageSet):
+        for i in range(0, len(ds), batch_size):
+            x = ds.images[i:i + batch_size]
+            y = ds.labels[i:i + batch_size]
+            if dev is not None:
+                x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+            yield ds.normalize(x), y
+        return
+    if isinstance(ds, TensorDataset):
+        x, y = ds.tensors
+        for i in range(0, len(x), batch_size):
+            xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+            yield (xb.to(dev, non_blocking=True), yb.to(dev, non_blocking=True)) if dev is not None else (xb, yb)
+        return
+    for xb, yb in DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=0):
+        yield (xb.to(dev), yb.to(dev)) if dev is not None else (xb, yb)
+
+
+def digits_pixels() -> tuple[np.ndarray, np.ndarray]:
+    """The 1,797 digits as uint8 pixels (0..240) and labels."""
+    from sklearn.datasets import load_digits as sk_digits
+
+    d = sk_digits()
+    return (d.images * DIGITS_PIXEL_SCALE).astype(np.uint8), d.target.astype(np.int64)
+
+
+def stratified_subset(labels: np.ndarray, n: int | None, seed: int, exclude: np.ndarray | None = None) -> np.ndarray:
+    """Sorted indices of ``n`` items drawn per class in proportion to its share (largest remainder), seeded.
+
+    ``n=None`` (or ≥ the pool) takes the whole pool; ``exclude`` removes indices from the pool first.
+    """
+    pool = np.arange(len(labels))
+    if exclude is not None and len(exclude):
+        pool = np.setdiff1d(pool, exclude)
+    if n is None or n >= len(pool):
+        return pool
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(labels[pool], return_counts=True)
+    share = counts * n / len(pool)
+    quota = np.floor(share).astype(int)
+    extra = n - int(quota.sum())
+    quota[np.argsort(-(share - quota), kind="stable")[:extra]] += 1
+    picks = [rng.permutation(pool[labels[pool] == c])[:q] for c, q in zip(classes, quota, strict=True)]
+    return np.sort(np.concatenate(picks))
+
+
+def _split_sizes(n: int, n_train: int, n_calib: int, n_eval: int | None, name: str) -> tuple[int, int, int]:
+    n_eval = n - n_train if n_eval is None else n_eval
+    for label, k in (("n_train", n_train), ("n_calib", n_calib), ("n_eval", n_eval)):
+        if k < 0:
+            raise DataError(f"data.{label}={k}: must be >= 0")
+    if n_calib == 0 or n_eval == 0:
+        raise DataError(f"data '{name}': empty split (n_calib={n_calib}, n_eval={n_eval})")
+    if n_train + n_eval > n:
+        raise DataError(f"data '{name}' has {n} images; n_train={n_train} + n_eval={n_eval} do not fit")
+    return n_train, min(n_calib, max(n_train, n - n_eval)), n_eval
+
+
+def load_digits(seed: int = 0, n_train: int = 1400, n_calib: int = 256, n_eval: int | None = None) -> DataBundle:
+    """Digits as normalized 1×8×8 tensors; calibration images come from the training split."""
+    pixels, labels = digits_pixels()
+    n = len(labels)
+    n_train, n_calib, n_eval = _split_sizes(n, n_train, n_calib, n_eval, "digits")
+    perm = np.random.default_rng(seed).permutation(n)
+    tr, ev = perm[:n_train], perm[n - n_eval:]
+    cal = perm[:n_calib] if n_train else perm[n_train:n_train + n_calib]
+    x = torch.from_numpy(pixels).float().div(255).unsqueeze(1).sub_(DIGITS_MEAN).div_(DIGITS_STD)
+    y = torch.from_numpy(labels)
+
+    def ds(idx: np.ndarray) -> TensorDataset:
+        t = torch.from_numpy(idx)
+        return TensorDataset(x[t], y[t])
+
+    def content(idx: np.ndarray) -> str:
+        return hashlib.sha256(pixels[idx].tobytes() + labels[idx].tobytes()).hexdigest()[:16]
+
+    return DataBundle("digits", calib=ds(cal), eval=ds(ev), num_classes=10, train=ds(tr),
+                      meta={"seed": seed, "calib_indices": cal.tolist(), "eval_indices": ev.tolist(),
+                            "calib_fingerprint": content(cal), "eval_fingerprint": content(ev),
+                            "n_calib": len(cal), "n_eval": len(ev)})
+
+
+# ------------------------------------------------------------------------------------------------ folders
+def model_channels(model: torch.nn.Module) -> int | None:
+    proj = getattr(getattr(model, "patch_embed", None), "proj", None)
+    return getattr(proj, "in_channels", None)
+
+
+def model_img_size(model: torch.nn.Module) -> tuple[int, int] | None:
+    """The input size a timm ViT is fixed to (None when it takes any size)."""
+    pe = getattr(model, "patch_embed", None)
+    if pe is None or getattr(pe, "dynamic_img_pad", False) or not getattr(pe, "strict_img_size", True):
+        return None
+    if getattr(model, "dynamic_img_size", False):
+        return None
+    size = getattr(pe, "img_size", None)
+    return tuple(int(s) for s in size) if size is not None else None
+
+
+def resolve_transform(model: torch.nn.Module, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """timm's eval data config for ``model`` with the ``data.*`` overrides (None = timm's value).
+
+    ``input_size`` takes an int, [H, W] or [C, H, W]. Where timm's resolved size differs from the size the
+    model is built for (e.g. ``model.kwargs.img_size``), the model's own size is used.
+    """
+    from timm.data import resolve_data_config
+
+    ov = {k: v for k, v in (overrides or {}).items() if v is not None}
+    bad = sorted(set(ov) - set(TRANSFORM_KEYS))
+    if bad:
+        raise DataError(f"data.{bad[0]}: not a transform field; valid: {', '.join(TRANSFORM_KEYS)}")
+    cfg = resolve_data_config(model=model)
+    chans = model_channels(model) or cfg["input_size"][0]
+    if "input_size" in ov:
+        size = ov.pop("input_size")
+        size = [size] if isinstance(size, int) else list(size)
+        if len(size) == 1:
+            size = [chans, size[0], size[0]]
+        elif len(size) == 2:
+            size = [chans, *size]
+        if len(size) != 3 or not all(isinstance(s, int) and s > 0 for s in size):
+            raise DataError(f"data.input_size: expected an int, [H, W] or [C, H, W] of positive ints, got {size}")
+        cfg["input_size"] = tuple(size)
+    elif (fixed := model_img_size(model)) is not None and tuple(cfg["input_size"][1:]) != fixed:
+        cfg["input_size"] = (chans, *fixed)
+    for k in ("mean", "std"):
+        if k in ov:
+            v = ov.pop(k)
+            cfg[k] = tuple(float(x) for x in (v if isinstance(v, list | tuple) else [v]))
+    cfg.update(ov)
+    cfg["input_size"] = (chans, *cfg["input_size"][1:])
+    for k in ("mean", "std"):
+        vals = tuple(cfg[k])
+        if len(vals) == 1 and chans > 1:
+            vals = vals * chans
+        if len(vals) != chans:
+            raise DataError(f"data.{k}: {len(vals)} values for a model with {chans} input channels; "
+                            f"set data.{k} to {chans} value(s)")
+        cfg[k] = vals
+    if not 0 < float(cfg.get("crop_pct") or 1.0) <= 1.0:
+        raise DataError(f"data.crop_pct: must be in (0, 1], got {cfg['crop_pct']}")
+    return cfg
+
+
+def _list_folder(root: Path, key: str) -> tuple[list[str], list[tuple[str, int]]]:
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+    if not root.is_dir():
+        raise DataError(f"{key}: image folder not found: {root}")
+    try:
+        classes, idx = find_classes(str(root))
+        samples = make_dataset(str(root), idx, extensions=IMG_EXTENSIONS)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise DataError(f"{key}: {root}: {str(e).splitlines()[0]}") from None
+    splits = sorted(c for c in classes if c.lower() in SPLIT_NAMES)
+    if splits:
+        raise DataError(f"{key}: {root} has class folders named like splits ({', '.join(splits)}); point "
+                        "data.calib_root and data.eval_root at the split folders themselves")
+    return classes, samples
+
+
+def _decode_one(path: str, mode: str, transform: Any) -> tuple[Tensor, bytes]:
+    from PIL import Image
+
+    try:
+        raw = Path(path).read_bytes()
+        with Image.open(io.BytesIO(raw)) as img:
+            img = img.convert(mode)
+            x = transform(img)
+    except Exception as e:  # noqa: BLE001 - truncated, corrupt or unreadable file: name it
+        raise DataError(f"data: cannot read image {path}: {type(e).__name__}: {str(e).splitlines()[0][:160]}") \
+            from None
+    return torch.as_tensor(np.asarray(x)).clone(), raw
+
+
+def _decode(samples: list[tuple[str, int]], tcfg: dict[str, Any], num_workers: int) -> tuple[Tensor, Tensor, str]:
+    """Decode and transform every file once: uint8 (N, C, H, W), labels and a content hash of files + labels."""
+    from timm.data import create_transform
+
+    transform = create_transform(**tcfg, is_training=False, use_prefetcher=True)  # no ToTensor/Normalize: uint8
+    mode = "L" if tcfg["input_size"][0] == 1 else "RGB"
+    paths = [p for p, _ in samples]
+    if num_workers > 1:
+        with ThreadPoolExecutor(num_workers) as pool:
+            out = list(pool.map(lambda p: _decode_one(p, mode, transform), paths))
+    else:
+        out = [_decode_one(p, mode, transform) for p in paths]
+    h = hashlib.sha256()
+    for (_, raw), (_, label) in zip(out, samples, strict=True):
+        h.update(hashlib.sha256(raw).digest())
+        h.update(int(label).to_bytes(8, "little"))
+    x = torch.stack([t if t.ndim == 3 else t.unsqueeze(0) for t, _ in out])
+    return x, torch.tensor([lab for _, lab in samples], dtype=torch.int64), h.hexdigest()[:16]
+
+
+def _cached_images(samples: list[tuple[str, int]], tcfg: dict[str, Any], num_workers: int,
+                   cache: bool) -> tuple[Tensor, Tensor, str]:
+    """:func:`_decode` through the on-disk cache; a corrupt entry is rebuilt, an unwritable cache is skipped."""
+    stat = [(p, os.stat(p).st_size, os.stat(p).st_mtime_ns, lab) for p, lab in samples]
+    key = _digest(IMAGE_CACHE_VERSION, {k: tcfg[k] for k in sorted(tcfg)}, stat)
+    path = cache_root("images") / f"images_v{IMAGE_CACHE_VERSION}_{key}.pt"
+    if cache and path.is_file():
+        try:
+            blob = torch.load(path, weights_only=True)
+            return blob["x"], blob["y"], blob["content"]
+        except Exception as e:  # noqa: BLE001 - a torn or foreign file: rebuild it
+            log.warning("image cache %s is unreadable (%s); rebuilding it", path, type(e).__name__)
+    x, y, content = _decode(samples, tcfg, num_workers)
+    if cache:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+            os.close(fd)
+            torch.save({"x": x, "y": y, "content": content}, tmp)
+            os.replace(tmp, path)
+        except OSError as e:
+            log.warning("image cache not written (%s: %s)", path.parent, e.strerror or e)
+    return x, y, content
+
+
+def load_image_folder(model: torch.nn.Module, *, root: str | Path | None = None,
+                      calib_root: str | Path | None = None, eval_root: str | Path | None = None,
+                      n_calib: int | None = 256, n_eval: int | None = None, seed: int = 0,
+                      transform: dict[str, Any] | None = None, num_workers: int = 4, cache: bool = True) -> DataBundle:
+    """Class folders with the model's timm eval transform (``transform`` overrides timm's fields).
+
+    Either two folders, ``calib_root`` and ``eval_root`` (e.g. train and val, with the same class names), or one
+    ``root`` split into disjoint calibration and evaluation sets. Subsets of ``n_calib`` / ``n_eval`` images
+    (None = all) are class-stratified and seeded.
+    """
+    if root is not None and (calib_root is not None or eval_root is not None):
+        raise DataError("data.root: set either data.root (one folder, split) or data.calib_root and data.eval_root")
+    if root is None and (calib_root is None or eval_root is None):
+        missing = "data.calib_root" if calib_root is None else "data.eval_root"
+        raise DataError(f"{missing}: required for data=folder (or set data.root to split one folder)")
+    for k, v in (("n_calib", n_calib), ("n_eval", n_eval)):
+        if v is not None and v < 1:
+            raise DataError(f"data.{k}={v}: must be >= 1 (or null for all images)")
+    tcfg = resolve_transform(model, transform)
+    if root is not None:
+        root = Path(root).expanduser()
+        classes, samples = _list_folder(root, "data.root")
+        labels = np.array([lab for _, lab in samples])
+        if n_calib is None or (n_calib >= len(samples)):
+            raise DataError(f"data.n_calib: {root} has {len(samples)} images; splitting one folder needs "
+                            "n_calib below that (or use data.calib_root/data.eval_root)")
+        cal = stratified_subset(labels, n_calib, seed)
+        ev = stratified_subset(labels, n_eval, seed + 1, exclude=cal)
+        if n_eval is not None and len(ev) < n_eval:
+            raise DataError(f"data.n_eval: {root} has {len(samples)} images; n_calib={n_calib} + n_eval={n_eval} "
+                            "do not fit")
+        cal_samples, ev_samples = [samples[i] for i in cal], [samples[i] for i in ev]
+        roots = {"root": str(root.resolve())}
+    else:
+        calib_root, eval_root = Path(calib_root).expanduser(), Path(eval_root).expanduser()
+        classes, c_samples = _list_folder(calib_root, "data.calib_root")
+        e_classes, e_samples = _list_folder(eval_root, "data.eval_root")
+        if classes != e_classes:
+            only_c, only_e = sorted(set(classes) - set(e_classes)), sorted(set(e_classes) - set(classes))
+            raise DataError(f"data.eval_root: class folders differ from data.calib_root: only in calib_root "
+                            f"{only_c[:8]}, only in eval_root {only_e[:8]}")
+        cal = stratified_subset(np.array([lab for _, lab in c_samples]), n_calib, seed)
+        ev = stratified_subset(np.array([lab for _, lab in e_samples]), n_eval, seed + 1)
+        cal_samples, ev_samples = [c_samples[i] for i in cal], [e_samples[i] for i in ev]
+        roots = {"calib_root": str(calib_root.resolve()), "eval_root": str(eval_root.resolve())}
+    xc, yc, fc = _cached_images(cal_samples, tcfg, num_workers, cache)
+    xe, ye, fe = _cached_images(ev_samples, tcfg, num_workers, cache)
+    tmeta = {k: list(v) if isinstance(v, tuple) else v for k, v in tcfg.items()}
+    name = "folder:" + Path(roots.get("root") or roots["eval_root"]).name
+    return DataBundle(name, calib=ImageSet(xc, yc, tcfg["mean"], tcfg["std"]),
+                      eval=ImageSet(xe, ye, tcfg["mean"], tcfg["std"]), num_classes=len(classes),
+                      meta={**roots, "seed": seed, "classes": classes, "transform": tmeta,
+                            "calib_files": [p for p, _ in cal_samples], "eval_files": [p for p, _ in ev_samples],
+                            "calib_fingerprint": _digest(fc, tmeta), "eval_fingerprint": _digest(fe, tmeta),
+                            "n_calib": len(cal_samples), "n_eval": len(ev_samples)})
+
+
+def labels_of(ds: Dataset) -> np.ndarray:
+    """The labels of a dataset, in order."""
+    if isinstance(ds, ImageSet):
+        return ds.labels.cpu().numpy()
+    if isinstance(ds, TensorDataset):
+        return ds.tensors[1].cpu().numpy()
+    return np.array([int(ds[i][1]) for i in range(len(ds))])
+
+
+def subset(ds: Dataset, idx: Sequence[int] | np.ndarray) -> Dataset:
+    """The items ``idx`` of ``ds``, as the same in-memory kind where it is one."""
+    t = torch.as_tensor(np.asarray(idx), dtype=torch.long)
+    if isinstance(ds, ImageSet):
+        out = ImageSet(ds.images[t], ds.labels[t], (), ())
+        out.mean, out.std = ds.mean, ds.std
+        return out
+    if isinstance(ds, TensorDataset):
+        return TensorDataset(*(x[t] for x in ds.tensors))
+    return torch.utils.data.Subset(ds, t.tolist())

@@ -1,0 +1,1 @@
+"""timm ViT models: quantized blocks, whole-model wrapping, the digits reference and a factory."""

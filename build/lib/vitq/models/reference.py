@@ -1,0 +1,160 @@
+"""The digits reference: a small timm ``VisionTransformer`` trained by vitq on scikit-learn's digits.
+
+Deterministic, cached under ``$VITQ_CACHE`` (default ``~/.cache/vitq``) keyed by its hyperparameters.
+``python -m vitq.models.reference`` trains (or reuses) it and prints its held-out accuracy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor, nn
+
+from vitq.data import DIGITS_MEAN, DIGITS_STD, DataBundle, load_digits
+from vitq.paths import cache_root
+
+__all__ = ["ReferenceSpec", "build_reference", "load_reference"]
+
+
+@dataclass(frozen=True)
+class ReferenceSpec:
+    """Architecture and training recipe of the reference ViT (its hash keys the cache)."""
+
+    img_size: int = 8
+    patch_size: int = 2
+    in_chans: int = 1
+    num_classes: int = 10
+    embed_dim: int = 64
+    depth: int = 4
+    num_heads: int = 4
+    mlp_ratio: float = 4.0
+    drop_path: float = 0.1
+    epochs: int = 100
+    batch_size: int = 128
+    lr: float = 3e-3
+    weight_decay: float = 0.1
+    warmup_epochs: int = 5
+    label_smoothing: float = 0.1
+    seed: int = 0
+    data_seed: int = 0
+    n_train: int = 1400
+
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def build_reference(spec: ReferenceSpec = ReferenceSpec()) -> VisionTransformer:
+    """The untrained architecture (``fused_attn`` off: faster at these shapes on CPU)."""
+    model = VisionTransformer(img_size=spec.img_size, patch_size=spec.patch_size, in_chans=spec.in_chans,
+                              num_classes=spec.num_classes, embed_dim=spec.embed_dim, depth=spec.depth,
+                              num_heads=spec.num_heads, mlp_ratio=spec.mlp_ratio, drop_path_rate=spec.drop_path)
+    for blk in model.blocks:
+        blk.attn.fused_attn = False
+    model.pretrained_cfg = {"input_size": (spec.in_chans, spec.img_size, spec.img_size), "mean": (DIGITS_MEAN,),
+                            "std": (DIGITS_STD,), "interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "center",
+                            "num_classes": spec.num_classes}
+    return model
+
+
+def _augment(x: Tensor, g: torch.Generator) -> Tensor:
+    """Light random affine: rotation ±10°, scale ±10 %, shift ±0.5 px (background = -1 after normalize)."""
+    n, _, h, _ = x.shape
+    ang = (torch.rand(n, generator=g) * 2 - 1) * math.radians(10)
+    sc = 1 + (torch.rand(n, generator=g) * 2 - 1) * 0.1
+    sh = (torch.rand(n, 2, generator=g) * 2 - 1) * (0.5 * 2 / h)
+    cos, sin = torch.cos(ang) / sc, torch.sin(ang) / sc
+    theta = torch.stack([torch.stack([cos, -sin, sh[:, 0]], 1), torch.stack([sin, cos, sh[:, 1]], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    bg = -DIGITS_MEAN / DIGITS_STD
+    return F.grid_sample(x - bg, grid, align_corners=False, padding_mode="zeros") + bg
+
+
+def train_reference(spec: ReferenceSpec, data: DataBundle, verbose: bool = True) -> VisionTransformer:
+    with torch.enable_grad():  # callers (the bench) may have switched autograd off globally
+        return _train(spec, data, verbose)
+
+
+def _train(spec: ReferenceSpec, data: DataBundle, verbose: bool) -> VisionTransformer:
+    torch.manual_seed(spec.seed)
+    model = build_reference(spec)
+    assert data.train is not None
+    x, y = data.train.tensors  # type: ignore[attr-defined]
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
+    steps_per_epoch = math.ceil(len(x) / spec.batch_size)
+    total, warm = spec.epochs * steps_per_epoch, spec.warmup_epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / (total - warm))))
+    g = torch.Generator().manual_seed(spec.seed)
+    model.train()
+    t0 = time.time()
+    for epoch in range(spec.epochs):
+        perm = torch.randperm(len(x), generator=g)
+        for i in range(0, len(x), spec.batch_size):
+            idx = perm[i:i + spec.batch_size]
+            loss = F.cross_entropy(model(_augment(x[idx], g)), y[idx], label_smoothing=spec.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        if verbose and (epoch + 1) % 20 == 0:
+            print(f"  epoch {epoch + 1}/{spec.epochs} loss {loss.item():.3f} ({time.time() - t0:.0f}s)", flush=True)
+    return model.eval()
+
+
+def _accuracy(model: nn.Module, data: DataBundle) -> float:
+    x, y = data.eval.tensors  # type: ignore[attr-defined]
+    with torch.inference_mode():
+        return float((model(x).argmax(-1) == y).float().mean())
+
+
+def load_reference(spec: ReferenceSpec = ReferenceSpec(), verbose: bool = False) -> tuple[VisionTransformer, dict]:
+    """The trained reference (trained once, then read from the cache) and its metadata."""
+    path = cache_root() / f"digits_vit_{spec.key()}.pt"
+    data = load_digits(seed=spec.data_seed, n_train=spec.n_train)
+    if path.is_file():
+        blob = torch.load(path, weights_only=True)
+        model = build_reference(spec)
+        model.load_state_dict(blob["state_dict"])
+        return model.eval(), blob["meta"]
+    if verbose:
+        print(f"training the digits reference ViT -> {path}", flush=True)
+    t0 = time.time()
+    model = train_reference(spec, data, verbose)
+    meta = {"top1": _accuracy(model, data), "train_seconds": time.time() - t0, "spec": asdict(spec),
+            "key": spec.key(), "n_params": sum(p.numel() for p in model.parameters())}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")  # unique: workers may train at once
+    os.close(fd)
+    torch.save({"state_dict": model.state_dict(), "meta": meta}, tmp)
+    os.replace(tmp, path)
+    return model, meta
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m vitq.models.reference",
+                                 description="Train (or read from the cache) the digits reference ViT.")
+    ap.add_argument("--out", help="also write the checkpoint here (state_dict + meta), e.g. for DVC")
+    args = ap.parse_args(argv)
+    model, meta = load_reference(verbose=True)
+    print(f"digits reference ViT ({meta['n_params']:,} params, key {meta['key']}): held-out top-1 "
+          f"{100 * meta['top1']:.2f} % (trained in {meta['train_seconds']:.0f} s)")
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"state_dict": model.state_dict(), "meta": meta}, out)
+        print(f"checkpoint -> {out}")
+
+
+if __name__ == "__main__":
+    main()

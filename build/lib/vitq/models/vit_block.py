@@ -1,0 +1,220 @@
+"""``QuantTimmVitBlock``: a timm ViT ``Block`` with the 14 quantization points of the seed config.
+
+Run ``python -m vitq.models.vit_block`` for a self-check: wrap the blocks of a small timm ViT,
+calibrate, and print the SQNR of every point against the FP model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from timm.layers import Mlp
+from timm.layers.attention import Attention, maybe_add_mask, resolve_self_attn_mask
+from torch import Tensor, nn
+
+from vitq.quant.config import (
+    ACTIVATION_POINTS,
+    POINTS,
+    WEIGHT_POINTS,
+    ConfigError,
+    LayerQuantConfig,
+    QuantConfig,
+    load_config_from_yaml,
+)
+from vitq.quant.modules import STATS_MAX_ELEMENTS, QAct, QIntSoftmax, QLinear, calibration_of, int_layernorm
+
+__all__ = ["QuantTimmVitBlock", "as_layer_config"]
+
+QuantConfigLike = str | Path | LayerQuantConfig | QuantConfig
+ATTN_CHUNK_BYTES = 1 << 21  # attention maps made per chunk of images without gradients (fits L2/L3 cache)
+
+# point -> (channel axis, ndim) of the tensor it sees
+_GEOMETRY: dict[str, tuple[int, int]] = {k: (0, 2) for k in WEIGHT_POINTS}
+_GEOMETRY.update({k: (2, 3) for k in ("norm1", "norm2", "attn_qkv_output", "sv_attn", "mlp_act", "mlp_act2",
+                                      "residual1", "residual2")})
+_GEOMETRY.update({"kv_act": (1, 4), "intSoft": (1, 4)})
+
+
+def as_layer_config(quant_config: QuantConfigLike) -> LayerQuantConfig:
+    """Accept the seed's three forms: a YAML path, a ``LayerQuantConfig`` or one ``QuantConfig`` for all."""
+    if isinstance(quant_config, LayerQuantConfig):
+        return quant_config
+    if isinstance(quant_config, QuantConfig):
+        return LayerQuantConfig.uniform(quant_config)
+    if isinstance(quant_config, str | Path):
+        return load_config_from_yaml(quant_config)
+    raise ConfigError("quant_config", f"expected a YAML path, LayerQuantConfig or QuantConfig, "
+                                      f"got {type(quant_config).__name__}")
+
+
+class QuantTimmVitBlock(nn.Module):
+    """Fake-quantized timm ``Block``; with every point disabled it computes exactly the FP block."""
+
+    def __init__(self, block: nn.Module, quant_config: QuantConfigLike, enable_profiling: bool = False,
+                 block_index: int | None = None, max_sample_elements: int | None = STATS_MAX_ELEMENTS) -> None:
+        super().__init__()
+        attn, mlp = getattr(block, "attn", None), getattr(block, "mlp", None)
+        if not isinstance(attn, Attention) or getattr(attn, "gate", None) is not None:
+            raise TypeError(f"QuantTimmVitBlock needs a timm Block with a plain timm Attention, "
+                            f"got attn={type(attn).__name__}")
+        if not isinstance(mlp, Mlp):
+            raise TypeError(f"QuantTimmVitBlock needs a timm Block with a timm Mlp, got mlp={type(mlp).__name__}")
+        self.block = block
+        self.block_index = block_index
+        self.layer_config = as_layer_config(quant_config)
+        cfgs = self.layer_config.resolved(block_index)
+        self.quantizers = nn.ModuleDict({
+            k: QAct(k, cfgs[k], *_GEOMETRY[k], block_index=block_index, profiling=enable_profiling,
+                    max_sample_elements=max_sample_elements)
+            for k in POINTS})
+        q = self.quantizers
+        fresh_norm = {k: not isinstance(getattr(block, k), nn.Identity) for k in ("norm1", "norm2")}
+        for k in ACTIVATION_POINTS:  # each activation point sees a fresh intermediate: quantize it in place
+            q[k].inplace = fresh_norm.get(k, True)
+        self.qkv = QLinear(attn.qkv, q["attn_qkv"])
+        self.proj = QLinear(attn.proj, q["attn_proj"])
+        self.fc1 = QLinear(mlp.fc1, q["mlp_fc1"])
+        self.fc2 = QLinear(mlp.fc2, q["mlp_fc2"])
+        self.softmax = QIntSoftmax(q["intSoft"])
+
+    # ------------------------------------------------------------------ lifecycle
+    def points(self) -> list[QAct]:
+        return list(self.quantizers.values())
+
+    def linears(self) -> list[QLinear]:
+        return [self.qkv, self.proj, self.fc1, self.fc2]
+
+    @contextmanager
+    def calibration(self) -> Iterator[None]:
+        """Observers watch FP values inside; on exit ranges are frozen and fake quantization is on."""
+        yield from calibration_of(self.points(), self.linears())
+
+    def set_config(self, quant_config: QuantConfigLike) -> None:
+        """Switch to another config; ranges come from the kept calibration statistics."""
+        self.layer_config = as_layer_config(quant_config)
+        for k, cfg in self.layer_config.resolved(self.block_index).items():
+            self.quantizers[k].set_config(cfg)
+        for lin in self.linears():
+            lin.refresh()
+
+    def set_profiling(self, on: bool) -> None:
+        for p in self.points():
+            p.profiling = on
+
+    def profile(self) -> pd.DataFrame:
+        """One row per quantization point: observed range, scale, zero point, MSE and SQNR (dB)."""
+        return pd.DataFrame([p.profile_row() for p in self.points()])
+
+    # ------------------------------------------------------------------ forward
+    def _attention(self, x: Tensor, attn_mask: Tensor | None, is_causal: bool) -> Tensor:
+        a: Attention = self.block.attn
+        q_ = self.quantizers
+        B, N, _ = x.shape
+        qkv = q_["attn_qkv_output"](self.qkv(x))
+        qkv = qkv.reshape(B, N, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = a.q_norm(q), a.k_norm(k)
+        if a.fused_attn and not (q_["kv_act"].active or q_["intSoft"].active):
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                               dropout_p=a.attn_drop.p if self.training else 0.0)
+        else:
+            x = self._attention_maps(q, k, v, attn_mask, is_causal)
+        x = x.transpose(1, 2).reshape(B, N, a.attn_dim)
+        x = q_["sv_attn"](a.norm(x))
+        return a.proj_drop(self.proj(x))
+
+    def _attention_maps(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_causal: bool) -> Tensor:
+        """Attention with materialized maps (``kv_act``/``intSoft`` see them).
+
+        Without gradients, after calibration and without masks, the maps are made a few images at a time
+        (``ATTN_CHUNK_BYTES``): every pass over them then runs in cache, and no large buffer is allocated.
+        """
+        q_ = self.quantizers
+        B, H, N, _ = q.shape
+        step = max(1, ATTN_CHUNK_BYTES // (H * N * k.shape[-2] * q.element_size()))
+        if (step >= B or attn_mask is not None or is_causal or torch.is_grad_enabled()
+                or "calib" in (q_["kv_act"].state, q_["intSoft"].state)):
+            return self._attend(q, k, v, attn_mask, is_causal)
+        out = q.new_empty(B, H, N, v.shape[-1])
+        for i in range(0, B, step):
+            out[i:i + step] = self._attend(q[i:i + step], k[i:i + step], v[i:i + step], None, False)
+        return out
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_causal: bool) -> Tensor:
+        a: Attention = self.block.attn
+        attn = (q * a.scale) @ k.transpose(-2, -1)
+        attn = maybe_add_mask(attn, resolve_self_attn_mask(q.shape[-2], attn, attn_mask, is_causal))
+        attn = self.softmax(attn, self.quantizers["kv_act"])  # quantized at kv_act, softmax, intSoft
+        return a.attn_drop(attn) @ v
+
+    def _mlp(self, x: Tensor) -> Tensor:
+        m: Mlp = self.block.mlp
+        q_ = self.quantizers
+        x = m.norm(m.drop1(m.act(self.fc1(x))))
+        x = self.fc2(q_["mlp_act"](x))
+        return m.drop2(q_["mlp_act2"](x))
+
+    def set_input_point(self, point: QAct | None) -> None:
+        """The point that quantizes this block's input (the previous block's ``residual2``), if any."""
+        self._input_point = (point,)  # a tuple: not registered as a submodule
+
+    def _norm(self, key: str, x: Tensor, in_point: QAct | None) -> Tensor:
+        """``normX`` and its output point; FQ-ViT's integer LayerNorm when the input lies on a PTF grid."""
+        norm, out_q = getattr(self.block, key), self.quantizers[key]
+        ptf = (in_point is not None and in_point.state == "quant" and in_point.cfg.enabled
+               and in_point.cfg.calibration_mode == "ptf" and out_q.state == "quant" and out_q.cfg.enabled)
+        if not ptf or (torch.is_grad_enabled() and x.requires_grad):
+            return out_q(norm(x))
+        if not isinstance(norm, nn.LayerNorm) or not norm.elementwise_affine:
+            raise ConfigError(f"residual_layer.{in_point.key}.calibration_mode",
+                              f"ptf feeds an integer LayerNorm, but {key} is {type(norm).__name__}")
+        y = int_layernorm(x, in_point.fq.scale, norm.weight, norm.bias, out_q.fq.scale)
+        if not out_q.profiling:
+            return out_q(y)
+        out_q.profiling = False  # profile against the float LayerNorm, not the integer one (already on the grid)
+        try:
+            q = out_q(y)
+        finally:
+            out_q.profiling = True
+        out_q.prof.add(norm(x), q)
+        return q
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        b, q_ = self.block, self.quantizers
+        h = self._attention(self._norm("norm1", x, getattr(self, "_input_point", (None,))[0]), attn_mask, is_causal)
+        x = q_["residual1"](x + b.drop_path1(b.ls1(h)))
+        h = self._mlp(self._norm("norm2", x, q_["residual1"]))
+        return q_["residual2"](x + b.drop_path2(b.ls2(h)))
+
+
+def _self_check() -> None:
+    from timm.models.vision_transformer import VisionTransformer
+
+    from vitq.models.vit import quantize_vit
+
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=32, patch_size=4, num_classes=10, embed_dim=96, depth=2, num_heads=4).eval()
+    x = torch.randn(64, 3, 32, 32)
+    from vitq.paths import PRESETS_DIR as conf
+    for name in ("int8", "w4a8", "fqvit"):
+        path = conf / f"{name}.yaml"
+        cfg = load_config_from_yaml(path) if path.is_file() else LayerQuantConfig()
+        qmodel = quantize_vit(model, cfg, enable_profiling=True)
+        with torch.inference_mode():
+            with qmodel.calibration():
+                qmodel(x[:32])
+            ref = model(x[32:])
+            out = qmodel(x[32:])
+        err = (out - ref).pow(2).sum() / ref.pow(2).sum()
+        df = qmodel.profile()
+        print(f"\n== {name}: logits SQNR {-10 * torch.log10(err).item():.1f} dB")
+        print(df.groupby("point", sort=False)["sqnr_db"].mean().round(1).to_string())
+
+
+if __name__ == "__main__":
+    _self_check()

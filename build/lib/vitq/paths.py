@@ -1,0 +1,65 @@
+"""Every path vitq computes: the configs, search files and notebook (at a checkout's top, or inside the installed
+package), and the cache root.
+
+The cache root is ``$VITQ_CACHE`` (default ``~/.cache/vitq``). When it cannot be written, a per-user folder in
+the system's temp dir is used instead, with one warning.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+__all__ = ["CONF_DIR", "NOTEBOOK", "PRESETS_DIR", "REPO_ROOT", "SWEEPS_DIR", "cache_root", "file_lock"]
+
+log = logging.getLogger(__name__)
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# a checkout keeps conf/, sweeps/ and notebooks/ at its top; an installed wheel carries them inside the package
+_DATA = REPO_ROOT if (REPO_ROOT / "conf" / "config.yaml").is_file() else Path(__file__).resolve().parent
+CONF_DIR = _DATA / "conf"
+PRESETS_DIR = CONF_DIR / "quant"
+SWEEPS_DIR = _DATA / "sweeps"
+NOTEBOOK = _DATA / "notebooks" / "pareto_analysis.ipynb"
+
+
+@functools.cache
+def _writable_root(wanted: str) -> Path:
+    root = Path(wanted).expanduser()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=root, prefix=".probe", delete=True)  # noqa: SIM115
+        probe.close()
+        return root
+    except OSError as e:
+        fallback = Path(tempfile.gettempdir()) / f"vitq-cache-{os.getuid()}"
+        fallback.mkdir(parents=True, exist_ok=True)
+        log.warning("cache folder %s is not writable (%s); using %s (set VITQ_CACHE to choose another)", root,
+                    e.strerror or e, fallback)
+        return fallback
+
+
+def cache_root(sub: str = "") -> Path:
+    """``$VITQ_CACHE/sub`` (created), or a temp-dir fallback when the cache cannot be written."""
+    path = _writable_root(os.environ.get("VITQ_CACHE", "~/.cache/vitq")) / sub
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@contextmanager
+def file_lock(path: str | Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path`` (created) for the body: processes starting together take turns."""
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

@@ -1,0 +1,1 @@
+"""Quantization core (pure torch): config, observers, quantizers and quantized modules."""

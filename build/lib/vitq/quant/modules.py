@@ -1,0 +1,460 @@
+"""Quantization modules: one ``QAct`` per quantization point, ``QLinear`` (fake-quantized weight) and
+``QIntSoftmax`` (I-BERT integer softmax with a quantized output).
+
+A point goes through three states: ``fp`` (pass-through), ``calib`` (records :class:`BatchStats` of
+the FP values, quantization off) and ``quant`` (ranges frozen, fake quantization on when enabled).
+Statistics are kept after calibration, so :meth:`QAct.set_config` derives the ranges of any other
+config (observer, bits, alpha, ...) without another forward pass. Ranges are memoized per observer key
+(only the fields an observer reads), qparams and fake quantizers per config.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vitq.quant.config import QuantConfig
+from vitq.quant.observers import OBSERVER_REGISTRY, BatchStats, create_observer, scoring_rows, to_channel_last
+from vitq.quant.quantizers import QUANTIZERS, UniformGrid, affine_qparams, ptf_qparams
+
+__all__ = ["NonFiniteActivationError", "QAct", "QIntSoftmax", "QLinear", "calibration_of", "int_layernorm",
+           "int_softmax"]
+
+STATS_MAX_ELEMENTS = 1 << 18  # per point and calibration batch; more rows are sampled (seeded)
+PROFILE_MAX_ELEMENTS = 1 << 14  # per point and profiled batch; evenly spaced runs beyond that
+PROFILE_RUN = 1 << 10
+
+
+class NonFiniteActivationError(ValueError):
+    """Calibration saw NaN or infinite values at a quantization point."""
+
+
+@dataclass
+class _Profile:
+    count: int = 0
+    signal: float = 0.0
+    noise: float = 0.0
+
+    @staticmethod
+    def sample(x: Tensor) -> Tensor:
+        """A copy of at most ``PROFILE_MAX_ELEMENTS`` values: evenly spaced contiguous runs (cheap to read)."""
+        f = x.detach().reshape(-1)
+        if f.numel() <= PROFILE_MAX_ELEMENTS:
+            return f.float().clone()
+        runs = PROFILE_MAX_ELEMENTS // PROFILE_RUN
+        stride = f.numel() // runs
+        return f[:runs * stride].view(runs, stride)[:, :PROFILE_RUN].float().reshape(-1)
+
+    def add(self, fp: Tensor, q: Tensor) -> None:
+        """Accumulate signal and noise energy of FP values ``fp`` and their quantized copy ``q``."""
+        f, g = self.sample(fp), self.sample(q)
+        d = f - g
+        self.count += f.numel()
+        self.signal += float(torch.dot(f, f))
+        self.noise += float(torch.dot(d, d))
+
+
+class _Derived(NamedTuple):
+    """What a config derives from the statistics: the range, qparams and the prepared fake quantizer."""
+
+    range: tuple[Tensor, Tensor]
+    scale: Tensor
+    zero_point: Tensor
+    fq: Callable[..., Tensor]
+    summary: dict[str, float]  # the profile table's range/scale columns
+
+
+class QAct(nn.Module):
+    """One quantization point: statistics, range derivation and fake quantization.
+
+    ``axis`` is the channel axis of the ``ndim``-dimensional tensors it sees (for ``channel_wise``).
+    """
+
+    def __init__(self, key: str, cfg: QuantConfig, axis: int, ndim: int, block_index: int | None = None,
+                 profiling: bool = False, max_sample_elements: int | None = STATS_MAX_ELEMENTS) -> None:
+        super().__init__()
+        self.key = key
+        self.block_index = block_index
+        self.axis = axis
+        self.ndim = ndim
+        self.cfg = cfg
+        self.profiling = profiling
+        self.max_sample_elements = max_sample_elements
+        self.state = "fp"
+        self.stats: list[BatchStats] = []
+        self._memo: dict[tuple, _Derived] = {}
+        self._ranges: dict[tuple, tuple[Tensor, Tensor]] = {}
+        self._d: _Derived | None = None  # what the current config derived (None: disabled or not frozen)
+        self._observed: tuple[float, float] | None = None
+        self.prof = _Profile()
+        self.inplace = False  # set by an owner that hands this point fresh tensors it may overwrite
+
+    # ------------------------------------------------------------------ identity
+    @property
+    def label(self) -> str:
+        return self.key if self.block_index is None else f"blocks.{self.block_index}.{self.key}"
+
+    @property
+    def active(self) -> bool:
+        """True when this point changes or watches values (calibrating, or quantizing and enabled)."""
+        return self.state == "calib" or (self.state == "quant" and self.cfg.enabled)
+
+    @property
+    def fq(self) -> Callable[..., Tensor] | None:
+        """The prepared fake quantizer of the current config."""
+        return self._d.fq if self._d is not None else None
+
+    @property
+    def range(self) -> tuple[Tensor, Tensor] | None:
+        return self._d.range if self._d is not None else None
+
+    @property
+    def scale(self) -> Tensor | None:
+        return self._d.scale if self._d is not None else None
+
+    @property
+    def zero_point(self) -> Tensor | None:
+        return self._d.zero_point if self._d is not None else None
+
+    # ------------------------------------------------------------------ calibration
+    def begin_calibration(self) -> None:
+        self.stats = []
+        self.clear_memo()
+        self.state = "calib"
+
+    def clear_memo(self) -> None:
+        """Forget derived ranges (the statistics changed)."""
+        self._memo.clear()
+        self._ranges.clear()
+        self._observed = None
+
+    def record(self, x: Tensor) -> None:
+        x2d = to_channel_last(x, self.axis)
+        seed = zlib.crc32(f"{self.label}/{len(self.stats)}".encode())
+        s = BatchStats.from_2d(x2d, self.max_sample_elements, seed)
+        if not (torch.isfinite(s.cmin).all() and torch.isfinite(s.cmax).all()):
+            raise NonFiniteActivationError(
+                f"{self.label}: calibration saw NaN/inf activations (batch {len(self.stats)}); "
+                "check the model's weights and the input images")
+        self.stats.append(s)
+
+    def freeze(self) -> None:
+        """End calibration: derive ranges for the current config and switch quantization on."""
+        self.state = "quant"
+        self._derive()
+
+    def set_config(self, cfg: QuantConfig) -> None:
+        """Use another config; ranges come from the kept statistics (no forward pass)."""
+        self.cfg = cfg
+        self.prof = _Profile()
+        if self.state == "quant":
+            self._derive()
+
+    def derived_key(self) -> tuple:
+        c = self.cfg
+        return (OBSERVER_REGISTRY[c.observer_type].range_key(c), c.quantization_method, c.bit_type)
+
+    def _derive(self) -> None:
+        """Range, qparams and fake quantizer of the current config.
+
+        Memoized twice: ranges per observer key (a Minmax range serves every bit width, an OMSE range every
+        alpha), and the derived qparams/fake quantizer per (range, method, bit type).
+        """
+        self._d = None
+        if not self.cfg.enabled:
+            return
+        if not self.stats:
+            raise RuntimeError(f"{self.label}: no calibration statistics; run calibration first")
+        key = self.derived_key()
+        d = self._memo.get(key)
+        if d is None:
+            rng = self._ranges.get(key[0])
+            if rng is None:
+                obs = create_observer(self.cfg)
+                for s in self.stats:
+                    obs.update(s)
+                rng = self._ranges[key[0]] = obs.compute()
+            lo, hi = rng
+            quantizer = QUANTIZERS[self.cfg.quantization_method](self.cfg.bit_type)
+            if self.cfg.calibration_mode == "ptf":  # per-channel power-of-two factors, scored on every value
+                pieces = scoring_rows(self.stats, channel_wise=True)
+                x = torch.cat([p[0] for p in pieces])
+                w = None if all(p[1] is None for p in pieces) else torch.cat(
+                    [torch.ones_like(p[0]) if p[1] is None else p[1] for p in pieces])
+                scale, zero_point = ptf_qparams(lo, hi, x, self.cfg.bit_type, weight=w)
+            elif OBSERVER_REGISTRY[self.cfg.observer_type].affine and self.cfg.quantization_method == "Uniform":
+                scale, zero_point = affine_qparams(lo, hi, self.cfg.bit_type)
+            else:
+                scale, zero_point = quantizer.qparams(lo, hi)
+            shape = (-1,) + (1,) * (self.ndim - 1 - self.axis) if scale.ndim else ()
+            grid = quantizer.grid(scale.reshape(shape), zero_point.reshape(shape))
+            summary = {"range_min": float(lo.min()), "range_max": float(hi.max()), "scale": float(scale.float().mean()),
+                       "zero_point": float(zero_point.float().mean()), "n_channels": scale.numel()}
+            d = self._memo[key] = _Derived((lo, hi), scale, zero_point, grid, summary)
+        self._d = d
+
+    def observed_minmax(self) -> tuple[float, float]:
+        if not self.stats:
+            return math.nan, math.nan
+        if self._observed is None:
+            self._observed = (float(torch.stack([s.cmin.min() for s in self.stats]).min()),
+                              float(torch.stack([s.cmax.max() for s in self.stats]).max()))
+        return self._observed
+
+    # ------------------------------------------------------------------ forward
+    def quantize(self, x: Tensor, inplace: bool = False) -> Tensor:
+        assert self.fq is not None
+        return self.fq(x, inplace)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.state == "calib":
+            self.record(x)
+            return x
+        if self.state != "quant" or not self.cfg.enabled:
+            return x
+        fp = _Profile.sample(x) if self.profiling else None
+        q = self.quantize(x, inplace=self.inplace and not (torch.is_grad_enabled() and x.requires_grad))
+        if fp is not None:
+            self.prof.add(fp, q)
+        return q
+
+    def profile_row(self) -> dict:
+        lo, hi = self.observed_minmax()
+        c = self.cfg
+        row = {"block": self.block_index, "point": self.key, "enabled": c.enabled, "bits": c.bit_type.bits,
+               "signed": c.bit_type.signed, "observer": c.observer_type, "mode": c.calibration_mode,
+               "method": c.quantization_method, "observed_min": lo, "observed_max": hi,
+               "range_min": math.nan, "range_max": math.nan, "scale": math.nan, "zero_point": math.nan,
+               "n_channels": 0, "mse": math.nan, "sqnr_db": math.nan}
+        if c.enabled and self._d is not None:
+            row.update(self._d.summary)
+        if self.prof.count:
+            row["mse"] = self.prof.noise / self.prof.count
+            if self.prof.noise:
+                row["sqnr_db"] = 10 * math.log10(self.prof.signal / self.prof.noise) if self.prof.signal else -math.inf
+            else:
+                row["sqnr_db"] = math.inf if self.prof.signal else math.nan
+        return row
+
+
+class QLinear(nn.Module):
+    """A Linear whose weight is fake-quantized by the point ``wq`` (per output feature when channel_wise).
+
+    Under inference/no-grad the quantized weight is computed once per config and reused.
+    """
+
+    def __init__(self, linear: nn.Linear, wq: QAct) -> None:
+        super().__init__()
+        self.linear = linear
+        self.wq = wq
+        self._cached: Tensor | None = None
+
+    def weight_stats(self) -> None:
+        """Weights are static: their 'calibration' is one exact look at the tensor."""
+        w = self.linear.weight.detach()
+        self.wq.stats = [BatchStats.from_2d(to_channel_last(w, 0), None)]
+        self.wq.clear_memo()
+
+    def refresh(self) -> None:
+        self._cached = None
+        if self.wq.state == "quant" and self.wq.cfg.enabled:
+            with torch.no_grad():
+                w = self.linear.weight.detach()
+                self._cached = self.wq.quantize(w)
+                self.wq.prof = _Profile()
+                self.wq.prof.add(w, self._cached)  # weight SQNR (cheap: once per config)
+
+    def quantized_weight(self) -> Tensor:
+        w = self.linear.weight
+        if self.wq.state != "quant" or not self.wq.cfg.enabled:
+            return w
+        if torch.is_grad_enabled() and w.requires_grad:
+            return self.wq.quantize(w)
+        if self._cached is None:
+            self.refresh()
+        assert self._cached is not None
+        return self._cached
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.quantized_weight(), self.linear.bias)
+
+
+_IEXP_COEF = (0.35815147, 0.96963238, 1.0)
+_LN2 = -0.6931
+_IEXP_N = 30
+IEXP_STEP = 0.6931 / 1024  # the coarsest input step i-exp runs at: ln2 spans >= 1024 codes
+
+
+def iexp_refine(scale: Tensor) -> tuple[Tensor, Tensor]:
+    """Integer factor ``m`` and the step ``scale / m <= IEXP_STEP`` at which i-exp runs.
+
+    Codes times ``m`` are exact integers of the same values, so this is integer arithmetic; it keeps I-BERT's
+    i-exp accurate at coarse score steps, where at the raw step ``floor(-ln2 / scale)`` is -1 (every code counts
+    as one ln2) and, from a step of ~1.67, the polynomial's constant floors to 0 and every row is zero.
+    """
+    m = torch.ceil(scale / IEXP_STEP).clamp_(min=1)
+    return m, scale / m
+
+
+def _int_exp(x_int: Tensor, sf: Tensor) -> Tensor:
+    """I-BERT i-exp of non-positive integers ``x_int`` (overwritten) at scale ``sf``; exp up to a constant.
+
+    Every intermediate is an integer held exactly in float32, so the in-place order changes no bit.
+    """
+    x0_int = torch.floor(_LN2 / sf)
+    x_int = torch.maximum(x_int, _IEXP_N * x0_int, out=x_int)
+    q = torch.div(x_int, x0_int).floor_()
+    r = x_int.sub_(q * x0_int)
+    b_int = torch.floor(_IEXP_COEF[1] / _IEXP_COEF[0] / sf)
+    c_int = torch.floor(_IEXP_COEF[2] / _IEXP_COEF[0] / sf**2)
+    z = (r + b_int).mul_(r).add_(c_int)
+    return z.mul_(q.neg_().add_(_IEXP_N).exp2_()).floor_().clamp_(min=0)
+
+
+def int_softmax(scores: Tensor, scale: Tensor) -> Tensor:
+    """Integer softmax (I-BERT) of scores that lie on the grid ``scale`` (already fake-quantized).
+
+    With gradients on, the float softmax's gradient passes straight through (the integer path has none).
+    """
+    if torch.is_grad_enabled() and scores.requires_grad:
+        soft = scores.softmax(dim=-1)
+        with torch.no_grad():
+            hard = _int_softmax(scores, scale)
+        return soft + (hard - soft).detach()
+    return _int_softmax(scores, scale)
+
+
+def _int_softmax(scores: Tensor, scale: Tensor) -> Tensor:
+    """Softmax of scores on the grid ``scale`` (any zero point: the shift by the row max removes it)."""
+    x_int = torch.div(scores, scale).round_()
+    x_int.sub_(x_int.amax(dim=-1, keepdim=True))
+    m, step = iexp_refine(scale)
+    e = _int_exp(x_int.mul_(m), step)
+    return e.div_(e.sum(dim=-1, keepdim=True))
+
+
+class QIntSoftmax(nn.Module):
+    """Softmax over the last axis of scores quantized at ``kv_act``, its output quantized at ``intSoft``
+    (Uniform, or Log2 = FQ-ViT's LIS).
+
+    When both points quantize, the softmax itself runs in integer arithmetic (I-BERT i-exp on the codes shifted
+    by their row max, so any zero point cancels; coarse steps are refined by an exact integer factor, see
+    :func:`iexp_refine`). With either point disabled the float softmax runs, as the config asks. Without
+    gradients it works on the integer codes directly: the shifted codes ``max - x`` take at most ``2^bits``
+    values, so i-exp is a lookup table built once per scale (bit-identical to evaluating it per element).
+    """
+
+    def __init__(self, out_q: QAct) -> None:
+        super().__init__()
+        self.out_q = out_q
+        self._lut_grid: UniformGrid | None = None
+        self._lut = torch.empty(0)
+        self._lut_offsets: Tensor | None = None
+
+    def integer(self, score_q: QAct) -> bool:
+        grid = score_q.fq
+        if not (self.out_q.state == "quant" and self.out_q.cfg.enabled and score_q.state == "quant"
+                and score_q.cfg.enabled):
+            return False
+        if not isinstance(grid, UniformGrid):  # validation only lets uniform grids reach kv_act
+            raise TypeError(f"{score_q.label}: the integer softmax needs uniform scores, got {type(grid).__name__}")
+        return True
+
+    def forward(self, scores: Tensor, score_q: QAct) -> Tensor:
+        """``scores`` (a fresh tensor: overwritten) → quantized at ``score_q`` → softmax → quantized."""
+        integer = self.integer(score_q)
+        if integer and not (torch.is_grad_enabled() and scores.requires_grad):
+            grid = score_q.fq
+            fp = _Profile.sample(scores) if score_q.profiling else None
+            x_int = grid.to_int(scores, inplace=score_q.inplace)
+            if fp is not None:
+                deq = (x_int - grid.zero_point) if grid.has_zp else x_int
+                score_q.prof.add(fp, deq * grid.scale)  # the fake-quantized scores, as score_q(scores) gives
+            probs = self._lut_softmax(x_int, grid)
+        else:
+            scores = score_q(scores)
+            probs = int_softmax(scores, score_q.fq.scale) if integer else scores.softmax(dim=-1)
+        return self.out_q(probs)
+
+    def _table(self, grid: UniformGrid) -> Tensor:
+        """i-exp of -j for j = 0..qmax-qmin, one row per scale (per head when ``kv_act`` is channel_wise).
+
+        Built when the grid changes; grids are prepared once per config (and held here), so identity is the key.
+        """
+        if grid is not self._lut_grid:
+            n = grid.qmax - grid.qmin + 1
+            m, sf = iexp_refine(grid.scale.reshape(-1, 1))
+            dev = sf.device
+            codes = torch.arange(n, dtype=torch.float32, device=dev).repeat(sf.shape[0], 1).mul_(m).neg_()
+            self._lut = _int_exp(codes, sf).reshape(-1)
+            self._lut_offsets = (torch.arange(sf.shape[0], dtype=torch.int32, device=dev) * n).view(grid.scale.shape) \
+                if sf.shape[0] > 1 else None
+            self._lut_grid = grid
+        return self._lut
+
+    def _lut_softmax(self, x_int: Tensor, grid: UniformGrid) -> Tensor:
+        lut = self._table(grid)
+        idx = x_int.sub_(x_int.amax(dim=-1, keepdim=True)).neg_().to(torch.int32)  # max - x in [0, n)
+        if self._lut_offsets is not None:
+            idx += self._lut_offsets
+        e = lut.index_select(0, idx.reshape(-1)).view(x_int.shape)
+        return e.div_(e.sum(dim=-1, keepdim=True))
+
+
+def _mn(a: Tensor, bits: int = 7) -> tuple[Tensor, Tensor]:
+    """FQ-ViT's ``get_MN``: ``a ≈ M / 2^N`` with an 8-bit multiplier ``M`` and a shift ``N`` in 0..31."""
+    n = torch.clamp(bits - torch.floor(torch.log2(a)), 0, 31)
+    m = torch.clamp(torch.floor(a * torch.pow(2, n)), 0, 2 ** (bits + 1) - 1)
+    return m, n
+
+
+def int_layernorm(x: Tensor, in_scale: Tensor, weight: Tensor, bias: Tensor, out_scale: Tensor) -> Tensor:
+    """FQ-ViT's integer LayerNorm over the last axis of ``x``, which lies on a PTF grid (``in_scale`` per channel,
+    powers of two apart): integer mean and variance, then ``(sign·M·x_q + B) >> N`` on the output grid.
+
+    Returns the output on the grid ``out_scale`` (dequantized); the output point then clamps it to its range.
+    """
+    x_q = torch.round(x / in_scale)
+    s1 = in_scale.min()
+    x_q = x_q * torch.round(in_scale / s1)  # integers in units of the smallest channel scale
+    c = x.shape[-1]
+    mean = x_q.mean(dim=-1) * s1
+    std = (s1 / c) * torch.sqrt(c * x_q.square().sum(dim=-1) - x_q.sum(dim=-1).square())
+    a = (s1 / std).unsqueeze(-1) * weight / out_scale
+    m, n = _mn(a.abs())
+    b = torch.round((bias - (mean / std).unsqueeze(-1) * weight) / out_scale * torch.pow(2, n))
+    return torch.round((a.sign() * m * x_q + b) / torch.pow(2, n)) * out_scale
+
+
+def calibration_of(points: Iterable[QAct], linears: Iterable[QLinear]) -> Iterator[None]:
+    """Generator behind ``calibration()`` context managers of blocks and whole models."""
+    points, linears = list(points), list(linears)
+    for p in points:
+        p.begin_calibration()
+    for lin in linears:
+        lin.wq.state = "calib"
+        lin._cached = None
+    try:
+        yield
+    except BaseException:
+        for p in points:
+            p.state, p.stats = "fp", []
+        raise
+    else:
+        for lin in linears:
+            lin.weight_stats()
+        for p in points:
+            p.freeze()
+        for lin in linears:
+            lin.refresh()
+
+
+calibration = contextmanager(calibration_of)

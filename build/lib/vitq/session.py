@@ -1,0 +1,252 @@
+"""The one place that builds the work of a config: model, data, device, FP reference and calibrated models.
+
+``Session.from_config(cfg)`` takes the composed ``model`` / ``data`` / ``device`` / batch-size keys (a Hydra
+config or a plain dict) and is memoized by content: the model spec with the checkpoint's SHA-256, the data
+spec and the device. Everything below it is cached by content as well (model weights checksum, image
+fingerprints), never by object identity. ``vitq.sweep``, the sweeper, sensitivity, compare and the bench build
+their work here.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import vitq
+from vitq.data import TRANSFORM_KEYS, DataBundle, DataError, load_digits, load_image_folder
+from vitq.evaluate import EvalResult
+from vitq.models.factory import REFERENCE_NAME, ModelError, create_model, file_sha256
+from vitq.paths import REPO_ROOT
+from vitq.quant.config import ConfigError, LayerQuantConfig
+from vitq.quant.modules import STATS_MAX_ELEMENTS
+from vitq.trial import TrialResult, fp_reference, run_trial
+
+__all__ = ["DataSpec", "ModelSpec", "Session", "SessionError", "git_commit", "resolve_device"]
+
+SessionError = (ConfigError, DataError, ModelError)  # what a bad model/data/device config raises
+
+
+def resolve_device(spec: str | None) -> torch.device:
+    """``auto`` (CUDA when there is one, else CPU), ``cpu``, ``cuda`` or ``cuda:N``; a missing GPU is an error."""
+    spec = (spec or "auto").strip().lower()
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(spec)
+    except RuntimeError:
+        raise ConfigError("device", f"expected auto, cpu, cuda or cuda:N, got {spec!r}") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise ConfigError("device", f"expected auto, cpu, cuda or cuda:N, got {spec!r}")
+    if not torch.cuda.is_available():
+        raise ConfigError("device", f"{spec}: no CUDA device is available here (use device=cpu or device=auto)")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError("device", f"{spec}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return dev
+
+
+@functools.cache
+def git_commit() -> str:
+    """The git commit of the vitq checkout (``unknown`` when installed from a wheel)."""
+    root = REPO_ROOT
+    if not (root / ".git").exists():
+        return "unknown"
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str = REFERENCE_NAME
+    pretrained: bool = False
+    checkpoint: str | None = None
+    kwargs: str = "{}"  # JSON, sorted keys: hashable
+    use_ema: bool = True
+
+    @property
+    def kwargs_dict(self) -> dict[str, Any]:
+        return json.loads(self.kwargs)
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    name: str = "digits"
+    root: str | None = None
+    calib_root: str | None = None
+    eval_root: str | None = None
+    seed: int = 0
+    n_train: int = 1400
+    n_calib: int | None = 256
+    n_eval: int | None = None
+    transform: str = "{}"  # JSON of the data.* transform overrides that are set
+    num_workers: int = 4
+    cache: bool = True
+
+
+@functools.cache
+def _checkpoint_sha(path: str, size: int, mtime_ns: int) -> str:
+    return file_sha256(path)
+
+
+def checkpoint_sha256(path: str | None) -> str | None:
+    """SHA-256 of a checkpoint file, computed once per (path, size, mtime)."""
+    if path is None:
+        return None
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ModelError(f"model.checkpoint: file not found: {p}")
+    st = p.stat()
+    return _checkpoint_sha(str(p.resolve()), st.st_size, st.st_mtime_ns)
+
+
+def _plain(node: Any) -> Any:
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(node, DictConfig | ListConfig):
+            return OmegaConf.to_container(node, resolve=True)
+    except ImportError:  # pragma: no cover - omegaconf ships with vitq
+        pass
+    return node
+
+
+_SESSIONS: dict[tuple, Session] = {}
+
+
+@dataclass(eq=False)
+class Session:
+    """Model, data and device of one config; builds each once and caches results by content."""
+
+    model_spec: ModelSpec
+    data_spec: DataSpec
+    device: torch.device
+    eval_batch_size: int = 512
+    calib_batch_size: int = 128
+    stats_dir: str | None = None
+    calib_max_values: int | None = STATS_MAX_ELEMENTS
+    checkpoint_sha: str | None = None
+    _model: nn.Module | None = field(default=None, repr=False)
+    _data: DataBundle | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> Session:
+        """The session of a composed config (``model``, ``data``, ``device``, batch sizes, ``stats_dir``)."""
+        max_values = cfg.get("calib_max_values", STATS_MAX_ELEMENTS)
+        cfg = {k: _plain(cfg.get(k)) for k in ("model", "data", "device", "eval_batch_size", "calib_batch_size",
+                                                 "stats_dir")}  # not the whole config: Hydra's node may not resolve
+        if max_values is not None and int(max_values) < 1:
+            raise ConfigError("calib_max_values", f"must be >= 1 or null (keep every value), got {max_values}")
+        m, d = cfg.get("model") or {}, cfg.get("data") or {}
+        kwargs = m.get("kwargs") or {}
+        if not isinstance(kwargs, dict):
+            raise ModelError(f"model.kwargs: expected a mapping of timm.create_model arguments, got {kwargs!r}")
+        mspec = ModelSpec(str(m.get("name") or REFERENCE_NAME), bool(m.get("pretrained", False)),
+                          m.get("checkpoint"), json.dumps(kwargs, sort_keys=True, default=str),
+                          bool(m.get("use_ema", True)))
+        transform = {k: d.get(k) for k in TRANSFORM_KEYS if d.get(k) is not None}
+        dspec = DataSpec(str(d.get("name") or "digits"), d.get("root"), d.get("calib_root"), d.get("eval_root"),
+                         int(d.get("seed") or 0), int(d.get("n_train", 1400) or 0), d.get("n_calib", 256),
+                         d.get("n_eval"), json.dumps(transform, sort_keys=True), int(d.get("num_workers") or 0),
+                         bool(d.get("cache", True)))
+        sizes = {"eval_batch_size": cfg.get("eval_batch_size"), "calib_batch_size": cfg.get("calib_batch_size")}
+        for key, v in sizes.items():
+            if v is not None and int(v) < 1:
+                raise ConfigError(key, f"must be >= 1, got {v}")
+        eval_bs = 512 if sizes["eval_batch_size"] is None else int(sizes["eval_batch_size"])
+        calib_bs = 128 if sizes["calib_batch_size"] is None else int(sizes["calib_batch_size"])
+        device = resolve_device(cfg.get("device"))
+        sha = checkpoint_sha256(mspec.checkpoint)
+        key = (mspec, sha, dspec, str(device), eval_bs, calib_bs, cfg.get("stats_dir"), max_values)
+        if key not in _SESSIONS:
+            _SESSIONS[key] = cls(mspec, dspec, device, eval_bs, calib_bs, cfg.get("stats_dir"), max_values, sha)
+        return _SESSIONS[key]
+
+    # ------------------------------------------------------------------------------------------- the work
+    @property
+    def model(self) -> nn.Module:
+        """The FP model, float32, in eval mode, on the session's device."""
+        if self._model is None:
+            m = self.model_spec
+            model = create_model(m.name, m.pretrained, m.checkpoint, m.kwargs_dict, m.use_ema)
+            self._model = model.float().to(self.device).eval()
+        return self._model
+
+    @property
+    def data(self) -> DataBundle:
+        """Calibration and evaluation sets (decoded once, cached on disk by content)."""
+        if self._data is None:
+            d = self.data_spec
+            if d.name == "digits":
+                if d.root or d.calib_root or d.eval_root:
+                    raise DataError("data.root: data=digits takes no folders (use data=folder)")
+                n_calib = d.n_train if d.n_calib is None else d.n_calib  # null: every training image
+                self._data = load_digits(seed=d.seed, n_train=d.n_train, n_calib=n_calib, n_eval=d.n_eval)
+            elif d.name == "folder":
+                self._data = load_image_folder(self.model, root=d.root, calib_root=d.calib_root,
+                                               eval_root=d.eval_root, n_calib=d.n_calib, n_eval=d.n_eval,
+                                               seed=d.seed, transform=json.loads(d.transform),
+                                               num_workers=d.num_workers, cache=d.cache)
+            else:
+                raise DataError(f"data.name: unknown dataset {d.name!r}; valid: digits, folder")
+            self._data.check_classes(self.num_classes)
+        return self._data
+
+    @property
+    def num_classes(self) -> int:
+        return int(getattr(self.model, "num_classes", 0) or self.data.num_classes)
+
+    def build(self) -> Session:
+        """Build model and data now (so a bad config fails before any trial)."""
+        _ = self.data
+        return self
+
+    @property
+    def fp(self) -> EvalResult:
+        """The FP model's evaluation (memoized by model checksum and image fingerprint)."""
+        return fp_reference(self.model, self.data, self.eval_batch_size)
+
+    def run_trial(self, cfg: LayerQuantConfig, *, profile: bool = True, progress: bool = False) -> TrialResult:
+        return run_trial(self.model, self.data, cfg, batch_size=self.eval_batch_size,
+                         calib_batch_size=self.calib_batch_size, stats_dir=self.stats_dir, progress=progress,
+                         profile=profile, calib_max_values=self.calib_max_values)
+
+    # ------------------------------------------------------------------------------------------- provenance
+    def fingerprint(self) -> dict[str, Any]:
+        """What defines this work (not the searched quant config): compared when a study resumes."""
+        m = self.model_spec
+        return {"model.name": m.name, "model.kwargs": m.kwargs, "model.pretrained": m.pretrained,
+                "model.use_ema": m.use_ema, "model.checkpoint_sha256": self.checkpoint_sha,
+                "data.fingerprint": self.data.fingerprint, "data.n_calib": self.data.meta.get("n_calib"),
+                "data.n_eval": self.data.meta.get("n_eval"), "calib_max_values": self.calib_max_values}
+
+    def provenance(self) -> dict[str, str]:
+        """Tags recorded on every run: model, checkpoint, data, device and vitq's version."""
+        m, meta = self.model_spec, self.data.meta
+        out = {"model.name": m.name, "model.kwargs": m.kwargs, "model.pretrained": str(m.pretrained),
+               "model.checkpoint": str(Path(m.checkpoint).expanduser().resolve()) if m.checkpoint else "",
+               "model.checkpoint_sha256": self.checkpoint_sha or "", "data.name": self.data_spec.name,
+               "data.fingerprint": self.data.fingerprint, "data.n_calib": str(meta.get("n_calib")),
+               "data.n_eval": str(meta.get("n_eval")), "device": str(self.device), "vitq.version": vitq.__version__,
+               "vitq.git_commit": git_commit()}
+        for k in ("root", "calib_root", "eval_root"):
+            if meta.get(k):
+                out[f"data.{k}"] = meta[k]
+        if meta.get("transform"):
+            out["data.transform"] = json.dumps(meta["transform"], sort_keys=True)
+        return out
+
+
+def clear_sessions() -> None:
+    _SESSIONS.clear()
+

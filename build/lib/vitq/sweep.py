@@ -1,0 +1,265 @@
+"""Hydra entry point: one trial of the composed config (``python -m vitq.sweep``); ``-m`` sweeps it.
+
+A trial resolves and validates the quant sections, quantizes the (cached) FP model, derives ranges
+from cached calibration statistics, evaluates, costs, logs a child run to MLflow and returns its
+metrics (the objectives of vitq's Optuna sweeper).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from vitq.faults import fault, maybe_kill
+from vitq.paths import CONF_DIR as PATHS_CONF_DIR
+from vitq.quant.config import SECTIONS, LayerQuantConfig
+from vitq.redact import fail, install_log_redaction, redact_tree, say
+from vitq.schema import register
+
+register()
+
+QUANT_SECTIONS = ("default", *SECTIONS, "blocks")
+
+
+def _clean(node: Any) -> Any:
+    """Drop unset (None) fields and derived ``bit_type.name`` labels from a composed section."""
+    if isinstance(node, dict):
+        out = {}
+        for k, v in node.items():
+            if v is None or (k == "name" and "bits" in node):
+                continue
+            v = _clean(v)
+            if isinstance(v, dict) and not v:
+                continue
+            out[k] = v
+        return out
+    return node
+
+
+def layer_config_from(cfg: DictConfig) -> LayerQuantConfig:
+    """The composed quant sections as a validated :class:`LayerQuantConfig` (ConfigError on bad values)."""
+    raw = {s: _clean(OmegaConf.to_container(cfg[s], resolve=True)) for s in QUANT_SECTIONS if s in cfg}
+    return LayerQuantConfig.from_dict(raw)
+
+
+def _nan_data(data):  # noqa: ANN001, ANN202
+    import torch
+    from torch.utils.data import TensorDataset
+
+    from vitq.data import batches
+
+    x, y = zip(*batches(data.eval, len(data.eval)), strict=True)
+    meta = {**data.meta, "eval_fingerprint": f"{data.meta.get('eval_fingerprint')}+nan"}
+    return type(data)(data.name + "+nan", data.calib, TensorDataset(torch.full_like(x[0], float("nan")), y[0]),
+                      data.num_classes, data.train, meta)
+
+
+def default_fields_set(overrides: list[str] | tuple[str, ...]) -> dict[str, str]:
+    """``default`` fields that command-line ``overrides`` set: ``default.X=...`` and the group ``default=NAME``."""
+    out: dict[str, str] = {}
+    for o in overrides:
+        key, _, value = o.lstrip("+~").partition("=")
+        if key.startswith("default."):
+            out[key.removeprefix("default.")] = key
+        elif key == "default" and value and value != "null":
+            group = Path(CONF_DIR) / "default" / f"{value}.yaml"
+            raw = OmegaConf.to_container(OmegaConf.load(group)) if group.is_file() else {}
+            for f, v in (raw or {}).items():
+                for sub in (v if isinstance(v, dict) else {None: v}):
+                    out[f if sub is None else f"{f}.{sub}"] = f"default={value}"
+    return out
+
+
+def session_of(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = ()):  # noqa: ANN201
+    """The validated quant config and the built :class:`~vitq.session.Session` of ``cfg`` (errors name the key)."""
+    from vitq.models.vit import check_block_indices
+    from vitq.session import Session
+
+    qcfg = layer_config_from(cfg)
+    if not overrides and HydraConfig.initialized():
+        overrides = list(HydraConfig.get().overrides.task)
+    qcfg.check_default_reaches(default_fields_set(overrides))
+    session = Session.from_config(cfg).build()
+    check_block_indices(qcfg, len(session.model.blocks))
+    return qcfg, session
+
+
+def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """The composed vitq config for Hydra ``overrides`` (``model=timm model.name=... data=folder ...``), outside
+    a Hydra run: what the sensitivity, compare and bench CLIs take. Bad overrides raise ConfigError."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from vitq.quant.config import ConfigError
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            return hydra_compose(config_name="config", overrides=list(overrides))
+    except Exception as e:  # noqa: BLE001 - Hydra/OmegaConf errors: one line naming the override
+        msg = str(e).strip().splitlines()
+        raise ConfigError("overrides", f"{' '.join(overrides)}: {msg[0] if msg else type(e).__name__}") from None
+
+
+class Redact(Callback):
+    """Secrets never reach Hydra's files or logs: log records are redacted from the start, and the config files
+    Hydra writes (``.hydra/*.yaml``, ``multirun.yaml``) are rewritten redacted before the task runs."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        install_log_redaction()
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        install_log_redaction()
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        h = config.hydra
+        if h.output_subdir is not None:
+            redact_tree(Path(h.runtime.output_dir) / h.output_subdir)
+        if h.mode == RunMode.MULTIRUN:
+            redact_tree(Path(h.sweep.dir) / "multirun.yaml")
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        redact_tree(Path(config.hydra.sweep.dir) / "multirun.yaml")
+
+
+class CheckInputs(Callback):
+    """Before a Hydra grid sweep: build the model and data once, so bad input fails with rc 2 before any run."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if "vitq" in str(config.hydra.sweeper.get("_target_", "")).lower():
+            return  # vitq's sweeper checks its inputs itself
+        from vitq.session import SessionError
+
+        try:
+            session_of(config)
+        except SessionError as e:
+            fail(e)
+
+
+def _is_multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def run(cfg: DictConfig) -> dict[str, float]:
+    """One trial; returns its metrics."""
+    from vitq.session import SessionError
+    from vitq.tracking import TrackingError
+
+    multirun = _is_multirun()
+    number = cfg.trial_number
+    grid = multirun and "vitq" not in str(HydraConfig.get().sweeper.get("_target_", "")).lower()
+    if number is None and multirun:  # a Hydra grid job: its job number
+        number = HydraConfig.get().job.num
+
+    try:
+        return _job(cfg, number, multirun)
+    except KeyboardInterrupt:
+        if multirun:
+            raise
+        fail("interrupted (Ctrl-C); the trial's MLflow run is KILLED", code=130)
+    except Exception as e:  # noqa: BLE001 - one line for the user; vitq's sweeper records the failure itself
+        bad_input = isinstance(e, (*SessionError, TrackingError))
+        if not multirun:
+            fail(e if bad_input else f"{type(e).__name__}: {e}", code=2 if bad_input else 1)
+        if not grid:
+            raise
+        say(f"trial {number} failed: {type(e).__name__}: {e}")  # the grid goes on; its end reports the count
+        return {}
+
+
+def _job(cfg: DictConfig, number: int | None, multirun: bool) -> dict[str, float]:
+    qcfg, session = session_of(cfg)
+    from vitq import tracking
+    from vitq.trial import run_trial
+
+    if cfg.export_dir:
+        Path(cfg.export_dir).mkdir(parents=True, exist_ok=True)
+        qcfg.to_yaml(Path(cfg.export_dir) / f"quant_config_{number or 0}.yaml")
+
+    def trial() -> tuple[dict[str, float], Any]:
+        maybe_kill("in_trial", number)
+        if (seconds := fault("sleep", number)) is not None:
+            import time
+
+            time.sleep(float(seconds))
+        if fault("nan", number) is not None:
+            res = run_trial(session.model, _nan_data(session.data), qcfg, batch_size=session.eval_batch_size,
+                            calib_batch_size=session.calib_batch_size, stats_dir=session.stats_dir)
+        else:
+            res = session.run_trial(qcfg)
+        return res.metrics(), res.profile
+
+    maybe_kill("before_run", number)
+    if cfg.tracking.enabled:
+        with tracking.trial_run(cfg.tracking.uri, cfg.study_name, number, qcfg, params=run_params(cfg),
+                                tags={**session.provenance(), "vitq.process": f"{socket.gethostname()}:{os.getpid()}",
+                                      **({"vitq.baseline": cfg.baseline} if cfg.baseline else {})}) as run:
+            metrics, profile = trial()
+            run.finish(metrics, profile)
+        maybe_kill("after_finish", number)
+    else:
+        metrics, profile = trial()
+    if not multirun and HydraConfig.initialized():
+        out = Path(HydraConfig.get().runtime.output_dir) / "metrics.json"
+        out.write_text(json.dumps({**metrics, "provenance": session.provenance()}, indent=2))
+    _print_table(metrics, number)
+    return metrics
+
+
+GROUPS = ("quant", "default", "layers", "attn_layer", "residual_layer", "model", "data")
+_NOT_PARAMS = ("trial_number", "study_name", "trial_params", "baseline")
+
+
+def run_params(cfg: DictConfig) -> dict[str, str]:
+    """A trial's MLflow params: the config groups chosen, then what varies between trials: the sweeper's searched
+    params (``trial_params``), else the run's command-line overrides (a grid's swept keys among them)."""
+    out: dict[str, str] = {}
+    if HydraConfig.initialized():
+        choices = HydraConfig.get().runtime.choices
+        out.update({g: str(choices[g]) for g in GROUPS if choices.get(g) not in (None, "null")})
+    if cfg.get("trial_params"):  # MLflow keys take no '*': a wildcard param is logged with ALL in its place
+        out.update({k.replace("*", "ALL"): str(v) for k, v in json.loads(cfg.trial_params).items()
+                    if k not in _NOT_PARAMS})
+    elif HydraConfig.initialized():
+        for o in HydraConfig.get().overrides.task:
+            key, _, value = o.partition("=")
+            key = key.lstrip("+~")
+            if key not in _NOT_PARAMS and key not in GROUPS and not key.startswith("hydra."):
+                out[key] = value
+    return out
+
+
+def _print_table(metrics: dict[str, float], number: int | None) -> None:
+    label = f"trial {number}" if number is not None else "trial"
+    rows = [("top-1", f"{100 * metrics['top1']:.2f} %"), ("FP top-1", f"{100 * metrics['fp_top1']:.2f} %"),
+            ("agreement", f"{100 * metrics['agreement']:.2f} %"), ("weight size", f"{metrics['weight_bytes']:,.0f} B"),
+            ("compression", f"{metrics['compression']:.2f}x"), ("mean W/A bits",
+             f"{metrics['mean_weight_bits']:.2f} / {metrics['mean_act_bits']:.2f}"),
+            ("BOPs", f"{metrics['bops']:.3e}"), ("calib/eval s", f"{metrics['calib_seconds']:.3f} / "
+                                                               f"{metrics['eval_seconds']:.3f}")]
+    print(f"[vitq] {label}: " + " | ".join(f"{k} {v}" for k, v in rows), flush=True)
+
+
+CONF_DIR = str(PATHS_CONF_DIR)  # absolute: works however the module is loaded
+
+
+@hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> dict[str, float]:
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    # run the importable module's entry point, so that process-based launchers (joblib) can pickle the task
+    from vitq.sweep import main as _main
+
+    _main()
