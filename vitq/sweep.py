@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from vitq.faults import fault, maybe_kill
 from vitq.paths import CONF_DIR as PATHS_CONF_DIR
 from vitq.quant.config import SECTIONS, LayerQuantConfig
-from vitq.redact import fail, install_log_redaction, redact_tree, say
+from vitq.redact import fail, install_log_redaction, redact, redact_tree, say
 from vitq.schema import register
 
 register()
@@ -233,8 +233,9 @@ def run_params(cfg: DictConfig) -> dict[str, str]:
         for o in HydraConfig.get().overrides.task:
             key, _, value = o.partition("=")
             key = key.lstrip("+~")
-            if key not in _NOT_PARAMS and key not in GROUPS and not key.startswith("hydra."):
-                out[key] = value
+            if key in _NOT_PARAMS or key in GROUPS or key.startswith(("hydra.", "tracking.")):
+                continue  # (tracking.uri may hold a password: where runs go is not a param)
+            out[key] = redact(value)
     return out
 
 
