@@ -1,1 +1,0 @@
-"""timm ViT models: quantized blocks, whole-model wrapping, the digits reference and a factory."""

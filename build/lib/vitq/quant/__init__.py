@@ -1,1 +1,0 @@
-"""Quantization core (pure torch): config, observers, quantizers and quantized modules."""
