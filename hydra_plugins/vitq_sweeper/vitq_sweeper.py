@@ -1,6 +1,7 @@
 """Hydra plugin shim: Hydra discovers sweepers in the ``hydra_plugins`` namespace only."""
 
 from dataclasses import dataclass
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
@@ -14,13 +15,17 @@ class VitqOptunaSweeper(VitqOptunaSweeperImpl):
 @dataclass
 class VitqOptunaSweeperConf:
     _target_: str = "hydra_plugins.vitq_sweeper.vitq_sweeper.VitqOptunaSweeper"
-    search: str = "mixed_precision"
+    search: str | None = None  # sweeps/<name>.yaml or a path; none: mixed_precision, or only the params given here
     n_trials: int | None = None
-    n_jobs: int = 1
+    n_jobs: int | None = None
     study_name: str | None = None
     storage: str | None = None
-    sampler: str | None = None
+    sampler: Any = None  # a name (tpe, nsgaii, ...) or {_target_: optuna.samplers.TPESampler, seed: 0, ...}
     seed: int | None = None
+    params: Any = None  # the official plugin's {key: "choice(4, 8)" | "interval(a, b)" | "range(a, b)" | value}
+    direction: Any = None  # maximize | minimize | a list: over what a trial returns (top1, weight_bytes)
+    custom_search_space: str | None = None  # dotted path of fn(cfg, trial) that suggests more params
+    max_failure_rate: float | None = None
     enqueue_baselines: bool = True
     max_failures: int | None = None
     heartbeat_interval: int | None = 30  # seconds; RDB storages (0/null: off)

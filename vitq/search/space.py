@@ -2,6 +2,11 @@
 
 A parameter key may use ``*`` for a section or a point (``layers.*.observer_type``,
 ``*.*.percentile_alpha``): one sampled value is applied to every matching key.
+
+The official ``hydra-optuna-sweeper``'s format is read as well: ``params`` values in Hydra's sweep syntax
+(``choice(4, 8)``, ``interval(0.9, 0.9999)``, ``range(2, 8)``, ``tag(log, interval(1e-4, 1))``; a plain value is
+fixed for every trial), ``direction``, ``sampler: {_target_: optuna.samplers.TPESampler, seed: 0}``,
+``custom_search_space``, ``n_jobs`` and ``max_failure_rate``, and the same sweep syntax on the command line.
 """
 
 from __future__ import annotations
@@ -26,9 +31,17 @@ from vitq.quant.config import (
     read_yaml,
 )
 
-__all__ = ["SWEEPS_DIR", "SearchSpec", "expand_key", "load_search"]
+__all__ = ["SWEEPS_DIR", "Param", "SearchSpec", "expand_key", "load_search", "param_from_override", "search_mapping",
+           "spec_from_mapping", "split_sweep_arguments"]
 
-SAMPLERS = ("tpe", "nsgaii", "gp", "random", "qmc")
+SAMPLER_CLASSES = {"tpe": "TPESampler", "nsgaii": "NSGAIISampler", "nsgaiii": "NSGAIIISampler", "gp": "GPSampler",
+                   "random": "RandomSampler", "qmc": "QMCSampler", "cmaes": "CmaEsSampler",
+                   "bruteforce": "BruteForceSampler"}
+SAMPLERS = tuple(SAMPLER_CLASSES)
+SAMPLER_TARGETS = {f"optuna.samplers.{c}": n for n, c in SAMPLER_CLASSES.items()}
+TASK_RETURN = ("top1", "weight_bytes")  # what a trial returns, in order: the metrics ``direction`` applies to
+SEARCH_KEYS = ("study_name", "sampler", "seed", "n_trials", "objectives", "constraint", "baselines", "params",
+               "storage", "direction", "custom_search_space", "n_jobs", "max_failure_rate")
 METRICS = ("top1", "top5", "loss", "agreement", "top1_drop", "weight_bytes", "compression", "bops",
            "mean_weight_bits", "mean_act_bits")
 
@@ -81,10 +94,29 @@ class SearchSpec:
     storage: str | None = None
     constraint: dict[str, float] | None = None  # {metric: weight_bytes, max: 150000}
     baselines: list[Any] = field(default_factory=list)  # "w8a8" style names, preset names, or override dicts
+    sampler_kwargs: dict[str, Any] | None = None  # a ``_target_`` sampler's arguments (None: vitq's defaults)
+    n_jobs: int | None = None
+    max_failure_rate: float | None = None
+    custom_search_space: str | None = None  # dotted path of ``fn(cfg, trial)`` that suggests more params
+    fixed: dict[str, Any] = field(default_factory=dict)  # ``params`` entries without sweep syntax: every trial's
 
     def make_sampler(self, seed: int | None = None) -> optuna.samplers.BaseSampler:
         seed = self.seed if seed is None else seed
         cons = self.constraints_func if self.constraint else None
+        if self.sampler_kwargs is not None:  # ``_target_``: the class with exactly the given arguments
+            import inspect
+
+            cls = getattr(optuna.samplers, SAMPLER_CLASSES[self.sampler])
+            kwargs = dict(self.sampler_kwargs)
+            accepted = inspect.signature(cls).parameters
+            if seed is not None and "seed" in accepted:
+                kwargs["seed"] = seed
+            if cons is not None:
+                if "constraints_func" not in accepted:
+                    raise ConfigError("sampler._target_", f"{cls.__name__} takes no constraints_func; the search's "
+                                                          "constraint needs tpe, nsgaii, nsgaiii or gp")
+                kwargs["constraints_func"] = cons
+            return cls(**kwargs)
         if self.sampler == "tpe":
             return optuna.samplers.TPESampler(seed=seed, constraints_func=cons, multivariate=True)
         if self.sampler == "nsgaii":
@@ -93,7 +125,9 @@ class SearchSpec:
             return optuna.samplers.GPSampler(seed=seed, constraints_func=cons)
         if self.sampler == "random":
             return optuna.samplers.RandomSampler(seed=seed)
-        return optuna.samplers.QMCSampler(seed=seed)
+        if self.sampler == "qmc":
+            return optuna.samplers.QMCSampler(seed=seed)
+        return getattr(optuna.samplers, SAMPLER_CLASSES[self.sampler])(seed=seed)
 
     @staticmethod
     def constraints_func(trial: optuna.trial.FrozenTrial) -> list[float]:
@@ -176,8 +210,9 @@ def _baseline_config(name: str, base: LayerQuantConfig) -> tuple[str, LayerQuant
     return preset.stem, load_config_from_yaml(preset)
 
 
-def load_search(name_or_path: str) -> SearchSpec:
-    """Load ``sweeps/<name>.yaml`` (or a path) and check it."""
+def search_mapping(name_or_path: str) -> tuple[Path, dict[str, Any]]:
+    """The mapping of ``sweeps/<name>.yaml`` (or a path). A file in the official plugin's layout (``hydra:
+    sweeper: ...`` with ``defaults`` that override ``hydra/sweeper`` and ``hydra/sweeper/sampler``) is unwrapped."""
     path = Path(name_or_path)
     if not path.suffix:
         path = SWEEPS_DIR / f"{name_or_path}.yaml"
@@ -187,23 +222,165 @@ def load_search(name_or_path: str) -> SearchSpec:
     raw = read_yaml(path) or {}
     if not isinstance(raw, dict):
         raise ConfigError("hydra.sweeper.search", f"{path} must hold a mapping (params, objectives, ...)")
-    params = []
-    for name, spec in (raw.get("params") or {}).items():
-        spec = spec if isinstance(spec, dict) else {"choices": list(spec)}
-        unknown = set(spec) - {"choices", "low", "high", "step", "log", "type"}
-        if unknown:
-            raise ConfigError(f"params.{name}", f"unknown fields {sorted(unknown)} in {path}")
-        if "choices" not in spec and ("low" not in spec or "high" not in spec):
-            raise ConfigError(f"params.{name}", f"needs 'choices' or 'low'/'high' in {path}")
-        params.append(Param(name=name, **spec))
-    objectives = raw.get("objectives") or {"top1": "maximize", "weight_bytes": "minimize"}
-    for k, v in objectives.items():
-        if k not in METRICS or v not in ("maximize", "minimize"):
-            raise ConfigError(f"objectives.{k}", f"metric must be one of {METRICS} with maximize|minimize in {path}")
-    sampler = str(raw.get("sampler", "tpe")).lower()
-    if sampler not in SAMPLERS:
-        raise ConfigError("sampler", f"unknown sampler {sampler!r}; valid: {', '.join(SAMPLERS)}")
-    return SearchSpec(name=path.stem, params=params, objectives=dict(objectives), sampler=sampler,
-                      seed=raw.get("seed", 0), n_trials=int(raw.get("n_trials", 20)), study_name=raw.get("study_name"),
+    if "hydra" in raw:
+        sampler = None
+        for entry in raw.get("defaults") or []:
+            (k, v), = (entry.items() if isinstance(entry, dict) else [(entry, None)])
+            if k == "override hydra/sweeper/sampler":
+                sampler = v
+            elif k != "override hydra/sweeper":
+                raise ConfigError(f"defaults.{k}", f"a search file's defaults may only override hydra/sweeper and "
+                                                   f"hydra/sweeper/sampler ({path})")
+        extra = sorted(set(raw) - {"hydra", "defaults"})
+        if extra:
+            raise ConfigError(extra[0], f"a search file holds the sweeper only (hydra.sweeper); set task keys such as "
+                                        f"{extra[0]} on the command line or in the config ({path})")
+        sweeper = (raw["hydra"] or {}).get("sweeper") or {}
+        if sampler is not None:
+            node = sweeper.get("sampler") or {}
+            if not isinstance(node, dict):
+                raise ConfigError("hydra.sweeper.sampler", f"expected a mapping of sampler arguments ({path})")
+            if sampler not in SAMPLERS:
+                raise ConfigError("defaults.override hydra/sweeper/sampler",
+                                  f"unknown sampler {sampler!r}; valid: {', '.join(SAMPLERS)} ({path})")
+            sweeper = {**sweeper, "sampler": {"_target_": f"optuna.samplers.{SAMPLER_CLASSES[sampler]}", **node}}
+        raw = sweeper
+    return path, raw
+
+
+def load_search(name_or_path: str) -> SearchSpec:
+    """Load ``sweeps/<name>.yaml`` (or a path) and check it."""
+    path, raw = search_mapping(name_or_path)
+    return spec_from_mapping(raw, path.stem, f" in {path}")
+
+
+def spec_from_mapping(raw: dict[str, Any], name: str, where: str = "") -> SearchSpec:
+    """A checked :class:`SearchSpec` from a search mapping (vitq's fields or the official plugin's)."""
+    unknown = sorted(set(raw) - set(SEARCH_KEYS))
+    if unknown:
+        hint = "; search_space is deprecated: use params" if "search_space" in unknown else ""
+        raise ConfigError(unknown[0], f"unknown search field{where}; valid: {', '.join(SEARCH_KEYS)}{hint}")
+    params, fixed = [], {}
+    for key, spec in (raw.get("params") or {}).items():
+        p = param_from_value(str(key), spec, f"params.{key}", where)
+        if isinstance(p, Param):
+            params.append(p)
+        else:
+            fixed[str(key)] = p
+    objectives = _objectives(raw, where)
+    sampler, kwargs, seed = _sampler(raw.get("sampler"), raw.get("seed", 0), where)
+    rate = raw.get("max_failure_rate")
+    if rate is not None and not (isinstance(rate, int | float) and 0 <= rate <= 1):
+        raise ConfigError("max_failure_rate", f"must be a number in [0, 1], got {rate!r}{where}")
+    return SearchSpec(name=name, params=params, objectives=objectives, sampler=sampler, seed=seed,
+                      n_trials=int(raw.get("n_trials", 20)), study_name=raw.get("study_name"),
                       storage=raw.get("storage"), constraint=raw.get("constraint"),
-                      baselines=list(raw.get("baselines") or []))
+                      baselines=list(raw.get("baselines") or []), sampler_kwargs=kwargs,
+                      n_jobs=raw.get("n_jobs"), max_failure_rate=rate,
+                      custom_search_space=raw.get("custom_search_space"), fixed=fixed)
+
+
+def _objectives(raw: dict[str, Any], where: str) -> dict[str, str]:
+    """``objectives: {metric: sense}``, or ``direction`` (one sense or a list) over ``objectives: [metric, ...]``,
+    by default over what a trial returns: top1, then weight_bytes."""
+    senses = ("maximize", "minimize")
+    objectives = raw.get("objectives")
+    if "direction" in raw:
+        d = raw["direction"]
+        dirs = [d] if isinstance(d, str) else list(d or [])
+        if not dirs or any(str(x).lower() not in senses for x in dirs):
+            raise ConfigError("direction", f"expected maximize|minimize or a list of them, got {d!r}{where}")
+        if isinstance(objectives, dict):
+            raise ConfigError("direction", f"give objectives as {{metric: sense}} or direction with objectives as a "
+                                           f"list of metrics, not both{where}")
+        metrics = list(objectives) if objectives is not None else list(TASK_RETURN[:len(dirs)])
+        if len(metrics) != len(dirs):
+            raise ConfigError("direction", f"{len(dirs)} directions for the metrics {metrics}{where}; a trial returns "
+                                           f"{', '.join(TASK_RETURN)}: name others with objectives: [metric, ...]")
+        objectives = dict(zip(metrics, [str(x).lower() for x in dirs], strict=True))
+    objectives = objectives or {"top1": "maximize", "weight_bytes": "minimize"}
+    if not isinstance(objectives, dict):
+        raise ConfigError("objectives", f"expected {{metric: maximize|minimize}} (a list needs direction){where}")
+    for k, v in objectives.items():
+        if k not in METRICS or v not in senses:
+            raise ConfigError(f"objectives.{k}", f"metric must be one of {METRICS} with maximize|minimize{where}")
+    return dict(objectives)
+
+
+def _sampler(node: Any, seed: Any, where: str) -> tuple[str, dict[str, Any] | None, int | None]:
+    """(name, ``_target_`` arguments or None, seed) from ``sampler: tpe`` or ``sampler: {_target_: ..., ...}``."""
+    if node is None:
+        return "tpe", None, seed
+    if isinstance(node, str):
+        if node.lower() not in SAMPLERS:
+            raise ConfigError("sampler", f"unknown sampler {node!r}; valid: {', '.join(SAMPLERS)}{where}")
+        return node.lower(), None, seed
+    if not isinstance(node, dict):
+        raise ConfigError("sampler", f"expected a sampler name or {{_target_: optuna.samplers.X, ...}}{where}")
+    kwargs = dict(node)
+    target = kwargs.pop("_target_", "optuna.samplers.TPESampler")
+    if target not in SAMPLER_TARGETS:
+        raise ConfigError("sampler._target_", f"unknown sampler {target!r}; valid: {', '.join(SAMPLER_TARGETS)}{where}")
+    seed = kwargs.pop("seed", seed)
+    return SAMPLER_TARGETS[target], kwargs, seed
+
+
+def param_from_value(name: str, spec: Any, key: str, where: str = "") -> Param | Any:
+    """A search parameter from vitq's forms (a list of choices, ``{choices}``, ``{low, high, step, log, type}``)
+    or from Hydra's sweep syntax in a string; a string without sweep syntax is a fixed value (returned as is)."""
+    if isinstance(spec, str):
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+        from hydra.errors import HydraException
+
+        try:  # a placeholder key: vitq's keys may hold ``*``, which Hydra's key grammar does not
+            override = OverridesParser.create().parse_override(f"x={spec}")
+        except HydraException as e:
+            raise ConfigError(key, f"cannot parse {spec!r}{where}: {str(e).splitlines()[0]}") from None
+        return param_from_override(name, override, key)
+    if isinstance(spec, list):
+        spec = {"choices": list(spec)}
+    if not isinstance(spec, dict):
+        return spec
+    unknown = set(spec) - {"choices", "low", "high", "step", "log", "type"}
+    if unknown:
+        raise ConfigError(key, f"unknown fields {sorted(unknown)}{where}; valid: choices, low, high, step, log, type")
+    if "choices" not in spec and ("low" not in spec or "high" not in spec):
+        raise ConfigError(key, f"needs 'choices' or 'low'/'high'{where}")
+    return Param(name=name, **spec)
+
+
+def param_from_override(name: str, override: Any, key: str) -> Param | Any:
+    """The official plugin's reading of a Hydra override: ``choice`` and a shuffled ``range`` are categorical,
+    ``range(a, b[, step])`` is uniform over a..b (b included) on the step, ``interval(a, b)`` uniform (``tag(log,
+    ...)``: log-uniform; integers if both ends are), anything else a fixed value."""
+    from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, RangeSweep
+
+    if not override.is_sweep_override():
+        return override.value()
+    value = override.value()
+    if isinstance(value, ChoiceSweep) or (isinstance(value, RangeSweep) and value.shuffle):
+        return Param(name=name, choices=list(override.sweep_iterator()))
+    if isinstance(value, RangeSweep):
+        ints = all(isinstance(v, int) for v in (value.start, value.stop, value.step))
+        return Param(name=name, low=value.start, high=value.stop, step=value.step, type="int" if ints else "float")
+    if isinstance(value, IntervalSweep):
+        ints = isinstance(value.start, int) and isinstance(value.end, int)
+        return Param(name=name, low=value.start, high=value.end, log="log" in value.tags,
+                     type="int" if ints else "float")
+    raise ConfigError(key, f"sweep {override.input_line!r} is not supported: use choice, range or interval")
+
+
+def split_sweep_arguments(arguments: list[str]) -> tuple[list[Param], list[str]]:
+    """Command-line overrides → (search parameters from those in sweep syntax, the other overrides as given)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    params, fixed = [], []
+    for line, override in zip(arguments, OverridesParser.create().parse_overrides(arguments), strict=True):
+        if override.is_sweep_override():
+            if override.is_delete() or override.is_add() or override.is_force_add():
+                raise ConfigError(override.get_key_element(), "a sweep cannot add or delete a key")
+            key = override.get_key_element()
+            params.append(param_from_override(key, override, key))
+        else:
+            fixed.append(line)
+    return params, fixed

@@ -43,7 +43,7 @@ from vitq.paths import file_lock
 from vitq.quant.config import ConfigError
 from vitq.redact import fail, install_log_redaction, redact
 from vitq.search.launch import InProcessLauncher
-from vitq.search.space import SAMPLERS, SearchSpec, load_search
+from vitq.search.space import SearchSpec, search_mapping, spec_from_mapping, split_sweep_arguments
 
 log = logging.getLogger(__name__)
 TrialState = optuna.trial.TrialState
@@ -201,20 +201,24 @@ def heartbeat(storage: RDBStorage | None, trial_ids: list[int], interval: int | 
 class VitqOptunaSweeperImpl(Sweeper):
     """Hydra sweeper over a ``sweeps/*.yaml`` search definition (CLI fields override the file's)."""
 
-    def __init__(self, search: str = "mixed_precision", n_trials: int | None = None, n_jobs: int = 1,
-                 study_name: str | None = None, storage: str | None = None, sampler: str | None = None,
-                 seed: int | None = None, enqueue_baselines: bool = True, max_failures: int | None = None,
+    def __init__(self, search: str | None = None, n_trials: int | None = None, n_jobs: int | None = None,
+                 study_name: str | None = None, storage: str | None = None, sampler: Any = None,
+                 seed: int | None = None, params: Any = None, direction: Any = None,
+                 custom_search_space: str | None = None, max_failure_rate: float | None = None,
+                 enqueue_baselines: bool = True, max_failures: int | None = None,
                  heartbeat_interval: int | None = 30, grace_period: int | None = None, max_retry: int | None = 3,
                  poll_interval: float = 2.0, reap_local: bool = True, warm_start_budgets: list[float] | None = None,
                  warm_start_metric: str = "weight_bytes", warm_start_score: str = "drop_loss",
                  in_process: bool = True) -> None:
         self.search = search
         self.n_trials = n_trials
-        self.n_jobs = int(n_jobs)  # checked in _spec: 0 is an error, not 1
+        self.n_jobs = n_jobs  # checked in _spec: 0 is an error, not 1
         self.study_name = study_name
         self.storage = storage
         self.sampler = sampler
         self.seed = seed
+        self.fields = {"params": params, "direction": direction, "custom_search_space": custom_search_space,
+                       "max_failure_rate": max_failure_rate}  # the official plugin's fields, over the file's
         self.enqueue_baselines = enqueue_baselines
         self.max_failures = max_failures
         self.heartbeat_interval = heartbeat_interval
@@ -231,6 +235,7 @@ class VitqOptunaSweeperImpl(Sweeper):
         self._dead: list[int] = []
         self._rdb: RDBStorage | None = None  # trial numbers failed as stale/dead, whose MLflow runs must end KILLED
         self._parent: str | None = None  # this sweep's MLflow parent run
+        self._extend: Any = None  # custom_search_space: fn(cfg, trial)
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.config = config
@@ -245,32 +250,60 @@ class VitqOptunaSweeperImpl(Sweeper):
             return self._inproc.launch(list(zip(lines, jobs, strict=True)), initial_job_idx=job_idx)
         return self.launcher.launch([tuple(arguments) + tuple(ln) for ln in lines], initial_job_idx=job_idx)
 
-    def _spec(self) -> SearchSpec:
-        """The search definition with the command line's fields; bad values are ConfigErrors naming the key."""
-        spec = load_search(self.search)
+    def _spec(self, arguments: list[str]) -> tuple[SearchSpec, list[str]]:
+        """The search definition with the sweeper's fields and the command line's sweeps (``key=choice(4,8)``), and
+        the other command-line overrides; bad values are ConfigErrors naming the key."""
+        from omegaconf import OmegaConf
+
+        cli_params, fixed_args = split_sweep_arguments(arguments)
+        fields = {k: OmegaConf.to_container(v) if OmegaConf.is_config(v) else v for k, v in self.fields.items()}
+        search = self.search or (None if cli_params or fields["params"] else "mixed_precision")
+        path, raw = search_mapping(search) if search else (Path("hydra.sweeper"), {})
+        raw = dict(raw)
+        for k, v in fields.items():
+            if v is not None:
+                raw[k] = {**(raw.get("params") or {}), **v} if k == "params" else v
+        if self.sampler is not None:
+            raw["sampler"] = OmegaConf.to_container(self.sampler) if OmegaConf.is_config(self.sampler) else self.sampler
+        where = f" in {path}" if search else " (hydra.sweeper)"
+        try:
+            spec = spec_from_mapping(raw, path.stem if search else "search", where)
+        except ConfigError as e:
+            raise e.under("hydra.sweeper") if not search else e from None
+        by_name = {p.name: p for p in spec.params}
+        by_name.update({p.name: p for p in cli_params})  # the command line's sweep wins over the file's
+        spec.params = list(by_name.values())
+        if not spec.params:
+            raise ConfigError("hydra.sweeper.params", "the search has no parameters: give a search file, params, or "
+                                                      "sweeps on the command line (key=choice(4,8))")
+        fixed_args += [f"{k}={hydra_value(v)}" for k, v in spec.fixed.items()]
         if self.n_trials is not None:
             spec.n_trials = int(self.n_trials)
         if spec.n_trials < 1:
             raise ConfigError("hydra.sweeper.n_trials", f"must be >= 1, got {spec.n_trials}")
-        if int(self.n_jobs) < 1:
-            raise ConfigError("hydra.sweeper.n_jobs", f"must be >= 1, got {self.n_jobs}")
-        if self.sampler is not None:
-            if str(self.sampler).lower() not in SAMPLERS:
-                raise ConfigError("hydra.sweeper.sampler",
-                                  f"unknown sampler {self.sampler!r}; valid: {', '.join(SAMPLERS)}")
-            spec.sampler = str(self.sampler).lower()
+        spec.n_jobs = int(self.n_jobs if self.n_jobs is not None else spec.n_jobs or 1)
+        if spec.n_jobs < 1:
+            raise ConfigError("hydra.sweeper.n_jobs", f"must be >= 1, got {spec.n_jobs}")
         if self.seed is not None:
             spec.seed = int(self.seed)
+        if spec.custom_search_space:
+            from hydra.utils import get_method
+
+            try:
+                self._extend = get_method(spec.custom_search_space)
+            except Exception as e:  # noqa: BLE001 - an import error of the user's module, named in one line
+                raise ConfigError("hydra.sweeper.custom_search_space",
+                                  f"cannot import {spec.custom_search_space}: {str(e).splitlines()[0]}") from None
         spec.study_name = self.study_name or spec.study_name or spec.name
         spec.storage = (self.storage or os.environ.get(STORAGE_ENV) or spec.storage
                         or f"sqlite:///{Path.cwd() / 'optuna.db'}")
-        return spec
+        return spec, fixed_args
 
     def sweep(self, arguments: list[str]) -> list[Any]:
         assert self.config is not None
         install_log_redaction()
         try:
-            spec = self._spec()
+            spec, arguments = self._spec(arguments)
         except ConfigError as e:
             fail(e)
         try:
@@ -349,6 +382,8 @@ class VitqOptunaSweeperImpl(Sweeper):
     def _run(self, study: optuna.Study, spec: SearchSpec, arguments: list[str]) -> tuple[list[Any], list[tuple]]:
         """Ask, launch, tell until the study has ``n_trials`` COMPLETE; returns results and (number, error) fails."""
         max_failures = self.max_failures if self.max_failures is not None else max(5, spec.n_trials)
+        if spec.max_failure_rate is not None and self.max_failures is None:  # the official plugin's knob
+            max_failures = int(spec.max_failure_rate * spec.n_trials) + 1
         job_idx = 0
         returns: list[Any] = []
         failed: list[tuple[int, str]] = []
@@ -368,7 +403,7 @@ class VitqOptunaSweeperImpl(Sweeper):
                 time.sleep(self.poll_interval)
                 continue
             batch = []
-            for _ in range(min(self.n_jobs, free)):
+            for _ in range(min(spec.n_jobs or 1, free)):
                 with storage_lock(spec.storage, self._rdb):  # SQLite has no row locks: two workers could pop one
                     t = study.ask()  # waiting trial; under the lock each pops its own
                 study._storage.set_trial_system_attr(t._trial_id, WORKER_ATTR, worker)
@@ -440,6 +475,9 @@ class VitqOptunaSweeperImpl(Sweeper):
         out: dict[str, Any] = {"trial_number": trial.number, "study_name": spec.study_name}
         names = {p.name for p in spec.params}
         out.update(spec.suggest_overrides(trial))
+        if self._extend is not None:  # custom_search_space: its params are overrides too (as the official plugin)
+            self._extend(self.config, trial)
+            out.update({k: v for k, v in trial.params.items() if k not in names})
         fixed = trial.study._storage.get_trial_system_attrs(trial._trial_id).get("fixed_params", {})
         extra = {k: v for k, v in fixed.items() if k not in names}  # enqueued keys outside the space pass through
         out.update(extra)
