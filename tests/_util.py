@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -14,6 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+TRIAL_LINE = re.compile(r"\[vitq\]\[INFO\] - trial( \d+)?: top-1 ")  # a trial's line in Hydra's job log format
 STARTED: list[int] = []  # process-group ids of every process the suite starts (checked at the session's end)
 
 
@@ -24,6 +26,11 @@ def spawn(args: list[str], cwd: Path, env: dict | None = None, **kw) -> subproce
     proc = subprocess.Popen(args, cwd=cwd, env=full, start_new_session=True, **kw)
     STARTED.append(proc.pid)
     return proc
+
+
+def trial_lines(text: str) -> list[str]:
+    """The one line each trial logs (stdout of a sweep, or its ``sweep.log``)."""
+    return [ln for ln in text.splitlines() if TRIAL_LINE.search(ln)]
 
 
 def run(args: list[str], cwd: Path, env: dict | None = None, timeout: float = 900) -> subprocess.CompletedProcess:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import pandas as pd
 import pytest
 from _util import mlflow_server, run, run_sweep
 
-from vitq.report import front_metrics, load_study, run_notebook
+from vitq.report import front_metrics, load_study, observer_table, run_notebook, sensitivity_table
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,6 +52,17 @@ def test_notebook_runs_against_a_small_sweep(tmp_path):
     assert {"W8A8", "W6A6", "W4A8"} <= baselines  # the enqueued uniform baselines are recognised
     m = front_metrics(study, [150_000])
     assert 0 < m["hypervolume"] < 1 and m["best_top1_at_150000B"] > 0.9
+    # offline and honest: plotly embedded, no warnings in the rendered notebook, no mean of fewer than 3 trials
+    page = mlflow.artifacts.load_text(f"runs:/{study.parent_id}/pareto/pareto_front.html")
+    assert not re.search(r"<script[^>]*src=[\"']https?:", page) and "Plotly.newPlot" in page
+    assert "Warning" not in html.read_text() and "Traceback" not in html.read_text()
+    executed = json.loads((out / "pareto_analysis.ipynb").read_text())
+    streams = [o for c in executed["cells"] for o in c.get("outputs", []) if o.get("name") == "stderr"]
+    assert not streams, streams
+    sens = sensitivity_table(study.trials)
+    assert len(sens) and (sens["n"] >= 3).all()
+    obs, n = observer_table(study.trials)
+    assert (obs.isna() == (n.reindex_like(obs).fillna(0) < 3)).all().all()
 
 
 def _copy_checkout(dst: Path) -> None:

@@ -9,7 +9,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-from _util import run, run_sweep
+from _util import run, run_sweep, trial_lines
 from mlflow.tracking import MlflowClient
 
 pytestmark = pytest.mark.slow
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 def test_plain_single_run_logs_one_complete_run(tmp_path):
     r = run_sweep(tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("[vitq] trial:")]
+    lines = trial_lines(r.stdout)
     assert len(lines) == 1 and "top-1" in lines[0] and "weight size" in lines[0]
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = mlflow.search_runs([MlflowClient().get_experiment_by_name("vitq").experiment_id])

@@ -10,7 +10,7 @@ import mlflow
 import numpy as np
 import optuna
 import pytest
-from _util import run, run_sweep, spawn, stop_group
+from _util import run, run_sweep, spawn, stop_group, trial_lines
 from mlflow.tracking import MlflowClient
 
 from vitq.search.pareto import pareto_mask
@@ -109,6 +109,22 @@ def test_optuna_study_pareto_front(tmp_path):
         assert run.data.tags["mlflow.user"] and run.data.tags["mlflow.source.name"]
         assert {a.path for a in client.list_artifacts(row["run_id"])} == {"quant_config.yaml", "profile.csv"}
     assert all(t.user_attrs["metrics"]["top1"] == t.values[0] for t in complete)
+    # what the user reads at the end: counts, the front as a table, where it was logged and how to open it
+    out = r.stdout + r.stderr
+    summary = (sweep_dir / "summary.txt").read_text().splitlines()
+    assert summary[0].startswith("study mp12: 12 complete, 0 failed") and summary[0] in out
+    assert summary[1] == f"Pareto front (top1 max, weight_bytes min): {len(on_front)} of 12 trials"
+    rows = [ln.split() for ln in summary[3:3 + len(on_front)]]
+    front_numbers = set(children.loc[children["run_id"].isin(on_front), "tags.trial_number"].astype(int))
+    assert {int(r[0]) for r in rows} == front_numbers
+    assert [int(r[-3].replace(",", "")) for r in rows] == sorted(int(r[-3].replace(",", "")) for r in rows)
+    exp_id = parent["experiment_id"].iloc[0]
+    assert f"mlflow ui --backend-store-uri sqlite:///{tmp_path / 'mlflow.db'}" in summary[-2]
+    assert summary[-2].endswith(f"http://127.0.0.1:5000/#/experiments/{exp_id}?workflowType=machine_learning")
+    assert client.get_experiment(exp_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    log_lines = (sweep_dir / "sweep.log").read_text().splitlines()  # trials log through Hydra's job logging
+    assert len(trial_lines("\n".join(log_lines))) == 12
+    assert "ExperimentalWarning" not in out and "Heartbeat of storage" not in out
 
 
 def test_in_process_trials_equal_hydra_launched_ones(tmp_path):
@@ -163,7 +179,7 @@ def test_kill_and_resume(tmp_path):
     assert proc.stdout is not None
     try:
         for line in proc.stdout:
-            seen += line.startswith("[vitq] trial")
+            seen += bool(trial_lines(line))
             if seen >= 2:
                 proc.kill()
                 break
@@ -175,7 +191,7 @@ def test_kill_and_resume(tmp_path):
     assert len(before.get_trials(states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING))) == 2
     r = run(args, tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.count("[vitq] trial") == 4  # the second run did only the rest
+    assert len(trial_lines(r.stdout)) == 4  # the second run did only the rest
     study = _study(tmp_path, "resume")
     states = [t.state for t in study.trials]
     assert states.count(optuna.trial.TrialState.COMPLETE) == 6

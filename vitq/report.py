@@ -123,27 +123,36 @@ def pareto_configs(study: Study) -> pd.DataFrame:
     return table.sort_values(list(study.objectives)[-1]).reset_index(drop=True)
 
 
-def sensitivity_table(trials: pd.DataFrame, metric: str = "top1") -> pd.DataFrame:
-    """Mean ``metric`` per (point, bits) across trials: how accuracy follows one point's width."""
+MIN_TRIALS = 3  # a sensitivity or observer mean from fewer trials is hidden
+
+
+def sensitivity_table(trials: pd.DataFrame, metric: str = "top1", min_n: int = MIN_TRIALS) -> pd.DataFrame:
+    """Mean ``metric`` per (point, bits) across trials and ``n``, the number of trials it averages: how accuracy
+    follows one point's width. Means of fewer than ``min_n`` trials are left out."""
     bits = point_bits(trials)
     rows = []
     for p in POINTS:
         for b, grp in trials.groupby(bits[p]):
             rows.append({"point": p, "bits": int(b), "mean": grp[f"metrics.{metric}"].mean(), "n": len(grp)})
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows, columns=["point", "bits", "mean", "n"])
+    return table[table["n"] >= min_n].reset_index(drop=True)
 
 
-def observer_table(trials: pd.DataFrame, metric: str = "top1") -> pd.DataFrame:
-    """Mean ``metric`` per activation point (rows) and observer (columns)."""
-    rows = {}
+def observer_table(trials: pd.DataFrame, metric: str = "top1",
+                   min_n: int = MIN_TRIALS) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Mean ``metric`` per activation point (rows) and observer (columns), and the number of trials behind each
+    mean; means of fewer than ``min_n`` trials are NaN."""
+    means, counts = {}, {}
     pts = points(trials)
     for p in POINTS:
         if p in WEIGHT_POINTS:
             continue
         obs = pts[f"{p}.observer"]
         if obs.notna().any():
-            rows[p] = trials.groupby(obs)[f"metrics.{metric}"].mean()
-    return pd.DataFrame(rows).T
+            g = trials.groupby(obs)[f"metrics.{metric}"]
+            means[p], counts[p] = g.mean(), g.size()
+    mean, n = pd.DataFrame(means).T, pd.DataFrame(counts).T.fillna(0).astype(int)
+    return mean.where(n >= min_n), n
 
 
 def front_metrics(study: Study, size_budgets: list[float]) -> dict[str, float]:

@@ -8,6 +8,7 @@ metrics (the objectives of vitq's Optuna sweeper).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 from pathlib import Path
@@ -20,12 +21,14 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from vitq.faults import fault, maybe_kill
+from vitq.logs import progress_enabled, quiet_libraries
 from vitq.paths import CONF_DIR as PATHS_CONF_DIR
 from vitq.quant.config import SECTIONS, LayerQuantConfig
 from vitq.redact import fail, install_log_redaction, redact, redact_tree, say
 from vitq.schema import register
 
 register()
+log = logging.getLogger("vitq")
 
 QUANT_SECTIONS = ("default", *SECTIONS, "blocks")
 
@@ -117,9 +120,11 @@ class Redact(Callback):
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         install_log_redaction()
+        quiet_libraries()
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         install_log_redaction()
+        quiet_libraries()
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         h = config.hydra
@@ -196,7 +201,7 @@ def _job(cfg: DictConfig, number: int | None, multirun: bool) -> dict[str, float
             res = run_trial(session.model, _nan_data(session.data), qcfg, batch_size=session.eval_batch_size,
                             calib_batch_size=session.calib_batch_size, stats_dir=session.stats_dir)
         else:
-            res = session.run_trial(qcfg)
+            res = session.run_trial(qcfg, progress=not multirun and progress_enabled())
         return res.metrics(), res.profile
 
     maybe_kill("before_run", number)
@@ -247,7 +252,7 @@ def _print_table(metrics: dict[str, float], number: int | None) -> None:
              f"{metrics['mean_weight_bits']:.2f} / {metrics['mean_act_bits']:.2f}"),
             ("BOPs", f"{metrics['bops']:.3e}"), ("calib/eval s", f"{metrics['calib_seconds']:.3f} / "
                                                                f"{metrics['eval_seconds']:.3f}")]
-    print(f"[vitq] {label}: " + " | ".join(f"{k} {v}" for k, v in rows), flush=True)
+    log.info("%s: %s", label, " | ".join(f"{k} {v}" for k, v in rows))
 
 
 CONF_DIR = str(PATHS_CONF_DIR)  # absolute: works however the module is loaded

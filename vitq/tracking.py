@@ -103,6 +103,7 @@ def artifact_root(uri: str) -> str | None:
     return None if path is None else (path.parent / "mlartifacts").as_uri()
 
 
+EXPERIMENT_KIND = "mlflow.experimentKind"
 _EXPERIMENTS: dict[tuple[str, str], str] = {}  # (store, experiment) -> id, looked up once per process
 
 
@@ -122,6 +123,8 @@ def use_store(uri: str | None, experiment: str) -> str:
                 with contextlib.suppress(mlflow.exceptions.MlflowException):  # another worker created it first
                     mlflow.create_experiment(experiment, artifact_location=location)
             exp = mlflow.set_experiment(experiment)
+            if EXPERIMENT_KIND not in exp.tags:  # MLflow 3 opens an untagged experiment on its GenAI traces view
+                mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND, "custom_model_development")
     except Exception as e:  # noqa: BLE001 - server down, corrupt database, bad URI: one line naming the store
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise TrackingError(f"tracking.uri: cannot use the MLflow store {redact(uri)}: {type(e).__name__}: "
@@ -328,7 +331,7 @@ def _log_plots(client: MlflowClient, parent_id: str, pts: pd.DataFrame, names: l
         plt.close(fig)
         client.log_artifact(parent_id, png, "pareto")
     html = px.scatter(pts, x=x, y=y, color="pareto", hover_data=["trial_number", "run_id"]).to_html(
-        include_plotlyjs="cdn")
+        include_plotlyjs=True)  # embedded: the page works offline
     client.log_text(parent_id, html, "pareto/pareto_front.html")
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import tempfile
@@ -19,9 +20,13 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from vitq.data import DIGITS_MEAN, DIGITS_STD, DataBundle, load_digits
+from vitq.logs import progress_enabled
 from vitq.paths import cache_root
+
+log = logging.getLogger(__name__)
 
 __all__ = ["ReferenceSpec", "build_reference", "load_reference"]
 
@@ -79,12 +84,12 @@ def _augment(x: Tensor, g: torch.Generator) -> Tensor:
     return F.grid_sample(x - bg, grid, align_corners=False, padding_mode="zeros") + bg
 
 
-def train_reference(spec: ReferenceSpec, data: DataBundle, verbose: bool = True) -> VisionTransformer:
+def train_reference(spec: ReferenceSpec, data: DataBundle) -> VisionTransformer:
     with torch.enable_grad():  # callers (the bench) may have switched autograd off globally
-        return _train(spec, data, verbose)
+        return _train(spec, data)
 
 
-def _train(spec: ReferenceSpec, data: DataBundle, verbose: bool) -> VisionTransformer:
+def _train(spec: ReferenceSpec, data: DataBundle) -> VisionTransformer:
     torch.manual_seed(spec.seed)
     model = build_reference(spec)
     assert data.train is not None
@@ -97,6 +102,8 @@ def _train(spec: ReferenceSpec, data: DataBundle, verbose: bool) -> VisionTransf
     g = torch.Generator().manual_seed(spec.seed)
     model.train()
     t0 = time.time()
+    bar = tqdm(total=spec.epochs, desc="train reference", unit="epoch", disable=not progress_enabled(),
+               leave=False)
     for epoch in range(spec.epochs):
         perm = torch.randperm(len(x), generator=g)
         for i in range(0, len(x), spec.batch_size):
@@ -106,8 +113,11 @@ def _train(spec: ReferenceSpec, data: DataBundle, verbose: bool) -> VisionTransf
             loss.backward()
             opt.step()
             sched.step()
-        if verbose and (epoch + 1) % 20 == 0:
-            print(f"  epoch {epoch + 1}/{spec.epochs} loss {loss.item():.3f} ({time.time() - t0:.0f}s)", flush=True)
+        bar.update()
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        if (epoch + 1) % 20 == 0:
+            log.info("epoch %d/%d loss %.3f (%.0f s)", epoch + 1, spec.epochs, loss.item(), time.time() - t0)
+    bar.close()
     return model.eval()
 
 
@@ -117,7 +127,7 @@ def _accuracy(model: nn.Module, data: DataBundle) -> float:
         return float((model(x).argmax(-1) == y).float().mean())
 
 
-def load_reference(spec: ReferenceSpec = ReferenceSpec(), verbose: bool = False) -> tuple[VisionTransformer, dict]:
+def load_reference(spec: ReferenceSpec = ReferenceSpec()) -> tuple[VisionTransformer, dict]:
     """The trained reference (trained once, then read from the cache) and its metadata."""
     path = cache_root() / f"digits_vit_{spec.key()}.pt"
     data = load_digits(seed=spec.data_seed, n_train=spec.n_train)
@@ -126,10 +136,10 @@ def load_reference(spec: ReferenceSpec = ReferenceSpec(), verbose: bool = False)
         model = build_reference(spec)
         model.load_state_dict(blob["state_dict"])
         return model.eval(), blob["meta"]
-    if verbose:
-        print(f"training the digits reference ViT -> {path}", flush=True)
+    log.info("training the digits reference ViT once (%d epochs, about 1-2 min on 2 cores); cached at %s",
+             spec.epochs, path)
     t0 = time.time()
-    model = train_reference(spec, data, verbose)
+    model = train_reference(spec, data)
     meta = {"top1": _accuracy(model, data), "train_seconds": time.time() - t0, "spec": asdict(spec),
             "key": spec.key(), "n_params": sum(p.numel() for p in model.parameters())}
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")  # unique: workers may train at once
@@ -146,7 +156,8 @@ def main(argv: list[str] | None = None) -> None:
                                  description="Train (or read from the cache) the digits reference ViT.")
     ap.add_argument("--out", help="also write the checkpoint here (state_dict + meta), e.g. for DVC")
     args = ap.parse_args(argv)
-    model, meta = load_reference(verbose=True)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    model, meta = load_reference()
     print(f"digits reference ViT ({meta['n_params']:,} params, key {meta['key']}): held-out top-1 "
           f"{100 * meta['top1']:.2f} % (trained in {meta['train_seconds']:.0f} s)")
     if args.out:

@@ -39,11 +39,13 @@ from optuna.storages import BaseStorage, RDBStorage, RetryHeartbeatStaleTrialCal
 
 from vitq import tracking
 from vitq.faults import maybe_kill
+from vitq.logs import quiet_libraries
 from vitq.paths import file_lock
 from vitq.quant.config import ConfigError
 from vitq.redact import fail, install_log_redaction, redact
 from vitq.search.launch import InProcessLauncher
 from vitq.search.space import SearchSpec, search_mapping, spec_from_mapping, split_sweep_arguments
+from vitq.search.summary import sweep_summary
 
 log = logging.getLogger(__name__)
 TrialState = optuna.trial.TrialState
@@ -302,6 +304,7 @@ class VitqOptunaSweeperImpl(Sweeper):
     def sweep(self, arguments: list[str]) -> list[Any]:
         assert self.config is not None
         install_log_redaction()
+        quiet_libraries()
         try:
             spec, arguments = self._spec(arguments)
         except ConfigError as e:
@@ -330,10 +333,10 @@ class VitqOptunaSweeperImpl(Sweeper):
         if not created and spec.seed is not None:  # joining workers must not replay the creator's random draws
             study.sampler = spec.make_sampler(zlib.crc32(f"{spec.seed}/{_worker_id()}/{len(study.trials)}".encode()))
         cfg = self.config
-        parent = None
+        parent = experiment_id = None
         if cfg.tracking.enabled:
             try:
-                tracking.use_store(cfg.tracking.uri, spec.study_name)
+                experiment_id = tracking.use_store(cfg.tracking.uri, spec.study_name)
             except tracking.TrackingError as e:
                 fail(e)
             parent = tracking.start_parent(cfg.tracking.uri, spec.study_name, key=f"optuna:{spec.study_name}",
@@ -372,7 +375,13 @@ class VitqOptunaSweeperImpl(Sweeper):
             tracking.use_store(cfg.tracking.uri, spec.study_name)
             _finalize(parent, spec, "FAILED" if failed else "FINISHED")
             os.environ.pop(tracking.PARENT_ENV, None)
-        log.info("study %s: %d complete trials", spec.study_name, _count(study, TrialState.COMPLETE))
+        sweep_dir = Path(str(cfg.hydra.sweep.dir)).absolute()
+        lines = sweep_summary(study, spec, tracking_uri=tracking.resolve_uri(cfg.tracking.uri) if parent else None,
+                              experiment_id=experiment_id, parent=parent, sweep_dir=str(sweep_dir))
+        log.info("\n".join(lines))
+        with contextlib.suppress(OSError):
+            sweep_dir.mkdir(parents=True, exist_ok=True)
+            (sweep_dir / "summary.txt").write_text("\n".join(lines) + "\n")
         if failed:
             where = f"MLflow parent run {parent}" if parent else f"Optuna storage {redact(spec.storage)}"
             fail(f"{len(failed)} trial(s) failed in study {spec.study_name} (first: trial {failed[0][0]}: "
@@ -596,10 +605,6 @@ def _finalize(parent: str, spec: SearchSpec, status: str = "FINISHED", attempts:
 
 def _worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def _count(study: optuna.Study, state: TrialState) -> int:
-    return len(study.get_trials(deepcopy=False, states=(state,)))
 
 
 def _rank(study: optuna.Study, trial: optuna.Trial) -> int:
