@@ -92,7 +92,8 @@ def test_bad_sweeper_arguments_fail_before_any_trial(tmp_path):
         "hydra.sweeper.n_trials=0": "hydra.sweeper.n_trials: must be >= 1, got 0",
         "hydra.sweeper.n_trials=-1": "hydra.sweeper.n_trials: must be >= 1, got -1",
         "hydra.sweeper.n_jobs=0": "hydra.sweeper.n_jobs: must be >= 1, got 0",
-        "hydra.sweeper.sampler=cmaes": "hydra.sweeper.sampler: unknown sampler 'cmaes'; valid: tpe, nsgaii",
+        "hydra.sweeper.sampler=cmaes": "hydra.sweeper.sampler: cmaes optimizes one objective; this search has 2",
+        "hydra.sweeper.sampler=foo": "hydra.sweeper.sampler: unknown sampler 'foo'; valid: tpe, nsgaii",
         "hydra.sweeper.storage=postgresql://nobody@127.0.0.1:1/db.log":
             "cannot open the Optuna storage postgresql://nobody@127.0.0.1:1/db.log",
         "hydra.sweeper.storage=notadialect://x/y": "cannot open the Optuna storage notadialect://x/y",

@@ -13,7 +13,7 @@ import pytest
 from _util import run, run_sweep, spawn, stop_group, trial_lines
 from mlflow.tracking import MlflowClient
 
-from vitq.search.pareto import pareto_mask
+from vitq.pareto import pareto_mask
 from vitq.search.space import load_search
 
 pytestmark = pytest.mark.slow
@@ -121,7 +121,12 @@ def test_optuna_study_pareto_front(tmp_path):
     exp_id = parent["experiment_id"].iloc[0]
     assert f"mlflow ui --backend-store-uri sqlite:///{tmp_path / 'mlflow.db'}" in summary[-2]
     assert summary[-2].endswith(f"http://127.0.0.1:5000/#/experiments/{exp_id}?workflowType=machine_learning")
-    assert client.get_experiment(exp_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    pid = parent["run_id"].iloc[0]
+    assert mlflow.artifacts.load_text(f"runs:/{pid}/summary.txt").splitlines() == summary
+    table = json.loads(mlflow.artifacts.load_text(f"runs:/{pid}/pareto/pareto_front_table.json"))
+    assert sorted(row[table["columns"].index("run_id")] for row in table["data"]) == sorted(on_front)
+    inputs = {d.tags[0].value: d.dataset for d in client.get_run(pid).inputs.dataset_inputs}
+    assert set(inputs) == {"calib", "eval"} and inputs["eval"].name == "digits:eval" and inputs["eval"].digest
     log_lines = (sweep_dir / "sweep.log").read_text().splitlines()  # trials log through Hydra's job logging
     assert len(trial_lines("\n".join(log_lines))) == 12
     assert "ExperimentalWarning" not in out and "Heartbeat of storage" not in out

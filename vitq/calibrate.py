@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from vitq.data import DataBundle, batches
 from vitq.evaluate import model_device

@@ -7,17 +7,18 @@ points count 32 bits. BOPs follow AIMET: per image, each matmul's MACs times its
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from torch import nn
 
 from vitq.quant.config import ACTIVATION_POINTS, WEIGHT_POINTS, LayerQuantConfig, QuantConfig
+from vitq.quant.points import POINT_TABLE
 
 __all__ = ["BOP_PAIRS", "CostReport", "model_cost"]
 
 FP_BITS = 32
 # linear weight point -> activation point that quantizes its input
-_INPUT_OF = {"attn_qkv": "norm1", "attn_proj": "sv_attn", "mlp_fc1": "norm2", "mlp_fc2": "mlp_act"}
+_INPUT_OF = {p.name: p.input for p in POINT_TABLE if p.kind == "weight"}
 # pairs of points whose widths multiply in BOPs (besides attn_qkv_output with itself, in q·kᵀ)
 BOP_PAIRS: tuple[tuple[str, str], ...] = (*_INPUT_OF.items(), ("intSoft", "attn_qkv_output"))
 
@@ -31,9 +32,6 @@ class CostReport:
     mean_act_bits: float
     bops: float
     macs: float
-
-    def as_dict(self) -> dict[str, float]:
-        return asdict(self)
 
 
 def _bits(cfg: QuantConfig) -> int:

@@ -19,10 +19,10 @@ import numpy as np
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
+from vitq.pareto import hypervolume_2d, pareto_mask
 from vitq.paths import NOTEBOOK
 from vitq.quant.config import POINTS, WEIGHT_POINTS
 from vitq.redact import say
-from vitq.search.pareto import hypervolume_2d, pareto_mask
 from vitq.tracking import DEFAULT_OBJECTIVES, resolve_uri
 
 __all__ = ["ReportError", "Study", "front_metrics", "load_study", "observer_table", "pareto_configs",

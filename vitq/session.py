@@ -230,6 +230,14 @@ class Session:
                 "data.fingerprint": self.data.fingerprint, "data.n_calib": self.data.meta.get("n_calib"),
                 "data.n_eval": self.data.meta.get("n_eval"), "calib_max_values": self.calib_max_values}
 
+    def datasets(self) -> dict[str, dict[str, str]]:
+        """The calibration and evaluation sets by context: name, content digest, source and size (MLflow inputs)."""
+        meta = self.data.meta
+        source = meta.get("root") or meta.get("calib_root") or f"scikit-learn digits (seed {meta.get('seed')})"
+        return {split: {"name": f"{self.data.name}:{split}", "digest": str(meta.get(f"{split}_fingerprint") or ""),
+                        "source": str(meta.get(f"{split}_root") or source), "n": str(meta.get(f"n_{split}"))}
+                for split in ("calib", "eval")}
+
     def provenance(self) -> dict[str, str]:
         """Tags recorded on every run: model, checkpoint, data, device and vitq's version."""
         m, meta = self.model_spec, self.data.meta
@@ -246,7 +254,4 @@ class Session:
             out["data.transform"] = json.dumps(meta["transform"], sort_keys=True)
         return out
 
-
-def clear_sessions() -> None:
-    _SESSIONS.clear()
 

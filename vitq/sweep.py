@@ -209,6 +209,8 @@ def _job(cfg: DictConfig, number: int | None, multirun: bool) -> dict[str, float
         with tracking.trial_run(cfg.tracking.uri, cfg.study_name, number, qcfg, params=run_params(cfg),
                                 tags={**session.provenance(), "vitq.process": f"{socket.gethostname()}:{os.getpid()}",
                                       **({"vitq.baseline": cfg.baseline} if cfg.baseline else {})}) as run:
+            if not multirun:  # (a sweep's parent run holds its data)
+                tracking.log_datasets(run.id, session.datasets())
             metrics, profile = trial()
             run.finish(metrics, profile)
         maybe_kill("after_finish", number)

@@ -28,16 +28,17 @@ from hydra.experimental.callback import Callback
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
+from vitq.pareto import pareto_mask
 from vitq.paths import file_lock
 from vitq.quant.config import POINTS, LayerQuantConfig
 from vitq.redact import fail, redact
-from vitq.search.pareto import pareto_mask
 
 __all__ = ["DEFAULT_OBJECTIVES", "MlflowSweepCallback", "TrialRun", "finalize_parent", "point_summary", "start_parent",
            "trial_run"]
 
 PARENT_ENV = "VITQ_PARENT_RUN_ID"
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no progress bars in sweep logs
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # not two lines per run on a server store
 # an unreachable tracking server fails within ~30 s (MLflow's defaults retry for minutes)
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
@@ -103,7 +104,6 @@ def artifact_root(uri: str) -> str | None:
     return None if path is None else (path.parent / "mlartifacts").as_uri()
 
 
-EXPERIMENT_KIND = "mlflow.experimentKind"
 _EXPERIMENTS: dict[tuple[str, str], str] = {}  # (store, experiment) -> id, looked up once per process
 
 
@@ -123,8 +123,6 @@ def use_store(uri: str | None, experiment: str) -> str:
                 with contextlib.suppress(mlflow.exceptions.MlflowException):  # another worker created it first
                     mlflow.create_experiment(experiment, artifact_location=location)
             exp = mlflow.set_experiment(experiment)
-            if EXPERIMENT_KIND not in exp.tags:  # MLflow 3 opens an untagged experiment on its GenAI traces view
-                mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND, "custom_model_development")
     except Exception as e:  # noqa: BLE001 - server down, corrupt database, bad URI: one line naming the store
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise TrackingError(f"tracking.uri: cannot use the MLflow store {redact(uri)}: {type(e).__name__}: "
@@ -253,6 +251,21 @@ def trial_run(uri: str | None, study: str, trial_number: int | None, cfg: LayerQ
         client.set_terminated(handle.id, status)
 
 
+def log_datasets(run_id: str, datasets: dict[str, dict[str, str]]) -> None:
+    """The data a run used as its MLflow inputs (the UI's Dataset column): per context (calib, eval) a dataset named
+    by the data and split, with the content fingerprint as its digest. Logged once per run."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    client = MlflowClient()
+    if client.get_run(run_id).inputs.dataset_inputs:
+        return
+    client.log_inputs(run_id, datasets=[
+        DatasetInput(Dataset(name=d["name"], digest=d["digest"][:36], source_type="local",
+                             source=json.dumps({"uri": d["source"]}), profile=json.dumps({"num_rows": d["n"]})),
+                     tags=[InputTag("mlflow.data.context", context)])
+        for context, d in datasets.items()])
+
+
 def finished_metrics(parent_id: str, trial_number: int) -> dict[str, float] | None:
     """The metrics of trial ``trial_number``'s FINISHED run under ``parent_id`` (the current store), if any."""
     client = MlflowClient()
@@ -293,6 +306,7 @@ def finalize_parent(parent_id: str, objectives: dict[str, str] | None = None, te
     table = front[keep].rename(columns=lambda c: c.split(".", 1)[1] if "." in c else c)
     table = table.sort_values(list(objectives)[1])
     client.log_text(parent_id, table.to_csv(index=False), "pareto/pareto_front.csv")
+    client.log_table(parent_id, data=table, artifact_file="pareto/pareto_front_table.json")  # MLflow's table view
     all_pts = ok[["run_id", "tags.trial_number", *cols]].rename(columns=lambda c: c.split(".", 1)[-1])
     all_pts["pareto"] = mask
     client.log_text(parent_id, all_pts.to_csv(index=False), "pareto/all_trials.csv")

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from vitq.data import DIGITS_MEAN, DIGITS_STD, DataBundle, load_digits
 from vitq.logs import progress_enabled

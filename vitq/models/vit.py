@@ -1,4 +1,8 @@
-"""Quantize a whole timm ``VisionTransformer``: every ``Block`` becomes a ``QuantTimmVitBlock``."""
+"""Quantize a whole timm ``VisionTransformer``: every ``Block`` becomes a ``QuantTimmVitBlock``.
+
+Run ``python -m vitq.models.vit`` for a self-check: quantize a small timm ViT with each preset, calibrate, and print
+the logits' SQNR and every point's against the FP model.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ from torch import Tensor, nn
 
 from vitq.models.vit_block import QuantConfigLike, QuantTimmVitBlock, as_layer_config
 from vitq.quant.config import ConfigError, LayerQuantConfig
-from vitq.quant.modules import STATS_MAX_ELEMENTS, QAct, QLinear, calibration_of
+from vitq.quant.modules import STATS_MAX_ELEMENTS, QLinear, QPoint, calibration_of
 
 __all__ = ["QuantViT", "check_block_indices", "quantize_vit"]
 
@@ -44,11 +48,11 @@ class QuantViT(nn.Module):
         return list(self.model.blocks)
 
     @property
-    def quantizers(self) -> dict[str, QAct]:
+    def quantizers(self) -> dict[str, QPoint]:
         """Every point by dotted name, ``blocks.3.attn_qkv``."""
         return {p.label: p for b in self.qblocks for p in b.points()}
 
-    def points(self) -> list[QAct]:
+    def points(self) -> list[QPoint]:
         return [p for b in self.qblocks for p in b.points()]
 
     def linears(self) -> list[QLinear]:
@@ -57,10 +61,6 @@ class QuantViT(nn.Module):
     @contextmanager
     def calibration(self) -> Iterator[None]:
         yield from calibration_of(self.points(), self.linears())
-
-    @property
-    def calibrated(self) -> bool:
-        return all(p.state == "quant" for p in self.points())
 
     def set_config(self, quant_config: QuantConfigLike) -> None:
         cfg = as_layer_config(quant_config)
@@ -93,3 +93,32 @@ def quantize_vit(model: nn.Module, quant_config: QuantConfigLike, enable_profili
 
     ``max_sample_elements``: calibration values kept per point and batch (None: every value)."""
     return QuantViT(model if inplace else copy.deepcopy(model), quant_config, enable_profiling, max_sample_elements)
+
+
+def _self_check() -> None:
+    import torch
+    from timm.models.vision_transformer import VisionTransformer
+
+    from vitq.paths import PRESETS_DIR as conf
+    from vitq.quant.config import load_config_from_yaml
+
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=32, patch_size=4, num_classes=10, embed_dim=96, depth=2, num_heads=4).eval()
+    x = torch.randn(64, 3, 32, 32)
+    for name in ("int8", "w4a8", "fqvit"):
+        path = conf / f"{name}.yaml"
+        cfg = load_config_from_yaml(path) if path.is_file() else LayerQuantConfig()
+        qmodel = quantize_vit(model, cfg, enable_profiling=True)
+        with torch.inference_mode():
+            with qmodel.calibration():
+                qmodel(x[:32])
+            ref = model(x[32:])
+            out = qmodel(x[32:])
+        err = (out - ref).pow(2).sum() / ref.pow(2).sum()
+        df = qmodel.profile()
+        print(f"\n== {name}: logits SQNR {-10 * torch.log10(err).item():.1f} dB")
+        print(df.groupby("point", sort=False)["sqnr_db"].mean().round(1).to_string())
+
+
+if __name__ == "__main__":
+    _self_check()

@@ -1,8 +1,4 @@
-"""``QuantTimmVitBlock``: a timm ViT ``Block`` with the 14 quantization points of the seed config.
-
-Run ``python -m vitq.models.vit_block`` for a self-check: wrap the blocks of a small timm ViT,
-calibrate, and print the SQNR of every point against the FP model.
-"""
+"""``QuantTimmVitBlock``: a timm ViT ``Block`` with the 14 quantization points of the seed config."""
 
 from __future__ import annotations
 
@@ -26,18 +22,24 @@ from vitq.quant.config import (
     QuantConfig,
     load_config_from_yaml,
 )
-from vitq.quant.modules import STATS_MAX_ELEMENTS, QAct, QIntSoftmax, QLinear, calibration_of, int_layernorm
+from vitq.quant.modules import (
+    STATS_MAX_ELEMENTS,
+    QAct,
+    QIntSoftmax,
+    QLinear,
+    QPoint,
+    QWeight,
+    calibration_of,
+    int_layernorm,
+)
+from vitq.quant.points import POINT_TABLE
 
 __all__ = ["QuantTimmVitBlock", "as_layer_config"]
 
 QuantConfigLike = str | Path | LayerQuantConfig | QuantConfig
 ATTN_CHUNK_BYTES = 1 << 21  # attention maps made per chunk of images without gradients (fits L2/L3 cache)
 
-# point -> (channel axis, ndim) of the tensor it sees
-_GEOMETRY: dict[str, tuple[int, int]] = {k: (0, 2) for k in WEIGHT_POINTS}
-_GEOMETRY.update({k: (2, 3) for k in ("norm1", "norm2", "attn_qkv_output", "sv_attn", "mlp_act", "mlp_act2",
-                                      "residual1", "residual2")})
-_GEOMETRY.update({"kv_act": (1, 4), "intSoft": (1, 4)})
+_GEOMETRY: dict[str, tuple[int, int]] = {p.name: (p.axis, p.ndim) for p in POINT_TABLE}  # (channel axis, ndim)
 
 
 def as_layer_config(quant_config: QuantConfigLike) -> LayerQuantConfig:
@@ -69,8 +71,10 @@ class QuantTimmVitBlock(nn.Module):
         self.layer_config = as_layer_config(quant_config)
         cfgs = self.layer_config.resolved(block_index)
         self.quantizers = nn.ModuleDict({
-            k: QAct(k, cfgs[k], *_GEOMETRY[k], block_index=block_index, profiling=enable_profiling,
-                    max_sample_elements=max_sample_elements)
+            k: QWeight(k, cfgs[k], *_GEOMETRY[k], block_index=block_index, profiling=enable_profiling)
+            if k in WEIGHT_POINTS else
+            QAct(k, cfgs[k], *_GEOMETRY[k], block_index=block_index, profiling=enable_profiling,
+                 max_sample_elements=max_sample_elements)
             for k in POINTS})
         q = self.quantizers
         fresh_norm = {k: not isinstance(getattr(block, k), nn.Identity) for k in ("norm1", "norm2")}
@@ -83,7 +87,7 @@ class QuantTimmVitBlock(nn.Module):
         self.softmax = QIntSoftmax(q["intSoft"])
 
     # ------------------------------------------------------------------ lifecycle
-    def points(self) -> list[QAct]:
+    def points(self) -> list[QPoint]:
         return list(self.quantizers.values())
 
     def linears(self) -> list[QLinear]:
@@ -190,31 +194,3 @@ class QuantTimmVitBlock(nn.Module):
         x = q_["residual1"](x + b.drop_path1(b.ls1(h)))
         h = self._mlp(self._norm("norm2", x, q_["residual1"]))
         return q_["residual2"](x + b.drop_path2(b.ls2(h)))
-
-
-def _self_check() -> None:
-    from timm.models.vision_transformer import VisionTransformer
-
-    from vitq.models.vit import quantize_vit
-
-    torch.manual_seed(0)
-    model = VisionTransformer(img_size=32, patch_size=4, num_classes=10, embed_dim=96, depth=2, num_heads=4).eval()
-    x = torch.randn(64, 3, 32, 32)
-    from vitq.paths import PRESETS_DIR as conf
-    for name in ("int8", "w4a8", "fqvit"):
-        path = conf / f"{name}.yaml"
-        cfg = load_config_from_yaml(path) if path.is_file() else LayerQuantConfig()
-        qmodel = quantize_vit(model, cfg, enable_profiling=True)
-        with torch.inference_mode():
-            with qmodel.calibration():
-                qmodel(x[:32])
-            ref = model(x[32:])
-            out = qmodel(x[32:])
-        err = (out - ref).pow(2).sum() / ref.pow(2).sum()
-        df = qmodel.profile()
-        print(f"\n== {name}: logits SQNR {-10 * torch.log10(err).item():.1f} dB")
-        print(df.groupby("point", sort=False)["sqnr_db"].mean().round(1).to_string())
-
-
-if __name__ == "__main__":
-    _self_check()

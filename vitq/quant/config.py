@@ -17,19 +17,18 @@ from typing import Any
 
 import yaml
 
+from vitq.quant.points import POINT_TABLE
+
 __all__ = [
     "ACTIVATION_POINTS", "BitTypeConfig", "CALIBRATION_MODES", "ConfigError", "LayerQuantConfig",
     "METHODS", "OBSERVERS", "POINTS", "QuantConfig", "SECTIONS", "WEIGHT_POINTS", "load_config_from_yaml",
 ]
 
 SECTIONS: dict[str, tuple[str, ...]] = {
-    "layers": ("attn_qkv", "attn_proj", "mlp_fc1", "mlp_fc2", "norm1", "norm2"),
-    "attn_layer": ("attn_qkv_output", "kv_act", "sv_attn", "mlp_act", "mlp_act2", "intSoft"),
-    "residual_layer": ("residual1", "residual2"),
-}
+    s: tuple(p.name for p in POINT_TABLE if p.section == s) for s in dict.fromkeys(p.section for p in POINT_TABLE)}
 POINTS: tuple[str, ...] = tuple(k for keys in SECTIONS.values() for k in keys)
-SECTION_OF: dict[str, str] = {k: s for s, keys in SECTIONS.items() for k in keys}
-WEIGHT_POINTS: tuple[str, ...] = ("attn_qkv", "attn_proj", "mlp_fc1", "mlp_fc2")
+SECTION_OF: dict[str, str] = {p.name: p.section for p in POINT_TABLE}
+WEIGHT_POINTS: tuple[str, ...] = tuple(p.name for p in POINT_TABLE if p.kind == "weight")
 ACTIVATION_POINTS: tuple[str, ...] = tuple(k for k in POINTS if k not in WEIGHT_POINTS)
 OBSERVERS: tuple[str, ...] = ("MinmaxObserver", "PercentileObserver", "OmseObserver", "KLObserver")
 METHODS: tuple[str, ...] = ("Uniform", "Log2")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -25,8 +24,8 @@ from vitq.quant.config import QuantConfig
 from vitq.quant.observers import OBSERVER_REGISTRY, BatchStats, create_observer, scoring_rows, to_channel_last
 from vitq.quant.quantizers import QUANTIZERS, UniformGrid, affine_qparams, ptf_qparams
 
-__all__ = ["NonFiniteActivationError", "QAct", "QIntSoftmax", "QLinear", "calibration_of", "int_layernorm",
-           "int_softmax"]
+__all__ = ["NonFiniteActivationError", "QAct", "QIntSoftmax", "QLinear", "QPoint", "QWeight", "calibration_of",
+           "int_layernorm", "int_softmax"]
 
 STATS_MAX_ELEMENTS = 1 << 18  # per point and calibration batch; more rows are sampled (seeded)
 PROFILE_MAX_ELEMENTS = 1 << 14  # per point and profiled batch; evenly spaced runs beyond that
@@ -72,14 +71,15 @@ class _Derived(NamedTuple):
     summary: dict[str, float]  # the profile table's range/scale columns
 
 
-class QAct(nn.Module):
-    """One quantization point: statistics, range derivation and fake quantization.
+class QPoint(nn.Module):
+    """What every quantization point has: its config, calibration statistics, the range derived from them
+    (memoized per observer key), qparams, the prepared fake quantizer and a profile row.
 
     ``axis`` is the channel axis of the ``ndim``-dimensional tensors it sees (for ``channel_wise``).
     """
 
     def __init__(self, key: str, cfg: QuantConfig, axis: int, ndim: int, block_index: int | None = None,
-                 profiling: bool = False, max_sample_elements: int | None = STATS_MAX_ELEMENTS) -> None:
+                 profiling: bool = False) -> None:
         super().__init__()
         self.key = key
         self.block_index = block_index
@@ -87,7 +87,6 @@ class QAct(nn.Module):
         self.ndim = ndim
         self.cfg = cfg
         self.profiling = profiling
-        self.max_sample_elements = max_sample_elements
         self.state = "fp"
         self.stats: list[BatchStats] = []
         self._memo: dict[tuple, _Derived] = {}
@@ -95,7 +94,6 @@ class QAct(nn.Module):
         self._d: _Derived | None = None  # what the current config derived (None: disabled or not frozen)
         self._observed: tuple[float, float] | None = None
         self.prof = _Profile()
-        self.inplace = False  # set by an owner that hands this point fresh tensors it may overwrite
 
     # ------------------------------------------------------------------ identity
     @property
@@ -135,16 +133,6 @@ class QAct(nn.Module):
         self._memo.clear()
         self._ranges.clear()
         self._observed = None
-
-    def record(self, x: Tensor) -> None:
-        x2d = to_channel_last(x, self.axis)
-        seed = zlib.crc32(f"{self.label}/{len(self.stats)}".encode())
-        s = BatchStats.from_2d(x2d, self.max_sample_elements, seed)
-        if not (torch.isfinite(s.cmin).all() and torch.isfinite(s.cmax).all()):
-            raise NonFiniteActivationError(
-                f"{self.label}: calibration saw NaN/inf activations (batch {len(self.stats)}); "
-                "check the model's weights and the input images")
-        self.stats.append(s)
 
     def freeze(self) -> None:
         """End calibration: derive ranges for the current config and switch quantization on."""
@@ -214,18 +202,6 @@ class QAct(nn.Module):
         assert self.fq is not None
         return self.fq(x, inplace)
 
-    def forward(self, x: Tensor) -> Tensor:
-        if self.state == "calib":
-            self.record(x)
-            return x
-        if self.state != "quant" or not self.cfg.enabled:
-            return x
-        fp = _Profile.sample(x) if self.profiling else None
-        q = self.quantize(x, inplace=self.inplace and not (torch.is_grad_enabled() and x.requires_grad))
-        if fp is not None:
-            self.prof.add(fp, q)
-        return q
-
     def profile_row(self) -> dict:
         lo, hi = self.observed_minmax()
         c = self.cfg
@@ -245,13 +221,54 @@ class QAct(nn.Module):
         return row
 
 
+class QAct(QPoint):
+    """An activation point: records statistics of the values it sees during calibration, then fake-quantizes them
+    (in place when its owner hands it fresh tensors)."""
+
+    def __init__(self, key: str, cfg: QuantConfig, axis: int, ndim: int, block_index: int | None = None,
+                 profiling: bool = False, max_sample_elements: int | None = STATS_MAX_ELEMENTS) -> None:
+        super().__init__(key, cfg, axis, ndim, block_index, profiling)
+        self.max_sample_elements = max_sample_elements
+        self.inplace = False  # set by an owner that hands this point fresh tensors it may overwrite
+
+    def record(self, x: Tensor) -> None:
+        x2d = to_channel_last(x, self.axis)
+        seed = zlib.crc32(f"{self.label}/{len(self.stats)}".encode())
+        s = BatchStats.from_2d(x2d, self.max_sample_elements, seed)
+        if not (torch.isfinite(s.cmin).all() and torch.isfinite(s.cmax).all()):
+            raise NonFiniteActivationError(
+                f"{self.label}: calibration saw NaN/inf activations (batch {len(self.stats)}); "
+                "check the model's weights and the input images")
+        self.stats.append(s)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.state == "calib":
+            self.record(x)
+            return x
+        if self.state != "quant" or not self.cfg.enabled:
+            return x
+        fp = _Profile.sample(x) if self.profiling else None
+        q = self.quantize(x, inplace=self.inplace and not (torch.is_grad_enabled() and x.requires_grad))
+        if fp is not None:
+            self.prof.add(fp, q)
+        return q
+
+
+class QWeight(QPoint):
+    """A weight point: its statistics are one exact look at the (static) weight tensor."""
+
+    def observe(self, w: Tensor) -> None:
+        self.stats = [BatchStats.from_2d(to_channel_last(w, self.axis), None)]
+        self.clear_memo()
+
+
 class QLinear(nn.Module):
     """A Linear whose weight is fake-quantized by the point ``wq`` (per output feature when channel_wise).
 
     Under inference/no-grad the quantized weight is computed once per config and reused.
     """
 
-    def __init__(self, linear: nn.Linear, wq: QAct) -> None:
+    def __init__(self, linear: nn.Linear, wq: QWeight) -> None:
         super().__init__()
         self.linear = linear
         self.wq = wq
@@ -259,9 +276,7 @@ class QLinear(nn.Module):
 
     def weight_stats(self) -> None:
         """Weights are static: their 'calibration' is one exact look at the tensor."""
-        w = self.linear.weight.detach()
-        self.wq.stats = [BatchStats.from_2d(to_channel_last(w, 0), None)]
-        self.wq.clear_memo()
+        self.wq.observe(self.linear.weight.detach())
 
     def refresh(self) -> None:
         self._cached = None
@@ -456,5 +471,3 @@ def calibration_of(points: Iterable[QAct], linears: Iterable[QLinear]) -> Iterat
         for lin in linears:
             lin.refresh()
 
-
-calibration = contextmanager(calibration_of)

@@ -30,7 +30,7 @@ import numpy as np
 import optuna
 import pandas as pd
 
-from vitq.search.pareto import hypervolume_2d, pareto_mask
+from vitq.pareto import hypervolume_2d, pareto_mask
 from vitq.search.sensitivity import bits_key, compute_sensitivity, configs_for_budgets, cost_table, enqueue_params
 from vitq.search.space import SearchSpec, load_search
 

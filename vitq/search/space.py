@@ -129,6 +129,20 @@ class SearchSpec:
             return optuna.samplers.QMCSampler(seed=seed)
         return getattr(optuna.samplers, SAMPLER_CLASSES[self.sampler])(seed=seed)
 
+    def check(self, where: str = "") -> None:
+        """ConfigError where the sampler cannot run this search: CMA-ES with several objectives, brute force over a
+        continuous parameter."""
+        if self.sampler == "cmaes" and len(self.objectives) > 1:
+            n = len(self.objectives)
+            raise ConfigError("sampler", f"cmaes optimizes one objective; this search has {n} "
+                                         f"({', '.join(self.objectives)}): use tpe, nsgaii, nsgaiii, gp, random or "
+                                         f"qmc, or direction: maximize (top1 only){where}")
+        if self.sampler == "bruteforce":
+            for p in self.params:
+                if p.choices is None and p.type != "int" and p.step is None:
+                    raise ConfigError(f"params.{p.name}", f"bruteforce enumerates discrete spaces: give this "
+                                                          f"interval a step or choices{where}")
+
     @staticmethod
     def constraints_func(trial: optuna.trial.FrozenTrial) -> list[float]:
         return [float(trial.user_attrs.get("constraint_violation", 0.0))]
@@ -251,7 +265,9 @@ def search_mapping(name_or_path: str) -> tuple[Path, dict[str, Any]]:
 def load_search(name_or_path: str) -> SearchSpec:
     """Load ``sweeps/<name>.yaml`` (or a path) and check it."""
     path, raw = search_mapping(name_or_path)
-    return spec_from_mapping(raw, path.stem, f" in {path}")
+    spec = spec_from_mapping(raw, path.stem, f" in {path}")
+    spec.check(f" in {path}")
+    return spec
 
 
 def spec_from_mapping(raw: dict[str, Any], name: str, where: str = "") -> SearchSpec:

@@ -8,8 +8,8 @@ from typing import Any
 
 import optuna
 
+from vitq.pareto import pareto_mask
 from vitq.redact import redact
-from vitq.search.pareto import pareto_mask
 from vitq.search.space import SearchSpec
 
 __all__ = ["format_metric", "sweep_summary"]

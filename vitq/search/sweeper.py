@@ -268,16 +268,22 @@ class VitqOptunaSweeperImpl(Sweeper):
         if self.sampler is not None:
             raw["sampler"] = OmegaConf.to_container(self.sampler) if OmegaConf.is_config(self.sampler) else self.sampler
         where = f" in {path}" if search else " (hydra.sweeper)"
+        cli_fields = {k for k, v in fields.items() if v is not None} | ({"sampler"} if self.sampler is not None
+                                                                       else set())
         try:
             spec = spec_from_mapping(raw, path.stem if search else "search", where)
-        except ConfigError as e:
-            raise e.under("hydra.sweeper") if not search else e from None
+        except ConfigError as e:  # a field set on the sweeper (command line, config) is named as such
+            raise e.under("hydra.sweeper") if not search or e.path.split(".")[0] in cli_fields else e from None
         by_name = {p.name: p for p in spec.params}
         by_name.update({p.name: p for p in cli_params})  # the command line's sweep wins over the file's
         spec.params = list(by_name.values())
         if not spec.params:
             raise ConfigError("hydra.sweeper.params", "the search has no parameters: give a search file, params, or "
                                                       "sweeps on the command line (key=choice(4,8))")
+        try:
+            spec.check(where)
+        except ConfigError as e:
+            raise e.under("hydra.sweeper") if not search or e.path.split(".")[0] in cli_fields else e from None
         fixed_args += [f"{k}={hydra_value(v)}" for k, v in spec.fixed.items()]
         if self.n_trials is not None:
             spec.n_trials = int(self.n_trials)
@@ -346,6 +352,7 @@ class VitqOptunaSweeperImpl(Sweeper):
                                                    "space": {p.name: p.choices or [p.low, p.high]
                                                              for p in spec.params}},
                                            tags=session.provenance())
+            tracking.log_datasets(parent, session.datasets())
             os.environ[tracking.PARENT_ENV] = parent
             self._parent = parent
         maybe_kill("before_enqueue", None)  # (a test's fault hook: VITQ_FAULTS)
@@ -382,6 +389,9 @@ class VitqOptunaSweeperImpl(Sweeper):
         with contextlib.suppress(OSError):
             sweep_dir.mkdir(parents=True, exist_ok=True)
             (sweep_dir / "summary.txt").write_text("\n".join(lines) + "\n")
+        if parent is not None:  # the study's summary on its parent run too
+            with contextlib.suppress(Exception):
+                mlflow.MlflowClient().log_text(parent, "\n".join(lines) + "\n", "summary.txt")
         if failed:
             where = f"MLflow parent run {parent}" if parent else f"Optuna storage {redact(spec.storage)}"
             fail(f"{len(failed)} trial(s) failed in study {spec.study_name} (first: trial {failed[0][0]}: "
