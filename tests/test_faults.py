@@ -155,7 +155,11 @@ def test_unwritable_cache_falls_back_with_a_warning(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     unwritable = blocker / "cache"  # under a file: no user, root included, can create it
-    r = run_sweep(tmp_path, "tracking=none", env={"VITQ_CACHE": str(unwritable)}, timeout=900)
+    from byo_case import KWARGS_CLI, MODEL_NAME, write_folders
+
+    calib, ev = write_folders(tmp_path / "images")  # a random-weight timm ViT: nothing to train without a cache
+    r = run_sweep(tmp_path, "tracking=none", "model=timm", f"model.name={MODEL_NAME}", KWARGS_CLI, "data=folder",
+                  f"data.calib_root={calib}", f"data.eval_root={ev}", env={"VITQ_CACHE": str(unwritable)}, timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"cache folder {unwritable} is not writable" in r.stdout + r.stderr
 

@@ -24,7 +24,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shuti
 def test_mlflow_ui_shows_the_front(tmp_path):
     from playwright.sync_api import sync_playwright
 
-    r = run_sweep(tmp_path, "-m", "hydra/sweeper=vitq_optuna", "hydra.sweeper.n_trials=8",
+    r = run_sweep(tmp_path, "-m", "hydra/sweeper=vitq_optuna", "hydra.sweeper.n_trials=4",
                   "hydra.sweeper.study_name=ui")
     assert r.returncode == 0, r.stderr[-3000:]
     db = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -49,7 +49,7 @@ def test_mlflow_ui_shows_the_front(tmp_path):
             closer = page.get_by_role("button", name="Close")
             if closer.count():  # MLflow's assistant panel: out of the picture
                 closer.first.click()
-            page.get_by_text("9 matching runs").first.wait_for(timeout=10_000)  # the parent and its 8 trials
+            page.get_by_text("5 matching runs").first.wait_for(timeout=10_000)  # the parent and its 4 trials
             shots["runs"] = keep / "mlflow_runs.png"
             page.screenshot(path=shots["runs"])
             # the compare view of the front's runs: the searched params against top1 and weight_bytes
