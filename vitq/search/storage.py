@@ -1,0 +1,163 @@
+"""The Optuna storage of a study: opening it from a URL (RDB with heartbeats and retries of dead workers' trials, or a
+journal file), serializing workers on it, heartbeats while trials run. Optuna's public storage API only."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import threading
+import time
+import warnings
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.storages import BaseStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+
+from vitq import tracking
+from vitq.paths import file_lock
+from vitq.redact import redact
+
+__all__ = ["STORAGE_ENV", "StorageError", "heartbeat", "make_storage", "process_alive", "retry_callback",
+           "storage_lock"]
+
+log = logging.getLogger(__name__)
+STORAGE_ENV = "VITQ_STORAGE"  # the storage URL from the environment: it never reaches Hydra's files
+
+
+class StorageError(RuntimeError):
+    """The Optuna storage cannot be opened (server down, bad URL); the message names the redacted URL."""
+
+
+def make_storage(url: str, heartbeat_interval: int | None = 30, grace_period: int | None = None,
+                 max_retry: int | None = 3, on_stale: Any = None) -> BaseStorage:
+    """An Optuna storage for ``url``: RDB with heartbeat and retry of stale trials, or a journal file.
+
+    A journal file is chosen only by ``journal:///path`` (or ``journal://relative/path``) or by a plain path
+    without a scheme; anything else is parsed by SQLAlchemy's ``make_url`` (a bad URL is a StorageError).
+    """
+    from sqlalchemy.engine import make_url
+
+    if url.startswith("journal:") or "://" not in url:
+        from optuna.storages.journal import JournalFileBackend
+
+        path = Path(url.removeprefix("journal://").removeprefix("journal:")).expanduser()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+        except OSError as e:
+            raise StorageError(f"hydra.sweeper.storage: cannot open the journal file {path}: {e.strerror}") from None
+    try:
+        make_url(url)
+    except Exception as e:  # noqa: BLE001 - sqlalchemy.exc.ArgumentError and friends
+        raise StorageError(f"hydra.sweeper.storage: {redact(url)} is not a database URL ({type(e).__name__}); use "
+                           "dialect+driver://user:password@host:port/db, sqlite:///path or journal:///path") from None
+    tracking.sqlite_file(url)  # a SQLite storage's folder must exist
+    retry = retry_callback(max_retry)
+
+    def stale(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        retry(study, trial)
+        if on_stale is not None:
+            on_stale(trial)
+
+    engine = {"pool_pre_ping": True} if not url.startswith("sqlite") else {}
+    if url.startswith("postgresql"):
+        engine["connect_args"] = {"connect_timeout": 10}
+    try:
+        for attempt in range(3):  # workers creating one new database's tables together may collide: try again
+            try:
+                with storage_lock(url):
+                    tracking.sqlite_wal(url)
+                    return RDBStorage(url, engine_kwargs=engine, heartbeat_interval=heartbeat_interval,
+                                      grace_period=grace_period,
+                                      heartbeat_stale_trial_callback=stale if heartbeat_interval else None)
+            except Exception as e:  # noqa: BLE001
+                if attempt == 2 or "connect" in str(e).lower():
+                    raise
+                time.sleep(0.5 + random.random())
+        raise AssertionError("unreachable")
+    except ImportError as e:  # the database driver is an extra
+        extra = " (pip install 'vitq[postgres]')" if url.startswith("postgresql") else ""
+        raise StorageError(f"cannot open the Optuna storage {redact(url)}: its driver is not installed: "
+                           f"{e.name or e}{extra}") from None
+    except Exception as e:  # noqa: BLE001 - any driver/SQLAlchemy error becomes one clear message
+        cause = e.__cause__ if isinstance(e, ImportError) and e.__cause__ else getattr(e, "orig", None) or e
+        reason = f"{type(cause).__name__}: {cause}".strip().splitlines()
+        raise StorageError(f"cannot open the Optuna storage {redact(url)}: "
+                           f"{reason[0] if reason else type(e).__name__}") from None
+
+
+@contextmanager
+def storage_lock(url: str, storage: BaseStorage | None = None) -> Iterator[None]:
+    """Serialize workers on one storage: a file lock beside a SQLite database or a journal file, a PostgreSQL
+    advisory lock on a PostgreSQL storage (``storage`` given); other databases run the body unlocked."""
+    if url.startswith("journal:") or "://" not in url:
+        with file_lock(Path(url.removeprefix("journal://").removeprefix("journal:")).expanduser().with_suffix(".lock")):
+            yield
+        return
+    if (path := tracking.sqlite_file(url)) is not None:
+        with file_lock(path.with_name(path.name + ".lock")):
+            yield
+        return
+    engine = getattr(storage, "engine", None)
+    if engine is None or engine.dialect.name != "postgresql":
+        yield
+        return
+    import sqlalchemy
+
+    key = zlib.crc32(b"vitq-study-setup")
+    with engine.connect() as conn:
+        conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+        try:
+            yield
+        finally:
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+            conn.commit()
+
+
+def retry_callback(max_retry: int | None) -> RetryHeartbeatStaleTrialCallback:
+    """Optuna's retry of a dead worker's trial: a WAITING copy with the same params (``failed_trial`` attr)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextmanager
+def heartbeat(storage: RDBStorage | None, trial_ids: list[int], interval: int | None) -> Iterator[None]:
+    """Record heartbeats of ``trial_ids`` every ``interval`` seconds while the body runs."""
+    if not interval or storage is None:
+        yield
+        return
+    stop = threading.Event()
+
+    def beat() -> None:
+        while True:
+            for tid in trial_ids:
+                try:
+                    storage.record_heartbeat(tid)
+                except Exception as e:  # noqa: BLE001 - a lost beat is retried; the trial must go on
+                    log.warning("heartbeat of trial id %d failed: %s", tid, e)
+            if stop.wait(interval):
+                return
+
+    thread = threading.Thread(target=beat, name="vitq-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
