@@ -49,7 +49,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 @pytest.fixture(scope="session", autouse=True)
 def reference():
     """The digits reference, trained (or read from the cache) once, before the first test and any subprocess."""
-    from vitq.models.reference import load_reference
+    from vitq.reference import load_reference
 
     return load_reference()
 

@@ -151,3 +151,14 @@ def test_pretrained_without_hub_is_one_sentence(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelError, match="could not fetch pretrained weights"):
         create_model("vit_tiny_patch16_224", pretrained=True)
+
+
+def test_reference_declares_the_digits_normalization():
+    """The reference's timm data config (what resolve_data_config reads) is the digits loader's normalization."""
+    from timm.data import resolve_data_config
+
+    from vitq.data import DIGITS_MEAN, DIGITS_STD
+    from vitq.models.reference import build_reference
+
+    cfg = resolve_data_config(model=build_reference())
+    assert cfg["mean"] == (DIGITS_MEAN,) and cfg["std"] == (DIGITS_STD,)

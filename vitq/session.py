@@ -178,7 +178,12 @@ class Session:
         """The FP model, float32, in eval mode, on the session's device."""
         if self._model is None:
             m = self.model_spec
-            model = create_model(m.name, m.pretrained, m.checkpoint, m.kwargs_dict, m.use_ema)
+            if m.name == REFERENCE_NAME and m.checkpoint is None and not m.kwargs_dict:  # trained once, then cached
+                from vitq.reference import load_reference
+
+                model, _ = load_reference()
+            else:
+                model = create_model(m.name, m.pretrained, m.checkpoint, m.kwargs_dict, m.use_ema)
             self._model = model.float().to(self.device).eval()
         return self._model
 

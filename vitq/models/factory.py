@@ -12,7 +12,7 @@ import timm
 import torch
 from torch import nn
 
-from vitq.models.reference import build_reference, load_reference
+from vitq.models.reference import build_reference
 
 __all__ = ["REFERENCE_NAME", "ModelError", "create_model", "file_sha256", "load_checkpoint", "read_state_dict"]
 
@@ -97,16 +97,15 @@ def _check_name(name: str) -> None:
 
 def create_model(name: str = REFERENCE_NAME, pretrained: bool = False, checkpoint: str | None = None,
                  kwargs: dict[str, Any] | None = None, use_ema: bool = True) -> nn.Module:
-    """The digits reference by default, else ``timm.create_model(name, **kwargs)``; always in eval mode."""
+    """The digits reference's architecture by default (its trained weights: ``checkpoint``, or the Session, which
+    trains it once through ``vitq.reference``), else ``timm.create_model(name, **kwargs)``; always in eval mode."""
     kwargs = dict(kwargs or {})
     if name == REFERENCE_NAME:
         if kwargs:
             raise ModelError(f"model.kwargs: the digits reference has a fixed architecture; got {sorted(kwargs)} "
                              "(use model=timm for a timm model with kwargs)")
-        if checkpoint is not None:  # the reference's architecture with saved weights: no training, no cache
-            return load_checkpoint(build_reference(), checkpoint, use_ema).eval()
-        model, _ = load_reference()
-        return model
+        model = build_reference()
+        return (load_checkpoint(model, checkpoint, use_ema) if checkpoint is not None else model).eval()
     _check_name(name)
     try:
         model = timm.create_model(name, pretrained=pretrained and checkpoint is None, **kwargs)
