@@ -24,7 +24,7 @@ def test_plain_single_run_logs_one_complete_run(tmp_path):
     runs = mlflow.search_runs([MlflowClient().get_experiment_by_name("vitq").experiment_id])
     assert len(runs) == 1 and runs["status"].iloc[0] == "FINISHED"
     rid = runs["run_id"].iloc[0]
-    assert {a.path for a in MlflowClient().list_artifacts(rid)} == {"quant_config.yaml", "profile.csv"}
+    assert {a.path for a in MlflowClient().list_artifacts(rid)} == {"quant_config.yaml", "profile.csv", "config.yaml"}
     (metrics_file,) = tmp_path.glob("outputs/*/*/metrics.json")
     metrics = json.loads(metrics_file.read_text())
     assert metrics["top1"] == runs["metrics.top1"].iloc[0] and metrics["weight_bytes"] > 0 and metrics["bops"] > 0

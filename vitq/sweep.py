@@ -211,6 +211,7 @@ def _job(cfg: DictConfig, number: int | None, multirun: bool) -> dict[str, float
                                       **({"vitq.baseline": cfg.baseline} if cfg.baseline else {})}) as run:
             if not multirun:  # (a sweep's parent run holds its data)
                 tracking.log_datasets(run.id, session.datasets())
+                tracking.log_run_config(run.id, cfg)
             metrics, profile = trial()
             run.finish(metrics, profile)
         maybe_kill("after_finish", number)

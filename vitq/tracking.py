@@ -30,7 +30,7 @@ from omegaconf import DictConfig
 
 from vitq.pareto import pareto_mask
 from vitq.paths import file_lock
-from vitq.quant.config import POINTS, LayerQuantConfig
+from vitq.quant.config import POINTS, SECTIONS, LayerQuantConfig
 from vitq.redact import fail, redact
 
 __all__ = ["DEFAULT_OBJECTIVES", "MlflowSweepCallback", "TrialRun", "finalize_parent", "point_summary", "start_parent",
@@ -249,6 +249,23 @@ def trial_run(uri: str | None, study: str, trial_number: int | None, cfg: LayerQ
             with contextlib.suppress(Exception):
                 client.log_batch(handle.id, params=[mlflow.entities.Param(k, v) for k, v in handle.params.items()])
         client.set_terminated(handle.id, status)
+
+
+def log_run_config(run_id: str, cfg: DictConfig) -> None:
+    """``config.yaml`` on the run: the composed config without Hydra's node and the quant sections (model, data,
+    batch sizes, tracking: what ``quant_config.yaml`` and the params leave out), secrets redacted. Once per run."""
+    from omegaconf import OmegaConf
+
+    client = MlflowClient()
+    if any(a.path == "config.yaml" for a in client.list_artifacts(run_id)):
+        return
+    try:
+        full = OmegaConf.to_container(cfg, resolve=True)
+    except Exception:  # noqa: BLE001 - an interpolation that needs Hydra's runtime: keep it as written
+        full = OmegaConf.to_container(cfg, resolve=False)
+    quant = {"hydra", "default", "blocks", *SECTIONS}  # the quant sections are the run's quant_config.yaml
+    task = {k: v for k, v in full.items() if k not in quant}
+    client.log_text(run_id, redact(OmegaConf.to_yaml(OmegaConf.create(task))), "config.yaml")
 
 
 def log_datasets(run_id: str, datasets: dict[str, dict[str, str]]) -> None:

@@ -250,6 +250,7 @@ class VitqOptunaSweeperImpl(Sweeper):
                                                "objectives": spec.objectives, "space": space},
                                        tags=session.provenance())
         tracking.log_datasets(parent, session.datasets())
+        tracking.log_run_config(parent, cfg)
         os.environ[tracking.PARENT_ENV] = parent
         self._parent = parent
         return experiment_id
