@@ -14,11 +14,14 @@ _QUIET = False
 
 def quiet_libraries() -> None:
     """Once per process: drop the warnings Optuna and MLflow repeat on every call vitq makes by design (its
-    heartbeat and experimental storage APIs, ask/tell outside ``Study.optimize``), send Optuna's log records
+    heartbeat and experimental storage APIs, ask/tell outside ``Study.optimize``) and tqdm's notebook-widget
+    warning (the report notebook calls this first), send Optuna's log records
     through the root logger, and route any other warning to logging (once per place, as Python does)."""
     global _QUIET
     if _QUIET:
         return
+    # tqdm.auto in a notebook kernel without ipywidgets: a warning per import; vitq's bars are plain tqdm
+    warnings.filterwarnings("ignore", message="IProgress not found")
     import optuna
 
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
