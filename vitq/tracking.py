@@ -15,7 +15,7 @@ import random
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,10 +155,11 @@ def system_tags() -> dict[str, str]:
 
 
 def start_parent(uri: str | None, study: str, key: str | None = None, params: dict[str, Any] | None = None,
-                 tags: dict[str, str] | None = None) -> str:
+                 tags: dict[str, str] | None = None, on_create: Callable[[str], None] | None = None) -> str:
     """Find the parent run of ``key`` (resume, other workers) or create it; returns its id.
 
     Workers starting together may each create one: all then keep the earliest and the others delete theirs.
+    ``on_create(run_id)`` fills a run this call created (its inputs, files) before any other worker can pick it.
     """
     exp_id = use_store(uri, study)
     client = MlflowClient()
@@ -177,6 +178,8 @@ def start_parent(uri: str | None, study: str, key: str | None = None, params: di
     rid = run.info.run_id
     for k, v in (params or {}).items():
         client.log_param(rid, k, str(v)[:6000])
+    if on_create is not None:
+        on_create(rid)
     if sqlite_file(resolve_uri(uri)) is None:  # a server store has no lock: let simultaneous creators all appear,
         time.sleep(0.2 + 0.3 * random.random())  # then every worker agrees on the earliest (start time, run id)
     winner = earliest(key) or rid

@@ -248,9 +248,9 @@ class VitqOptunaSweeperImpl(Sweeper):
                                        params={"search": spec.name, "sampler": spec.sampler, "seed": spec.seed,
                                                "storage": redact(spec.storage), "n_trials": spec.n_trials,
                                                "objectives": spec.objectives, "space": space},
-                                       tags=session.provenance())
-        tracking.log_datasets(parent, session.datasets())
-        tracking.log_run_config(parent, cfg)
+                                       tags=session.provenance(), on_create=lambda rid: (
+                                           tracking.log_datasets(rid, session.datasets()),
+                                           tracking.log_run_config(rid, cfg)))
         os.environ[tracking.PARENT_ENV] = parent
         self._parent = parent
         return experiment_id
