@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import socket
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -141,7 +142,7 @@ class CheckInputs(Callback):
     """Before a Hydra grid sweep: build the model and data once, so bad input fails with rc 2 before any run."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        if "vitq" in str(config.hydra.sweeper.get("_target_", "")).lower():
+        if is_vitq_sweeper(config):
             return  # vitq's sweeper checks its inputs itself
         from vitq.session import SessionError
 
@@ -151,6 +152,58 @@ class CheckInputs(Callback):
             fail(e)
 
 
+def is_vitq_sweeper(config: DictConfig) -> bool:
+    target = str(config.hydra.sweeper.get("_target_", ""))
+    return "vitq" in target.lower()
+
+
+class MlflowSweepCallback(Callback):
+    """Parent run around Hydra grid sweeps (vitq's Optuna sweeper manages its own parent)."""
+
+    def __init__(self) -> None:
+        self.parent: str | None = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if is_vitq_sweeper(config) or not config.tracking.enabled:
+            return
+        from vitq.session import Session
+        from vitq.tracking import PARENT_ENV, TrackingError, start_parent
+
+        try:
+            self.parent = start_parent(config.tracking.uri, config.study_name,
+                                       params={"sweeper": "hydra-basic",
+                                               "overrides": [redact(o) for o in config.hydra.overrides.task]},
+                                       tags=Session.from_config(config).provenance())
+        except TrackingError as e:
+            fail(e)
+        except Exception as e:  # noqa: BLE001 - Hydra would only warn and run the grid without a parent
+            fail(f"could not start the sweep's MLflow parent run: {type(e).__name__}: {e}", code=1)
+        os.environ[PARENT_ENV] = self.parent
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if self.parent is None:
+            return
+        from mlflow.tracking import MlflowClient
+
+        from vitq.tracking import PARENT_ENV, child_runs, finalize_parent, use_store
+
+        parent, self.parent = self.parent, None
+        os.environ.pop(PARENT_ENV, None)
+        use_store(config.tracking.uri, config.study_name)
+        client = MlflowClient()
+        try:
+            finalize_parent(parent, terminate=False)
+        except Exception as e:  # noqa: BLE001 - the parent must not stay RUNNING, and the exit code must say so
+            client.set_terminated(parent, "FAILED")
+            fail(f"could not write the Pareto front of sweep run {parent}: {type(e).__name__}: {e}", code=1)
+        runs = child_runs(parent)
+        failed = runs[runs["status"] != "FINISHED"] if len(runs) else runs
+        client.set_terminated(parent, "FAILED" if len(failed) else "FINISHED")
+        if len(failed):
+            fail(f"{len(failed)} of {len(runs)} trials failed (MLflow parent run {parent}, experiment "
+                 f"{config.study_name})", code=1)
+
+
 def _is_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
@@ -158,7 +211,6 @@ def _is_multirun() -> bool:
 def run(cfg: DictConfig) -> dict[str, float]:
     """One trial; returns its metrics."""
     from vitq.session import SessionError
-    from vitq.tracking import TrackingError
 
     multirun = _is_multirun()
     number = cfg.trial_number
@@ -173,7 +225,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
             raise
         fail("interrupted (Ctrl-C); the trial's MLflow run is KILLED", code=130)
     except Exception as e:  # noqa: BLE001 - one line for the user; vitq's sweeper records the failure itself
-        bad_input = isinstance(e, (*SessionError, TrackingError))
+        tracking = sys.modules.get("vitq.tracking")  # (not imported: the error cannot be a TrackingError)
+        bad_input = isinstance(e, SessionError) or (tracking is not None and isinstance(e, tracking.TrackingError))
         if not multirun:
             fail(e if bad_input else f"{type(e).__name__}: {e}", code=2 if bad_input else 1)
         if not grid:

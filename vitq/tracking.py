@@ -1,7 +1,7 @@
 """MLflow tracking: one experiment per study, a parent run per sweep, a nested child run per trial,
 and the Pareto front (CSV, PNG, interactive HTML, configs) logged on the parent at the end.
 
-The Hydra callback :class:`MlflowSweepCallback` opens/closes the parent for Hydra's grid sweeps;
+``vitq.sweep.MlflowSweepCallback`` opens/closes the parent for Hydra's grid sweeps through it;
 vitq's Optuna sweeper does the same itself (it knows the study). Trials find their parent through
 the ``VITQ_PARENT_RUN_ID`` environment variable.
 """
@@ -24,16 +24,15 @@ from typing import Any
 import mlflow
 import numpy as np
 import pandas as pd
-from hydra.experimental.callback import Callback
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
 from vitq.pareto import pareto_mask
 from vitq.paths import file_lock
 from vitq.quant.config import POINTS, SECTIONS, LayerQuantConfig
-from vitq.redact import fail, redact
+from vitq.redact import redact
 
-__all__ = ["DEFAULT_OBJECTIVES", "MlflowSweepCallback", "TrialRun", "finalize_parent", "point_summary", "start_parent",
+__all__ = ["DEFAULT_OBJECTIVES", "TrialRun", "finalize_parent", "point_summary", "start_parent",
            "trial_run"]
 
 PARENT_ENV = "VITQ_PARENT_RUN_ID"
@@ -367,53 +366,6 @@ def _log_plots(client: MlflowClient, parent_id: str, pts: pd.DataFrame, names: l
     html = px.scatter(pts, x=x, y=y, color="pareto", hover_data=["trial_number", "run_id"]).to_html(
         include_plotlyjs=True)  # embedded: the page works offline
     client.log_text(parent_id, html, "pareto/pareto_front.html")
-
-
-def _is_vitq_sweeper(config: DictConfig) -> bool:
-    target = str(config.hydra.sweeper.get("_target_", ""))
-    return "vitq" in target.lower()
-
-
-class MlflowSweepCallback(Callback):
-    """Parent run around Hydra grid sweeps (vitq's Optuna sweeper manages its own parent)."""
-
-    def __init__(self) -> None:
-        self.parent: str | None = None
-
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        if _is_vitq_sweeper(config) or not config.tracking.enabled:
-            return
-        from vitq.session import Session
-
-        try:
-            self.parent = start_parent(config.tracking.uri, config.study_name,
-                                       params={"sweeper": "hydra-basic",
-                                               "overrides": [redact(o) for o in config.hydra.overrides.task]},
-                                       tags=Session.from_config(config).provenance())
-        except TrackingError as e:
-            fail(e)
-        except Exception as e:  # noqa: BLE001 - Hydra would only warn and run the grid without a parent
-            fail(f"could not start the sweep's MLflow parent run: {type(e).__name__}: {e}", code=1)
-        os.environ[PARENT_ENV] = self.parent
-
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        if self.parent is None:
-            return
-        parent, self.parent = self.parent, None
-        os.environ.pop(PARENT_ENV, None)
-        use_store(config.tracking.uri, config.study_name)
-        client = MlflowClient()
-        try:
-            finalize_parent(parent, terminate=False)
-        except Exception as e:  # noqa: BLE001 - the parent must not stay RUNNING, and the exit code must say so
-            client.set_terminated(parent, "FAILED")
-            fail(f"could not write the Pareto front of sweep run {parent}: {type(e).__name__}: {e}", code=1)
-        runs = child_runs(parent)
-        failed = runs[runs["status"] != "FINISHED"] if len(runs) else runs
-        client.set_terminated(parent, "FAILED" if len(failed) else "FINISHED")
-        if len(failed):
-            fail(f"{len(failed)} of {len(runs)} trials failed (MLflow parent run {parent}, experiment "
-                 f"{config.study_name})", code=1)
 
 
 def kill_runs(uri: str | None, study: str, trial_numbers: list[int]) -> None:
