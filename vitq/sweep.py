@@ -273,7 +273,7 @@ def _job(cfg: DictConfig, number: int | None, multirun: bool) -> dict[str, float
     if not multirun and HydraConfig.initialized():
         out = Path(HydraConfig.get().runtime.output_dir) / "metrics.json"
         out.write_text(json.dumps({**metrics, "provenance": session.provenance()}, indent=2))
-    _print_table(metrics, number)
+    _log_trial(metrics, number)
     return metrics
 
 
@@ -300,7 +300,7 @@ def run_params(cfg: DictConfig) -> dict[str, str]:
     return out
 
 
-def _print_table(metrics: dict[str, float], number: int | None) -> None:
+def _log_trial(metrics: dict[str, float], number: int | None) -> None:
     label = f"trial {number}" if number is not None else "trial"
     rows = [("top-1", f"{100 * metrics['top1']:.2f} %"), ("FP top-1", f"{100 * metrics['fp_top1']:.2f} %"),
             ("agreement", f"{100 * metrics['agreement']:.2f} %"), ("weight size", f"{metrics['weight_bytes']:,.0f} B"),

@@ -126,10 +126,17 @@ class VitqOptunaSweeperImpl(Sweeper):
             raw["sampler"] = OmegaConf.to_container(sampler) if OmegaConf.is_config(sampler) else sampler
         where = f" in {path}" if search else " (hydra.sweeper)"
         cli_fields = {k for k, v in fields.items() if v is not None} | ({"sampler"} if sampler is not None else set())
+
+        def named(e: ConfigError) -> ConfigError:
+            """A field set on the sweeper (command line, config) is named as such, not by the search file."""
+            if search and e.path.split(".")[0] not in cli_fields:
+                return e
+            return ConfigError(e.path, e.detail.removesuffix(where)).under("hydra.sweeper")
+
         try:
             spec = spec_from_mapping(raw, path.stem if search else "search", where)
-        except ConfigError as e:  # a field set on the sweeper (command line, config) is named as such
-            raise e.under("hydra.sweeper") if not search or e.path.split(".")[0] in cli_fields else e from None
+        except ConfigError as e:
+            raise named(e) from None
         by_name = {p.name: p for p in spec.params}
         by_name.update({p.name: p for p in cli_params})  # the command line's sweep wins over the file's
         spec.params = list(by_name.values())
@@ -139,7 +146,7 @@ class VitqOptunaSweeperImpl(Sweeper):
         try:
             spec.check(where)
         except ConfigError as e:
-            raise e.under("hydra.sweeper") if not search or e.path.split(".")[0] in cli_fields else e from None
+            raise named(e) from None
         fixed_args += [f"{k}={hydra_value(v)}" for k, v in spec.fixed.items()]
         if self.settings.n_trials is not None:
             spec.n_trials = int(self.settings.n_trials)
