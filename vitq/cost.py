@@ -14,7 +14,7 @@ from torch import nn
 from vitq.quant.config import ACTIVATION_POINTS, WEIGHT_POINTS, LayerQuantConfig, QuantConfig
 from vitq.quant.points import POINT_TABLE
 
-__all__ = ["BOP_PAIRS", "CostReport", "model_cost"]
+__all__ = ["BOP_PAIRS", "CostReport", "model_cost", "resolved_cost"]
 
 FP_BITS = 32
 # linear weight point -> activation point that quantizes its input
@@ -50,6 +50,12 @@ def _linear(block: nn.Module, key: str) -> nn.Linear:
 
 def model_cost(model: nn.Module, cfg: LayerQuantConfig) -> CostReport:
     """Cost of ``model`` (a timm ViT or a QuantViT) under ``cfg``; needs no calibration."""
+    return resolved_cost(model, [cfg.resolved(b) for b in range(len(_fp_model(model).blocks))])
+
+
+def resolved_cost(model: nn.Module, per_block: list[dict[str, QuantConfig]]) -> CostReport:
+    """Cost of ``model`` with block ``b``'s points configured by ``per_block[b]`` (what ``cfg.resolved(b)`` gives);
+    the budget solver's cost table calls it for thousands of configs without building a LayerQuantConfig each."""
     vit = _fp_model(model)
     params = dict(vit.named_parameters())
     fp32_bytes = sum(p.numel() for p in params.values()) * FP_BITS / 8
@@ -59,8 +65,7 @@ def model_cost(model: nn.Module, cfg: LayerQuantConfig) -> CostReport:
     w_elems = w_bits_sum = 0.0
     act_bits: list[int] = []
     macs = bops = 0.0
-    for b, block in enumerate(vit.blocks):
-        res = cfg.resolved(b)
+    for block, res in zip(vit.blocks, per_block, strict=True):
         for key in WEIGHT_POINTS:
             lin = _linear(block, key)
             c = res[key]

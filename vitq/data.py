@@ -153,8 +153,10 @@ def _split_sizes(n: int, n_train: int, n_calib: int, n_eval: int | None, name: s
     return n_train, min(n_calib, max(n_train, n - n_eval)), n_eval
 
 
-def load_digits(seed: int = 0, n_train: int = 1400, n_calib: int = 256, n_eval: int | None = None) -> DataBundle:
-    """Digits as normalized 1×8×8 tensors; calibration images come from the training split."""
+def load_digits(seed: int = 0, n_train: int = 1400, n_calib: int = 256, n_eval: int | None = None,
+                img_size: int = 8) -> DataBundle:
+    """Digits as normalized 1×8×8 tensors (``img_size``: upsampled bilinearly to that size); calibration images come
+    from the training split."""
     pixels, labels = digits_pixels()
     n = len(labels)
     n_train, n_calib, n_eval = _split_sizes(n, n_train, n_calib, n_eval, "digits")
@@ -162,6 +164,8 @@ def load_digits(seed: int = 0, n_train: int = 1400, n_calib: int = 256, n_eval: 
     tr, ev = perm[:n_train], perm[n - n_eval:]
     cal = perm[:n_calib] if n_train else perm[n_train:n_train + n_calib]
     x = torch.from_numpy(pixels).float().div(255).unsqueeze(1).sub_(DIGITS_MEAN).div_(DIGITS_STD)
+    if img_size != x.shape[-1]:
+        x = torch.nn.functional.interpolate(x, size=(img_size, img_size), mode="bilinear", align_corners=False)
     y = torch.from_numpy(labels)
 
     def ds(idx: np.ndarray) -> TensorDataset:
@@ -169,11 +173,12 @@ def load_digits(seed: int = 0, n_train: int = 1400, n_calib: int = 256, n_eval: 
         return TensorDataset(x[t], y[t])
 
     def content(idx: np.ndarray) -> str:
-        return hashlib.sha256(pixels[idx].tobytes() + labels[idx].tobytes()).hexdigest()[:16]
+        size = b"" if img_size == 8 else str(img_size).encode()  # (8×8 keeps the fingerprints it always had)
+        return hashlib.sha256(pixels[idx].tobytes() + labels[idx].tobytes() + size).hexdigest()[:16]
 
     return DataBundle("digits", calib=ds(cal), eval=ds(ev), num_classes=10, train=ds(tr),
-                      meta={"seed": seed, "calib_indices": cal.tolist(), "eval_indices": ev.tolist(),
-                            "calib_fingerprint": content(cal), "eval_fingerprint": content(ev),
+                      meta={"seed": seed, "img_size": img_size, "calib_indices": cal.tolist(),
+                            "eval_indices": ev.tolist(), "calib_fingerprint": content(cal), "eval_fingerprint": content(ev),
                             "n_calib": len(cal), "n_eval": len(ev)})
 
 

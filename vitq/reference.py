@@ -24,7 +24,7 @@ from tqdm import tqdm
 from vitq.data import DIGITS_MEAN, DIGITS_STD, DataBundle, load_digits
 from vitq.logs import progress_enabled
 from vitq.models.reference import ReferenceSpec, build_reference
-from vitq.paths import cache_root
+from vitq.paths import cache_root, file_lock
 
 __all__ = ["load_reference", "train_reference"]
 
@@ -88,26 +88,32 @@ def _accuracy(model: nn.Module, data: DataBundle) -> float:
 
 
 def load_reference(spec: ReferenceSpec | None = None) -> tuple[VisionTransformer, dict]:
-    """The trained reference (trained once, then read from the cache) and its metadata."""
+    """The trained reference (trained once, then read from the cache) and its metadata. Processes that start
+    together take turns: one trains, the others then read its checkpoint."""
     spec = spec or ReferenceSpec()
     path = cache_root() / f"digits_vit_{spec.key()}.pt"
-    data = load_digits(seed=spec.data_seed, n_train=spec.n_train)
-    if path.is_file():
-        blob = torch.load(path, weights_only=True)
-        model = build_reference(spec)
-        model.load_state_dict(blob["state_dict"])
-        return model.eval(), blob["meta"]
+    data = load_digits(seed=spec.data_seed, n_train=spec.n_train, img_size=spec.img_size)
+    if not path.is_file():
+        with file_lock(path.with_suffix(".lock")):
+            if not path.is_file():
+                _train_and_save(spec, data, path)
+    blob = torch.load(path, weights_only=True)
+    model = build_reference(spec)
+    model.load_state_dict(blob["state_dict"])
+    return model.eval(), blob["meta"]
+
+
+def _train_and_save(spec: ReferenceSpec, data: DataBundle, path: Path) -> None:
     log.info("training the digits reference ViT once (%d epochs, about 1-2 min on 2 cores); cached at %s",
              spec.epochs, path)
     t0 = time.time()
     model = train_reference(spec, data)
     meta = {"top1": _accuracy(model, data), "train_seconds": time.time() - t0, "spec": asdict(spec),
             "key": spec.key(), "n_params": sum(p.numel() for p in model.parameters())}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")  # unique: workers may train at once
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     os.close(fd)
     torch.save({"state_dict": model.state_dict(), "meta": meta}, tmp)
     os.replace(tmp, path)
-    return model, meta
 
 
 def main(argv: list[str] | None = None) -> None:

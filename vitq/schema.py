@@ -55,7 +55,7 @@ class DataSchema:
     calib_root: str | None = None  # or two folders (same class names)
     eval_root: str | None = None
     seed: int = 0
-    n_train: int = 1400
+    n_train: int | None = None  # digits: null = the reference's own split
     n_calib: int | None = 256
     n_eval: int | None = None
     input_size: Any = None  # timm eval transform overrides (null = timm's value for the model)

@@ -23,6 +23,7 @@ import vitq
 from vitq.data import TRANSFORM_KEYS, DataBundle, DataError, load_digits, load_image_folder
 from vitq.evaluate import EvalResult
 from vitq.models.factory import REFERENCE_NAME, ModelError, create_model, file_sha256
+from vitq.models.reference import REFERENCES
 from vitq.paths import REPO_ROOT
 from vitq.quant.config import ConfigError, LayerQuantConfig
 from vitq.quant.modules import STATS_MAX_ELEMENTS
@@ -86,7 +87,7 @@ class DataSpec:
     calib_root: str | None = None
     eval_root: str | None = None
     seed: int = 0
-    n_train: int = 1400
+    n_train: int | None = None  # digits: the reference's split (1400), else this many training images
     n_calib: int | None = 256
     n_eval: int | None = None
     transform: str = "{}"  # JSON of the data.* transform overrides that are set
@@ -156,7 +157,8 @@ class Session:
                           bool(m.get("use_ema", True)))
         transform = {k: d.get(k) for k in TRANSFORM_KEYS if d.get(k) is not None}
         dspec = DataSpec(str(d.get("name") or "digits"), d.get("root"), d.get("calib_root"), d.get("eval_root"),
-                         int(d.get("seed") or 0), int(d.get("n_train", 1400) or 0), d.get("n_calib", 256),
+                         int(d.get("seed") or 0), None if d.get("n_train") is None else int(d["n_train"]),
+                         d.get("n_calib", 256),
                          d.get("n_eval"), json.dumps(transform, sort_keys=True), int(d.get("num_workers") or 0),
                          bool(d.get("cache", True)))
         sizes = {"eval_batch_size": cfg.get("eval_batch_size"), "calib_batch_size": cfg.get("calib_batch_size")}
@@ -178,10 +180,10 @@ class Session:
         """The FP model, float32, in eval mode, on the session's device."""
         if self._model is None:
             m = self.model_spec
-            if m.name == REFERENCE_NAME and m.checkpoint is None and not m.kwargs_dict:  # trained once, then cached
+            if m.name in REFERENCES and m.checkpoint is None and not m.kwargs_dict:  # trained once, then cached
                 from vitq.reference import load_reference
 
-                model, _ = load_reference()
+                model, _ = load_reference(REFERENCES[m.name])
             else:
                 model = create_model(m.name, m.pretrained, m.checkpoint, m.kwargs_dict, m.use_ema)
             self._model = model.float().to(self.device).eval()
@@ -195,8 +197,10 @@ class Session:
             if d.name == "digits":
                 if d.root or d.calib_root or d.eval_root:
                     raise DataError("data.root: data=digits takes no folders (use data=folder)")
-                n_calib = d.n_train if d.n_calib is None else d.n_calib  # null: every training image
-                self._data = load_digits(seed=d.seed, n_train=d.n_train, n_calib=n_calib, n_eval=d.n_eval)
+                n_train, img_size = self._digits_split()
+                n_calib = n_train if d.n_calib is None else d.n_calib  # null: every training image
+                self._data = load_digits(seed=d.seed, n_train=n_train, n_calib=n_calib, n_eval=d.n_eval,
+                                         img_size=img_size)
             elif d.name == "folder":
                 self._data = load_image_folder(self.model, root=d.root, calib_root=d.calib_root,
                                                eval_root=d.eval_root, n_calib=d.n_calib, n_eval=d.n_eval,
@@ -206,6 +210,21 @@ class Session:
                 raise DataError(f"data.name: unknown dataset {d.name!r}; valid: digits, folder")
             self._data.check_classes(self.num_classes)
         return self._data
+
+    def _digits_split(self) -> tuple[int, int]:
+        """(training images, image size) of the digits for this model: a digits reference's own split and size
+        (another split would evaluate it on images it was trained on: refused), else 1400 by default at 8×8."""
+        d, m = self.data_spec, self.model_spec
+        spec = REFERENCES.get(m.name)
+        if spec is None:
+            return (1400 if d.n_train is None else d.n_train), 8
+        if m.checkpoint is None:
+            for key, given, own in (("n_train", d.n_train, spec.n_train), ("seed", d.seed, spec.data_seed)):
+                if given is not None and given != own:
+                    raise DataError(f"data.{key}={given}: model {m.name} was trained on the first {spec.n_train} "
+                                    f"digits of seed {spec.data_seed}; another split would evaluate it on images it "
+                                    f"was trained on (leave data.{key} unset)")
+        return (spec.n_train if d.n_train is None else d.n_train), spec.img_size
 
     @property
     def num_classes(self) -> int:

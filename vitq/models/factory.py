@@ -12,7 +12,7 @@ import timm
 import torch
 from torch import nn
 
-from vitq.models.reference import build_reference
+from vitq.models.reference import REFERENCES, build_reference
 
 __all__ = ["REFERENCE_NAME", "ModelError", "create_model", "file_sha256", "load_checkpoint", "read_state_dict"]
 
@@ -100,11 +100,11 @@ def create_model(name: str = REFERENCE_NAME, pretrained: bool = False, checkpoin
     """The digits reference's architecture by default (its trained weights: ``checkpoint``, or the Session, which
     trains it once through ``vitq.reference``), else ``timm.create_model(name, **kwargs)``; always in eval mode."""
     kwargs = dict(kwargs or {})
-    if name == REFERENCE_NAME:
+    if name in REFERENCES:
         if kwargs:
             raise ModelError(f"model.kwargs: the digits reference has a fixed architecture; got {sorted(kwargs)} "
                              "(use model=timm for a timm model with kwargs)")
-        model = build_reference()
+        model = build_reference(REFERENCES[name])
         return (load_checkpoint(model, checkpoint, use_ema) if checkpoint is not None else model).eval()
     _check_name(name)
     try:

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 
 from timm.models.vision_transformer import VisionTransformer
 
-__all__ = ["INPUT_MEAN", "INPUT_STD", "ReferenceSpec", "build_reference"]
+__all__ = ["INPUT_MEAN", "INPUT_STD", "REFERENCES", "ReferenceSpec", "build_reference"]
 
 INPUT_MEAN, INPUT_STD = 0.5, 0.5  # the normalization the reference declares: that of vitq.data's digits (tested)
 
@@ -40,6 +40,14 @@ class ReferenceSpec:
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+
+REFERENCES: dict[str, ReferenceSpec] = {
+    "digits_reference": ReferenceSpec(),
+    # The benchmark where strategies differ: 8 blocks on digits upsampled to 32×32 (65 tokens), trained briefly on
+    # 600 images, so ~1,200 held-out images remain (standard errors: docs/search.md).
+    "digits_deep": ReferenceSpec(img_size=32, patch_size=4, depth=8, epochs=40, n_train=600, warmup_epochs=3),
+}
 
 
 def build_reference(spec: ReferenceSpec = ReferenceSpec()) -> VisionTransformer:

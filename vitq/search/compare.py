@@ -76,9 +76,9 @@ def aimet_greedy(objective: Objective, sens_table: pd.DataFrame, n_trials: int) 
     for _, row in flips.iterrows():
         if len(pts) >= n_trials:
             break
-        if current.get(row["point"], 99) <= row["bits"]:
+        if current.get(row["item"], 99) <= row["bits"]:
             continue  # already at or below this width
-        current[row["point"]] = int(row["bits"])
+        current[row["item"]] = int(row["bits"])
         pts.append(objective({bits_key(p): b for p, b in current.items()}))
     return np.array(pts)
 
@@ -103,8 +103,8 @@ def compare(n_trials: int = 30, seeds: int = 3, reference_trials: int = 300, sea
     sens = compute_sensitivity(model, data, base)
     sens_s = time.perf_counter() - t0
     table = cost_table(model, base, sens.candidates, "weight_bytes")
-    cheapest = table.cost([0] * len(table.points))  # every point at the narrowest candidate
-    widest = table.cost([len(table.candidates) - 1] * len(table.points))
+    cheapest = table.cost([0] * len(table.items))  # every point at the narrowest candidate
+    widest = table.cost([len(table.candidates) - 1] * len(table.items))
     sols = configs_for_budgets(sens, table, [cheapest + f * (widest - cheapest) for f in budgets_frac])
     warm = [spec.pinned_params(base.with_overrides(enqueue_params(s["bits"])), base, "warm start")
             for s in sols if s["feasible"]] + spec.baseline_params(base)

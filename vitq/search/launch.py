@@ -55,6 +55,8 @@ class InProcessLauncher:
         return all(self._is_leaf(k) for k in keys)
 
     def _is_leaf(self, key: str) -> bool:
+        if key.startswith("blocks."):  # the free ``blocks`` mapping: a block's key is added to it
+            return True
         if key not in self._leaf:
             node = OmegaConf.select(self.base, key, default=_MISSING, throw_on_missing=False)
             self._leaf[key] = not (key == "hydra" or key.startswith("hydra.") or node is _MISSING

@@ -25,10 +25,11 @@ import argparse
 import hashlib
 import itertools
 import json
+import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -39,36 +40,80 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 from torch import nn
 
 from vitq.calibrate import calib_key, calibrated_model, model_checksum
-from vitq.cost import BOP_PAIRS, model_cost
+from vitq.cost import BOP_PAIRS, model_cost, resolved_cost
 from vitq.data import DataBundle, batches, labels_of, stratified_subset, subset
 from vitq.evaluate import evaluate, model_device
 from vitq.paths import cache_root
-from vitq.quant.config import POINTS, SECTION_OF, WEIGHT_POINTS, LayerQuantConfig
+from vitq.quant.config import POINTS, SECTION_OF, WEIGHT_POINTS, BitTypeConfig, LayerQuantConfig, QuantConfig
 
-__all__ = ["CostTable", "Sensitivity", "compute_sensitivity", "configs_for_budgets", "cost_table", "solve_mck"]
+__all__ = ["GRANULARITIES", "CostTable", "Sensitivity", "allowed_widths", "bits_key", "compute_sensitivity",
+           "configs_for_budgets", "cost_table", "enqueue_params", "item_name", "items_of", "solve_mck", "split_item",
+           "with_bits"]
 
 CANDIDATES = (2, 3, 4, 5, 6, 8)
-SENSITIVITY_VERSION = 3  # bump when the measure changes (v2: stratified eval subset; v3: OMSE/KL see every value)
+SENSITIVITY_VERSION = 4  # bump when the measure changes (v2: stratified eval subset; v3: OMSE/KL see every value;
+#                          v4: items per block)
 SCORES = ("drop_loss", "drop_top1", "grad_score")
+GRANULARITIES = ("point", "block")
 
 
-def bits_key(point: str) -> str:
-    return f"{SECTION_OF[point]}.{point}.bit_type.bits"
+# ------------------------------------------------------------------------------------------------ items
+def item_name(point: str, block: int | None = None) -> str:
+    """An item the solver decides: a point in every block (``kv_act``) or in one block (``blocks.3.kv_act``)."""
+    return point if block is None else f"blocks.{block}.{point}"
+
+
+def split_item(item: str) -> tuple[int | None, str]:
+    """``blocks.3.kv_act`` → (3, ``kv_act``); ``kv_act`` → (None, ``kv_act``)."""
+    if item.startswith("blocks."):
+        _, block, point = item.split(".", 2)
+        return int(block), point
+    return None, item
+
+
+def items_of(n_blocks: int, granularity: str = "point") -> tuple[str, ...]:
+    """Every item at ``granularity``: the 14 points, or the 14 points of each of ``n_blocks`` blocks."""
+    if granularity == "point":
+        return POINTS
+    if granularity == "block":
+        return tuple(item_name(p, b) for b in range(n_blocks) for p in POINTS)
+    raise ValueError(f"granularity: expected one of {GRANULARITIES}, got {granularity!r}")
+
+
+def bits_key(item: str) -> str:
+    """The dotted config key of an item's width (``blocks.N.`` in front for a block's item)."""
+    block, point = split_item(item)
+    key = f"{SECTION_OF[point]}.{point}.bit_type.bits"
+    return key if block is None else f"blocks.{block}.{key}"
 
 
 def with_bits(base: LayerQuantConfig, bits: dict[str, int]) -> LayerQuantConfig:
-    """``base`` with the given points at the given widths (enabled)."""
+    """``base`` with the given items at the given widths (enabled). A point's item sets the point in every block
+    (also where ``base`` has a ``blocks`` entry for it); a block's item then sets that block alone."""
     over: dict[str, object] = {}
-    for p, b in bits.items():
-        over[bits_key(p)] = int(b)
-        over[f"{SECTION_OF[p]}.{p}.enabled"] = True
+    for item in sorted(bits, key=lambda it: split_item(it)[0] is not None):  # every-block items first
+        block, point = split_item(item)
+        sec = SECTION_OF[point]
+        blocks = [block] if block is not None else [None, *(n for n, s in base.blocks.items()
+                                                             if point in s.get(sec, {}))]
+        for n in blocks:
+            prefix = "" if n is None else f"blocks.{n}."
+            over[f"{prefix}{sec}.{point}.bit_type.bits"] = int(bits[item])
+            over[f"{prefix}{sec}.{point}.enabled"] = True
     return base.with_overrides(over)
+
+
+def at_bits(cfg: QuantConfig, bits: int) -> QuantConfig:
+    """One resolved point's config at ``bits`` (enabled): what :func:`with_bits` gives that point."""
+    return replace(cfg, bit_type=BitTypeConfig(bits=int(bits), signed=cfg.bit_type.signed), enabled=True)
 
 
 # ------------------------------------------------------------------------------------------------ sensitivity
 @dataclass
 class Sensitivity:
-    """One row per (point, bits): top1/loss with only that point lowered, their drops, and the gradient score."""
+    """One row per (item, bits): top-1/loss with only that item lowered, their drops, and the gradient score.
+    Items are points (``granularity='point'``) or (block, point) pairs (``'block'``); a drop that was not
+    measured (``drops=False``) is NaN."""
 
     table: pd.DataFrame
     base_top1: float
@@ -76,18 +121,28 @@ class Sensitivity:
     candidates: tuple[int, ...]
     seconds: float = 0.0
     meta: dict = field(default_factory=dict)
+    granularity: str = "point"
 
-    def matrix(self, score: str = "drop_loss", points: tuple[str, ...] = POINTS) -> np.ndarray:
-        """(points, candidates) scores, clipped at 0 (a lower width never helps)."""
+    @property
+    def items(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(self.table["item"]))
+
+    def matrix(self, score: str = "drop_loss", items: tuple[str, ...] | None = None) -> np.ndarray:
+        """(items, candidates) scores, clipped at 0 (a lower width never helps)."""
         if score not in SCORES:
             raise ValueError(f"score: expected one of {SCORES}, got {score!r}")
-        piv = self.table.pivot(index="point", columns="bits", values=score)
-        return np.clip(piv.loc[list(points), list(self.candidates)].to_numpy(float), 0.0, None)
+        items = self.items if items is None else items
+        piv = self.table.pivot(index="item", columns="bits", values=score)
+        m = piv.loc[list(items), list(self.candidates)].to_numpy(float)
+        if np.isnan(m).any():
+            raise ValueError(f"score {score}: not measured at {self.granularity} granularity (drops=False measures "
+                             "grad_score only)")
+        return np.clip(m, 0.0, None)
 
     def ranking(self, bits: int, score: str = "drop_loss") -> list[str]:
-        """Points from most to least sensitive at ``bits``."""
+        """Items from most to least sensitive at ``bits``."""
         t = self.table[self.table["bits"] == bits].sort_values(score, ascending=False)
-        return list(t["point"])
+        return list(t["item"])
 
 
 def _eval_subset(data: DataBundle, n_eval: int | None, seed: int = 0) -> object:
@@ -98,8 +153,9 @@ def _eval_subset(data: DataBundle, n_eval: int | None, seed: int = 0) -> object:
 
 
 def _grad_scores(qm: nn.Module, data: DataBundle, base: LayerQuantConfig, candidates: tuple[int, ...],
-                 batch_size: int) -> dict[tuple[str, int], float]:
-    """Σ grad² · (Q_b(y) − y)² per (point, bits), summed over blocks and calibration batches."""
+                 batch_size: int) -> dict[tuple[int, str, int], float]:
+    """Σ grad² · (Q_b(y) − y)² per (block, point, bits), summed over calibration batches: one backward pass per
+    batch, whatever the granularity."""
     points = qm.points()
     acts = [p for p in points if p.key not in WEIGHT_POINTS]
     captured: dict[int, torch.Tensor] = {}
@@ -112,8 +168,7 @@ def _grad_scores(qm: nn.Module, data: DataBundle, base: LayerQuantConfig, candid
     handles = [p.register_forward_hook(hook) for p in acts]
     params = list(qm.parameters())
     flags = [p.requires_grad for p in params]
-    scores: dict[tuple[str, int], float] = {}
-    cfg_at = {b: with_bits(base, dict.fromkeys(POINTS, b)) for b in candidates}
+    scores: dict[tuple[int, str, int], float] = {}
     linear_of = {id(lin.wq): lin for lin in qm.linears()}
     try:
         for p in params:
@@ -124,25 +179,25 @@ def _grad_scores(qm: nn.Module, data: DataBundle, base: LayerQuantConfig, candid
             with torch.enable_grad():
                 F.cross_entropy(qm(x), y).backward()
             with torch.no_grad():
-                for b in candidates:
-                    for p in points:
-                        saved = p.cfg
-                        p.set_config(cfg_at[b].resolve(p.key, p.block_index))
+                for p in points:
+                    saved = p.cfg
+                    for b in candidates:
+                        p.set_config(at_bits(base.resolve(p.key, p.block_index), b))
                         if p.key in WEIGHT_POINTS:
                             lin = linear_of[id(p)]
                             w, g = lin.linear.weight.detach(), lin.linear.weight.grad
-                            err = p.quantize(w) - w if p.cfg.enabled else torch.zeros_like(w)
+                            err = p.quantize(w) - w
                         else:
                             got = captured.get(id(p))
                             if got is None:
-                                p.set_config(saved)
                                 continue
                             v, out = got
                             g = out.grad
                             err = p.quantize(v.clone()) - v
                         if g is not None:
-                            scores[(p.key, b)] = scores.get((p.key, b), 0.0) + float((g.pow(2) * err.pow(2)).sum())
-                        p.set_config(saved)
+                            k = (p.block_index, p.key, b)
+                            scores[k] = scores.get(k, 0.0) + float((g.pow(2) * err.pow(2)).sum())
+                    p.set_config(saved)
     finally:
         for h in handles:
             h.remove()
@@ -155,41 +210,60 @@ def _grad_scores(qm: nn.Module, data: DataBundle, base: LayerQuantConfig, candid
 
 
 def _cache_path(model: nn.Module, data: DataBundle, base: LayerQuantConfig, candidates: tuple[int, ...],
-                n_eval: int | None, batch_size: int) -> Path:
+                n_eval: int | None, batch_size: int, granularity: str, drops: bool) -> Path:
     key = "|".join([f"v{SENSITIVITY_VERSION}", model_checksum(model), calib_key(data, batch_size), str(n_eval),
-                    str(candidates), data.meta["eval_fingerprint"], base.to_yaml()])
+                    str(candidates), data.meta["eval_fingerprint"], base.to_yaml(), granularity, str(drops)])
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return cache_root("sensitivity") / f"sens_{digest}.json"
 
 
+def drop_passes(n_blocks: int, candidates: tuple[int, ...], granularity: str = "point") -> int:
+    """Evaluation passes the drop measures cost: one per (item, width), plus the base."""
+    return len(items_of(n_blocks, granularity)) * len(candidates) + 1
+
+
 def compute_sensitivity(model: nn.Module, data: DataBundle, base: LayerQuantConfig,
                         candidates: tuple[int, ...] = CANDIDATES, n_eval: int | None = 256, batch_size: int = 128,
-                        cache: bool = True) -> Sensitivity:
-    """Both sensitivity measures for every (point, width), from cached calibration statistics."""
+                        cache: bool = True, granularity: str = "point", drops: bool = True) -> Sensitivity:
+    """Sensitivity of every (item, width) from cached calibration statistics: the gradient score (one backward pass
+    per calibration batch at either granularity) and, with ``drops``, the drop measures (one evaluation pass of
+    ``n_eval`` images per item and width: 14 × widths per point, blocks × 14 × widths per block)."""
     candidates = tuple(sorted({int(b) for b in candidates}))
-    path = _cache_path(model, data, base, candidates, n_eval, batch_size)
+    n_blocks = len(getattr(model, "blocks", ()))
+    items = items_of(n_blocks, granularity)
+    path = _cache_path(model, data, base, candidates, n_eval, batch_size, granularity, drops)
     if cache and path.is_file():
         blob = json.loads(path.read_text())
         return Sensitivity(pd.DataFrame(blob["table"]), blob["base_top1"], blob["base_loss"],
-                           tuple(blob["candidates"]), blob["seconds"], {"cache": str(path)})
+                           tuple(blob["candidates"]), blob["seconds"], {"cache": str(path)}, granularity)
     t0 = time.perf_counter()
     qm, _ = calibrated_model(model, data, base, batch_size)
     subset = _eval_subset(data, n_eval)
     qm.set_config(base)
     ref = evaluate(qm, subset, 512)
     rows = []
-    for p in POINTS:
+    for item in items:
+        block, point = split_item(item)
         for b in candidates:
-            qm.set_config(with_bits(base, {p: b}))
-            r = evaluate(qm, subset, 512)
-            rows.append({"point": p, "bits": b, "top1": r.top1, "loss": r.loss, "drop_top1": ref.top1 - r.top1,
-                         "drop_loss": r.loss - ref.loss})
+            row = {"item": item, "block": -1 if block is None else block, "point": point, "bits": b}
+            if drops:
+                qm.set_config(with_bits(base, {item: b}))
+                r = evaluate(qm, subset, 512)
+                row.update(top1=r.top1, loss=r.loss, drop_top1=ref.top1 - r.top1, drop_loss=r.loss - ref.loss)
+            else:
+                row.update(top1=math.nan, loss=math.nan, drop_top1=math.nan, drop_loss=math.nan)
+            rows.append(row)
     qm.set_config(base)
     grads = _grad_scores(qm, data, base, candidates, batch_size)
     qm.set_config(base)
     table = pd.DataFrame(rows)
-    table["grad_score"] = [grads.get((p, b), 0.0) for p, b in zip(table["point"], table["bits"], strict=True)]
-    sens = Sensitivity(table, ref.top1, ref.loss, candidates, time.perf_counter() - t0, {"cache": str(path)})
+    every_block: dict[tuple[str, int], float] = {}
+    for (_, point, b), v in grads.items():
+        every_block[(point, b)] = every_block.get((point, b), 0.0) + v
+    table["grad_score"] = [grads.get((blk, p, b), 0.0) if blk >= 0 else every_block.get((p, b), 0.0)
+                           for blk, p, b in zip(table["block"], table["point"], table["bits"], strict=True)]
+    sens = Sensitivity(table, ref.top1, ref.loss, candidates, time.perf_counter() - t0, {"cache": str(path)},
+                       granularity)
     if cache:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
@@ -202,13 +276,13 @@ def compute_sensitivity(model: nn.Module, data: DataBundle, base: LayerQuantConf
 # ------------------------------------------------------------------------------------------------ costs
 @dataclass
 class CostTable:
-    """cost(bits) = const + Σ_p unary[p, k_p] + Σ_(p,q) pair[(p,q)][k_p, k_q], exact for the cost model."""
+    """cost(bits) = const + Σ_i unary[i, k_i] + Σ_(i,j) pair[(i,j)][k_i, k_j], exact for the cost model."""
 
     metric: str
-    points: tuple[str, ...]
+    items: tuple[str, ...]
     candidates: tuple[int, ...]
     const: float
-    unary: np.ndarray  # (P, K)
+    unary: np.ndarray  # (items, K)
     pairs: dict[tuple[int, int], np.ndarray]  # (i, j) -> (K, K)
 
     def cost(self, choice: list[int]) -> float:
@@ -217,97 +291,130 @@ class CostTable:
 
 
 def cost_table(model: nn.Module, base: LayerQuantConfig, candidates: tuple[int, ...] = CANDIDATES,
-               metric: str = "weight_bytes", points: tuple[str, ...] = POINTS) -> CostTable:
-    """Decompose :func:`model_cost`'s ``metric`` into per-point and per-pair terms (inclusion–exclusion)."""
+               metric: str = "weight_bytes", items: tuple[str, ...] = POINTS) -> CostTable:
+    """Decompose :func:`model_cost`'s ``metric`` into per-item and per-pair terms (inclusion–exclusion around every
+    item at the widest candidate; BOPs pair a weight with its input activation, and the softmax output with q·kᵀ,
+    within a block)."""
     if metric not in ("weight_bytes", "bops"):
         raise ValueError(f"metric: expected weight_bytes or bops, got {metric!r}")
-    anchor = {p: candidates[-1] for p in points}  # every point at the widest candidate
+    n_blocks = len(getattr(model, "model", model).blocks)
+    anchor_cfg = with_bits(base, dict.fromkeys(items, candidates[-1]))
+    anchor = [anchor_cfg.resolved(b) for b in range(n_blocks)]
 
-    def cost(bits: dict[str, int]) -> float:
-        return float(getattr(model_cost(model, with_bits(base, {**anchor, **bits})), metric))
+    def cost(change: dict[str, int]) -> float:
+        per_block = [dict(r) for r in anchor]
+        for item, bits in change.items():
+            block, point = split_item(item)
+            for b in range(n_blocks) if block is None else (block,):
+                per_block[b][point] = at_bits(per_block[b][point], bits)
+        return float(getattr(resolved_cost(model, per_block), metric))
 
     const = cost({})
-    unary = np.array([[cost({p: b}) - const for b in candidates] for p in points])
+    unary = np.array([[cost({it: b}) - const for b in candidates] for it in items])
     pairs: dict[tuple[int, int], np.ndarray] = {}
     if metric == "bops":
-        idx = {p: i for i, p in enumerate(points)}
-        for p, q in BOP_PAIRS:
-            if p not in idx or q not in idx or p == q:
+        idx = {it: i for i, it in enumerate(items)}
+        blocks = dict.fromkeys(split_item(it)[0] for it in items)
+        for (p, q), block in itertools.product(BOP_PAIRS, blocks):
+            i, j = idx.get(item_name(p, block)), idx.get(item_name(q, block))
+            if i is None or j is None or i == j:
                 continue
-            i, j = idx[p], idx[q]
-            m = np.array([[cost({p: bp, q: bq}) - const - unary[i, a] - unary[j, c]
+            m = np.array([[cost({items[i]: bp, items[j]: bq}) - const - unary[i, a] - unary[j, c]
                            for c, bq in enumerate(candidates)] for a, bp in enumerate(candidates)])
             if np.abs(m).max() > 0:
                 pairs[(i, j)] = m
-    return CostTable(metric, tuple(points), tuple(candidates), const, unary, pairs)
+    return CostTable(metric, tuple(items), tuple(candidates), const, unary, pairs)
 
 
 # ------------------------------------------------------------------------------------------------ solver
-def solve_mck(scores: np.ndarray, table: CostTable, budget: float) -> list[int] | None:
-    """Exact multiple-choice knapsack: one candidate per point, Σ score minimal, cost ≤ budget (None: infeasible).
+def solve_mck(scores: np.ndarray, table: CostTable, budget: float,
+              allowed: np.ndarray | None = None) -> list[int] | None:
+    """Exact multiple-choice knapsack: one candidate per item, Σ score minimal, cost ≤ budget (None: infeasible).
 
-    Ties prefer wider candidates (a nudge of 1e-6 of the largest score per step), so free points stay wide.
+    ``allowed`` (items × candidates, bool) excludes widths (e.g. activations below 4 bits). Ties prefer wider
+    candidates (a nudge of 1e-6 of the largest score per step), so free items stay wide. The two items of a pair
+    cost (BOPs: a weight and its input activation) are decided jointly, as one group of K² choices; pairs are
+    disjoint, so the program stays a plain knapsack (12 blocks × 14 points × 6 widths: well under a second).
     """
     P, K = scores.shape
-    pair_keys = list(table.pairs)
-    n_x, n_z = P * K, len(pair_keys) * K * K
+    paired = [i for ij in table.pairs for i in ij]
+    if len(paired) != len(set(paired)):
+        raise ValueError("solve_mck: pair costs must be disjoint (an item in at most one pair)")
     scale = float(np.abs(scores).max()) or 1.0
-    nudge = 1e-6 * scale * (K - 1 - np.arange(K))[None, :].repeat(P, 0)
-    c = np.concatenate([(scores + nudge).reshape(-1), np.zeros(n_z)])
-    rows, lo, hi = [], [], []
-
-    def row() -> np.ndarray:
-        return np.zeros(n_x + n_z)
-
-    for i in range(P):  # exactly one candidate per point
-        r = row()
-        r[i * K:(i + 1) * K] = 1
-        rows.append(r), lo.append(1), hi.append(1)
-    r = row()
-    r[:n_x] = table.unary.reshape(-1)
-    for t, key in enumerate(pair_keys):
-        r[n_x + t * K * K: n_x + (t + 1) * K * K] = table.pairs[key].reshape(-1)
-    rows.append(r), lo.append(-np.inf), hi.append(budget - table.const)
-    for t, (i, j) in enumerate(pair_keys):  # z = x_i,a · x_j,c  (McCormick; exact for binaries)
-        for a, cc in itertools.product(range(K), range(K)):
-            z = n_x + t * K * K + a * K + cc
-            for lhs in ((z, i * K + a), (z, j * K + cc)):  # z ≤ x
-                r = row()
-                r[lhs[0]], r[lhs[1]] = 1, -1
-                rows.append(r), lo.append(-np.inf), hi.append(0)
-            r = row()  # z ≥ x_i + x_j − 1
-            r[z], r[i * K + a], r[j * K + cc] = 1, -1, -1
-            rows.append(r), lo.append(-1), hi.append(np.inf)
-    res = milp(c, constraints=LinearConstraint(np.array(rows), lo, hi),
-               integrality=np.concatenate([np.ones(n_x), np.zeros(n_z)]), bounds=Bounds(0, 1),
-               options={"mip_rel_gap": 0.0})
+    s = scores + 1e-6 * scale * (K - 1 - np.arange(K))[None, :]
+    ok = np.ones((P, K), bool) if allowed is None else np.asarray(allowed, bool)
+    # groups: (items, [(choice per item, score, cost)]) — single items, then the joint choices of each pair
+    groups: list[tuple[tuple[int, ...], list[tuple[tuple[int, ...], float, float]]]] = []
+    for i in (i for i in range(P) if i not in paired):
+        groups.append(((i,), [((k,), s[i, k], table.unary[i, k]) for k in range(K) if ok[i, k]]))
+    for (i, j), m in table.pairs.items():
+        groups.append(((i, j), [((a, c), s[i, a] + s[j, c], table.unary[i, a] + table.unary[j, c] + m[a, c])
+                                for a, c in itertools.product(range(K), range(K)) if ok[i, a] and ok[j, c]]))
+    groups = [(members, _undominated(options)) for members, options in groups]
+    if any(not options for _, options in groups):
+        return None
+    n = sum(len(options) for _, options in groups)
+    cost = np.concatenate([[o[2] for o in options] for _, options in groups])
+    obj = np.concatenate([[o[1] for o in options] for _, options in groups])
+    one_hot = np.zeros((len(groups), n))
+    start = 0
+    for g, (_, options) in enumerate(groups):
+        one_hot[g, start:start + len(options)] = 1
+        start += len(options)
+    res = milp(obj, constraints=[LinearConstraint(one_hot, 1, 1),
+                                 LinearConstraint(cost[None, :], -np.inf, budget - table.const)],
+               integrality=np.ones(n), bounds=Bounds(0, 1), options={"mip_rel_gap": 0.0})
     if res.status != 0 or res.x is None:
         return None
-    x = res.x[:n_x].reshape(P, K)
-    return [int(k) for k in x.argmax(1)]
+    choice = [0] * P
+    start = 0
+    for members, options in groups:
+        best = options[int(np.argmax(res.x[start:start + len(options)]))][0]
+        for i, k in zip(members, best, strict=True):
+            choice[i] = k
+        start += len(options)
+    return choice
 
 
-def configs_for_budgets(sens: Sensitivity, table: CostTable, budgets: list[float],
-                        score: str = "drop_loss") -> list[dict]:
-    """For each budget: the chosen width per point, predicted cost and summed sensitivity (or infeasible)."""
-    m = sens.matrix(score, table.points)
+def _undominated(options: list[tuple[tuple[int, ...], float, float]]) -> list[tuple[tuple[int, ...], float, float]]:
+    """Options no other option beats in both score and cost (a dominated one is never needed: exact)."""
+    kept: list[tuple[tuple[int, ...], float, float]] = []
+    for o in sorted(options, key=lambda o: (o[2], o[1])):
+        if not kept or o[1] < kept[-1][1]:
+            kept.append(o)
+    return kept
+
+
+def configs_for_budgets(sens: Sensitivity, table: CostTable, budgets: list[float], score: str = "drop_loss",
+                        allowed: np.ndarray | None = None) -> list[dict]:
+    """For each budget: the chosen width per item, predicted cost and summed sensitivity (or infeasible)."""
+    m = sens.matrix(score, table.items)
     out = []
     for budget in budgets:
         t0 = time.perf_counter()
-        choice = solve_mck(m, table, budget)
+        choice = solve_mck(m, table, budget, allowed)
         ms = 1e3 * (time.perf_counter() - t0)
         if choice is None:
             out.append({"budget": budget, "feasible": False, "solve_ms": ms})
             continue
-        bits = {p: table.candidates[k] for p, k in zip(table.points, choice, strict=True)}
+        bits = {it: table.candidates[k] for it, k in zip(table.items, choice, strict=True)}
         out.append({"budget": budget, "feasible": True, "bits": bits, "predicted_cost": table.cost(choice),
                     "predicted_score": float(sum(m[i, k] for i, k in enumerate(choice))), "solve_ms": ms})
     return out
 
 
+def allowed_widths(items: tuple[str, ...], candidates: tuple[int, ...], min_weight_bits: int = 2,
+                   min_act_bits: int = 2) -> np.ndarray:
+    """(items × candidates) mask of the widths the solver may pick: weights ≥ ``min_weight_bits``, activations
+    ≥ ``min_act_bits``."""
+    return np.array([[b >= (min_weight_bits if split_item(it)[1] in WEIGHT_POINTS else min_act_bits)
+                      for b in candidates] for it in items])
+
+
 def enqueue_params(bits: dict[str, int]) -> dict[str, int]:
-    """A solver config as dotted-key overrides (Optuna params where the search space has them)."""
-    return {bits_key(p): int(b) for p, b in bits.items()}
+    """A solver config as dotted-key overrides (Optuna params where the search space has them); a block's item
+    gives a ``blocks.N.`` key."""
+    return {bits_key(it): int(b) for it, b in bits.items()}
 
 
 # ------------------------------------------------------------------------------------------------ tracking
@@ -329,8 +436,8 @@ def log_to_mlflow(sens: Sensitivity, solutions: list[dict], uri: str | None, stu
     rid = run.info.run_id
     client.log_text(rid, sens.table.to_csv(index=False), "sensitivity/sensitivity.csv")
     client.log_text(rid, json.dumps(solutions, indent=2), "sensitivity/budget_configs.json")
-    piv = sens.table.pivot(index="point", columns="bits", values=score).loc[list(POINTS)]
-    fig, ax = plt.subplots(figsize=(6, 6))
+    piv = sens.table.pivot(index="item", columns="bits", values=score).loc[list(sens.items)]
+    fig, ax = plt.subplots(figsize=(6, max(6.0, 0.14 * len(piv))))
     im = ax.imshow(piv.to_numpy(float), aspect="auto", cmap="magma")
     ax.set_xticks(range(len(piv.columns)), piv.columns)
     ax.set_yticks(range(len(piv.index)), piv.index)
@@ -349,6 +456,27 @@ def log_to_mlflow(sens: Sensitivity, solutions: list[dict], uri: str | None, stu
 
 
 # ------------------------------------------------------------------------------------------------ CLI
+def bits_lines(bits: dict[str, int]) -> list[str]:
+    """A solution as text: ``point=b`` per point, or per point its width in each block (``kv_act: 8 8 6 8``)."""
+    per_point: dict[str, dict[int | None, int]] = {}
+    for it, b in bits.items():
+        block, point = split_item(it)
+        per_point.setdefault(point, {})[block] = b
+    if all(None in v for v in per_point.values()):
+        return [" ".join(f"{p}={v[None]}" for p, v in per_point.items())]
+    width = max(map(len, per_point))
+    return [f"{p:<{width}}  " + " ".join(f"{v[b]:>2}" for b in sorted(v)) for p, v in per_point.items()]
+
+
+def score_table(sens: Sensitivity, score: str) -> pd.DataFrame:
+    """Point × width (per point), or point × block at the narrowest width (per block)."""
+    t = sens.table
+    if sens.granularity == "point":
+        return t.pivot(index="point", columns="bits", values=score).loc[list(POINTS)]
+    narrow = t[t["bits"] == min(sens.candidates)]
+    return narrow.pivot(index="point", columns="block", values=score).loc[list(POINTS)]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m vitq.search.sensitivity", description=__doc__.split("\n\n")[0],
                                  epilog="OVERRIDES are the sweep's Hydra overrides: the base config (quant=int8 by "
@@ -357,7 +485,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budgets", required=True, help="comma-separated budgets (bytes, or BOPs with --metric bops)")
     ap.add_argument("--metric", default="weight_bytes", choices=("weight_bytes", "bops"))
     ap.add_argument("--score", default="drop_loss", choices=SCORES)
+    ap.add_argument("--granularity", default="point", choices=GRANULARITIES,
+                    help="point: one width per point, shared by every block; block: one width per (block, point). "
+                         "grad_score costs one backward pass per calibration batch either way; drop_loss/drop_top1 "
+                         "cost one evaluation pass per item and width (14 × widths per point, blocks × 14 × widths "
+                         "per block)")
     ap.add_argument("--candidates", default=",".join(map(str, CANDIDATES)))
+    ap.add_argument("--min-act-bits", type=int, default=2, help="narrowest width the solver gives an activation")
     ap.add_argument("--n-eval", type=int, default=256,
                     help="evaluation images for the drop measure (a class-stratified subset)")
     ap.add_argument("--tracking-uri", default=None, help="also log the table, plot and configs to this MLflow store")
@@ -380,13 +514,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vitq: {e}", file=sys.stderr)
         return 2
     model, data = session.model, session.data
-    sens = compute_sensitivity(model, data, base, candidates, args.n_eval, session.calib_batch_size)
-    table = cost_table(model, base, sens.candidates, args.metric)
-    sols = configs_for_budgets(sens, table, budgets, args.score)
-    print(f"sensitivity ({args.score}) on {session.model_spec.name} / {data.name} ({min(args.n_eval, len(data.eval))}"
-          f" eval images, {session.device}), base top-1 {100 * sens.base_top1:.2f} % ({sens.seconds:.1f} s; "
-          f"cache {sens.meta.get('cache')}):")
-    print(sens.table.pivot(index="point", columns="bits", values=args.score).loc[list(POINTS)].round(5).to_string())
+    drops = args.granularity == "point" or args.score != "grad_score"
+    sens = compute_sensitivity(model, data, base, candidates, args.n_eval, session.calib_batch_size,
+                               granularity=args.granularity, drops=drops)
+    table = cost_table(model, base, sens.candidates, args.metric, sens.items)
+    allowed = allowed_widths(sens.items, sens.candidates, min_act_bits=args.min_act_bits)
+    sols = configs_for_budgets(sens, table, budgets, args.score, allowed)
+    n_drop = drop_passes(len(model.blocks), sens.candidates, args.granularity) if drops else 0
+    print(f"sensitivity ({args.score}, per {args.granularity}: {len(sens.items)} items) on {session.model_spec.name}"
+          f" / {data.name} ({min(args.n_eval, len(data.eval))} eval images, {session.device}), base top-1 "
+          f"{100 * sens.base_top1:.2f} % ({sens.seconds:.1f} s: {n_drop} evaluation passes and one backward pass "
+          f"per calibration batch; cache {sens.meta.get('cache')}):")
+    if args.granularity == "block":
+        print(f"(at {min(sens.candidates)} bits, per block)")
+    print(score_table(sens, args.score).round(5).to_string())
     for s in sols:
         if not s["feasible"]:
             print(f"\nbudget {s['budget']:.6g} {args.metric}: infeasible (below the cheapest config)")
@@ -394,7 +535,7 @@ def main(argv: list[str] | None = None) -> int:
         actual = getattr(model_cost(model, with_bits(base, s["bits"])), args.metric)
         print(f"\nbudget {s['budget']:.6g} {args.metric}: predicted {s['predicted_cost']:.6g} (cost model "
               f"{actual:.6g}), summed sensitivity {s['predicted_score']:.4g}, solved in {s['solve_ms']:.1f} ms")
-        print("  " + " ".join(f"{p}={b}" for p, b in s["bits"].items()))
+        print("\n".join("  " + ln for ln in bits_lines(s["bits"])))
     if args.tracking_uri:
         rid = log_to_mlflow(sens, sols, args.tracking_uri, args.study, args.score)
         print(f"\nlogged to {args.tracking_uri} (experiment {args.study}, run {rid})")

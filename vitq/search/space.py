@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +31,8 @@ from vitq.quant.config import (
     read_yaml,
 )
 
-__all__ = ["SWEEPS_DIR", "Param", "SearchSpec", "expand_key", "load_search", "param_from_override", "search_mapping",
-           "spec_from_mapping", "split_sweep_arguments"]
+__all__ = ["SWEEPS_DIR", "Param", "SearchSpec", "block_of", "expand_key", "load_search", "param_from_override",
+           "search_mapping", "spec_from_mapping", "split_sweep_arguments"]
 
 SAMPLER_CLASSES = {"tpe": "TPESampler", "nsgaii": "NSGAIISampler", "nsgaiii": "NSGAIIISampler", "gp": "GPSampler",
                    "random": "RandomSampler", "qmc": "QMCSampler", "cmaes": "CmaEsSampler",
@@ -41,21 +41,32 @@ SAMPLERS = tuple(SAMPLER_CLASSES)
 SAMPLER_TARGETS = {f"optuna.samplers.{c}": n for n, c in SAMPLER_CLASSES.items()}
 TASK_RETURN = ("top1", "weight_bytes")  # what a trial returns, in order: the metrics ``direction`` applies to
 SEARCH_KEYS = ("study_name", "sampler", "seed", "n_trials", "objectives", "constraint", "baselines", "params",
-               "storage", "direction", "custom_search_space", "n_jobs", "max_failure_rate")
+               "storage", "direction", "custom_search_space", "n_jobs", "max_failure_rate", "per_block")
 METRICS = ("top1", "top5", "loss", "agreement", "top1_drop", "weight_bytes", "compression", "bops",
            "mean_weight_bits", "mean_act_bits")
 
 
+_BLOCK_KEY = re.compile(r"blocks\.(\d+)\.")
+
+
+def block_of(key: str) -> int | None:
+    """N of a ``blocks.N.<section>.<point>...`` key (None for a key of every block)."""
+    m = _BLOCK_KEY.match(key)
+    return int(m.group(1)) if m else None
+
+
 def expand_key(key: str) -> list[str]:
-    """Concrete dotted keys a (possibly wildcard) parameter key addresses."""
-    parts = key.split(".")
-    if "*" not in key or len(parts) < 3 or parts[0] not in (*SECTIONS, "*"):
+    """Concrete dotted keys a (possibly wildcard) parameter key addresses (``blocks.N.`` in front kept)."""
+    m = _BLOCK_KEY.match(key)
+    prefix, rest = (m.group(0), key[m.end():]) if m else ("", key)
+    parts = rest.split(".")
+    if "*" not in rest or len(parts) < 3 or parts[0] not in (*SECTIONS, "*"):
         return [key]
     out = []
     for sec, points in SECTIONS.items():
         for p in points:
             if fnmatch.fnmatchcase(sec, parts[0]) and fnmatch.fnmatchcase(p, parts[1]):
-                out.append(".".join([sec, p, *parts[2:]]))
+                out.append(prefix + ".".join([sec, p, *parts[2:]]))
     return out
 
 
@@ -99,6 +110,29 @@ class SearchSpec:
     max_failure_rate: float | None = None
     custom_search_space: str | None = None  # dotted path of ``fn(cfg, trial)`` that suggests more params
     fixed: dict[str, Any] = field(default_factory=dict)  # ``params`` entries without sweep syntax: every trial's
+    per_block: bool = False  # one parameter per block for each section parameter (see bind_blocks)
+
+    def bind_blocks(self, n_blocks: int) -> None:
+        """Fit the parameters to a model of ``n_blocks`` blocks: a ``blocks.N`` parameter beyond its depth is a
+        ConfigError; with ``per_block``, each parameter over a section (``layers.attn_qkv.bit_type.bits``,
+        ``*.*.observer_type``) becomes one parameter per block (``blocks.0.layers.attn_qkv.bit_type.bits``, ...);
+        ``default.*`` parameters stay shared."""
+        for p in self.params:
+            b = block_of(p.name)
+            if b is not None and b >= n_blocks:
+                raise ConfigError(f"params.{p.name}", f"block {b} does not exist: the model has {n_blocks} blocks "
+                                                      f"(0..{n_blocks - 1})")
+        if not self.per_block:
+            return
+        out: list[Param] = []
+        for p in self.params:
+            head = p.name.split(".")[0]
+            if block_of(p.name) is None and head in (*SECTIONS, "*"):
+                out += [replace(p, name=f"blocks.{b}.{p.name}") for b in range(n_blocks)]
+            else:
+                out.append(p)
+        self.params = out
+        self.per_block = False  # bound: binding again changes nothing
 
     def make_sampler(self, seed: int | None = None) -> optuna.samplers.BaseSampler:
         seed = self.seed if seed is None else seed
@@ -180,7 +214,9 @@ class SearchSpec:
     def pinned_params(self, cfg: LayerQuantConfig, base: LayerQuantConfig, where: str) -> dict[str, Any]:
         """Params that make a trial run exactly ``cfg`` on top of ``base``: every searched parameter pinned to
         ``cfg``'s value, and every other field where ``cfg`` differs from ``base`` as a dotted override."""
-        flat, flat_base = flat_resolved(cfg), flat_resolved(base)
+        blocks = sorted(set(cfg.blocks) | set(base.blocks) | {b for p in self.params
+                                                              if (b := block_of(p.name)) is not None})
+        flat, flat_base = flat_resolved(cfg, blocks), flat_resolved(base, blocks)
         params: dict[str, Any] = {}
         covered: set[str] = set()
         for p in self.params:
@@ -194,19 +230,32 @@ class SearchSpec:
                 raise ConfigError(where, f"{p.name}={v} lies outside the search space")
             params[p.name] = v
             covered.update(keys)
-        params.update({k: v for k, v in flat.items() if k not in covered and flat_base.get(k) != v})
+        for k, v in flat.items():
+            b = block_of(k)
+            if k in covered:
+                continue
+            if b is None:
+                if flat_base[k] != v:
+                    params[k] = v
+                continue
+            every = k[_BLOCK_KEY.match(k).end():]  # what the block gets from the every-block keys: cfg's value
+            if v != flat[every] or (b in base.blocks and flat_base[k] != v):
+                params[k] = v
         return params
 
 
-def flat_resolved(cfg: LayerQuantConfig) -> dict[str, Any]:
-    """Every resolved field of every point (block-independent part) under its dotted key."""
+def flat_resolved(cfg: LayerQuantConfig, blocks: list[int] | tuple[int, ...] = ()) -> dict[str, Any]:
+    """Every resolved field of every point under its dotted key, for every block and, with ``blocks.N.`` in front,
+    for each of ``blocks``."""
     out: dict[str, Any] = {}
-    for k in POINTS:
-        for f, v in cfg.resolve(k).to_dict().items():
-            if isinstance(v, dict):
-                out.update({f"{SECTION_OF[k]}.{k}.{f}.{bk}": bv for bk, bv in v.items() if bk != "name"})
-            else:
-                out[f"{SECTION_OF[k]}.{k}.{f}"] = v
+    for block in (None, *blocks):
+        prefix = "" if block is None else f"blocks.{block}."
+        for k in POINTS:
+            for f, v in cfg.resolve(k, block).to_dict().items():
+                if isinstance(v, dict):
+                    out.update({f"{prefix}{SECTION_OF[k]}.{k}.{f}.{bk}": bv for bk, bv in v.items() if bk != "name"})
+                else:
+                    out[f"{prefix}{SECTION_OF[k]}.{k}.{f}"] = v
     return out
 
 
@@ -293,7 +342,14 @@ def spec_from_mapping(raw: dict[str, Any], name: str, where: str = "") -> Search
                       storage=raw.get("storage"), constraint=raw.get("constraint"),
                       baselines=list(raw.get("baselines") or []), sampler_kwargs=kwargs,
                       n_jobs=raw.get("n_jobs"), max_failure_rate=rate,
-                      custom_search_space=raw.get("custom_search_space"), fixed=fixed)
+                      custom_search_space=raw.get("custom_search_space"), fixed=fixed,
+                      per_block=_flag(raw.get("per_block", False), "per_block", where))
+
+
+def _flag(v: Any, key: str, where: str) -> bool:
+    if not isinstance(v, bool):
+        raise ConfigError(key, f"must be true or false, got {v!r}{where}")
+    return v
 
 
 def _objectives(raw: dict[str, Any], where: str) -> dict[str, str]:

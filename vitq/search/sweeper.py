@@ -41,7 +41,7 @@ from vitq.redact import fail, install_log_redaction, redact
 from vitq.search.fingerprint import FINGERPRINT_ATTR, fingerprint_diff, study_fingerprint
 from vitq.search.launch import InProcessLauncher
 from vitq.search.settings import SweeperSettings
-from vitq.search.space import SearchSpec, search_mapping, spec_from_mapping, split_sweep_arguments
+from vitq.search.space import SearchSpec, block_of, search_mapping, spec_from_mapping, split_sweep_arguments
 from vitq.search.storage import (
     STORAGE_ENV,
     StorageError,
@@ -102,7 +102,8 @@ class VitqOptunaSweeperImpl(Sweeper):
 
     def _launch(self, arguments: list[str], jobs: list[dict[str, Any]], job_idx: int) -> Any:
         """Hydra's launcher, or in this process on the pre-composed config where every job only sets values."""
-        lines = [[f"{k}={hydra_value(v)}" for k, v in values.items()] for values in jobs]
+        lines = [[f"{'++' if block_of(k) is not None else ''}{k}={hydra_value(v)}" for k, v in values.items()]
+                 for values in jobs]  # ``blocks.N`` keys are added to the config
         if self._inproc is not None and all(self._inproc.accepts(list(values)) for values in jobs):
             return self._inproc.launch(list(zip(lines, jobs, strict=True)), initial_job_idx=job_idx)
         return self.launcher.launch([tuple(arguments) + tuple(ln) for ln in lines], initial_job_idx=job_idx)
@@ -228,6 +229,7 @@ class VitqOptunaSweeperImpl(Sweeper):
 
         try:
             base, session = session_of(self.config)
+            spec.bind_blocks(len(session.model.blocks))
             fingerprint = study_fingerprint(self.config, spec, session)
         except SessionError as e:
             fail(e)
