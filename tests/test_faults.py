@@ -97,6 +97,8 @@ def test_bad_sweeper_arguments_fail_before_any_trial(tmp_path):
         "hydra.sweeper.storage=postgresql://nobody@127.0.0.1:1/db.log":
             "cannot open the Optuna storage postgresql://nobody@127.0.0.1:1/db.log",
         "hydra.sweeper.storage=notadialect://x/y": "cannot open the Optuna storage notadialect://x/y",
+        "blocks.9.layers.attn_qkv.bit_type.bits=choice(4,8)":
+            "params.blocks.9.layers.attn_qkv.bit_type.bits: block 9 does not exist: the model has 4 blocks (0..3)",
     }
     for override, expect in cases.items():
         r = run_sweep(tmp_path, *base, override, timeout=300)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import numpy as np
 import optuna
@@ -168,3 +169,73 @@ def test_warm_start_enqueues_solver_configs_then_baselines(tmp_path):
     for t, b in zip(trials[2:6], baselines, strict=True):
         assert {k: t.params[k] for k in names} == {k: b[k] for k in names}  # every searched parameter pinned
     assert enqueue_params({"kv_act": 4}) == {"attn_layer.kv_act.bit_type.bits": 4}
+
+
+@pytest.mark.slow
+def test_per_block_search_file_warm_start_and_front_export(tmp_path, reference):
+    """A ``per_block: true`` search file plus a ``blocks.N`` sweep on the command line, warm-started by the per-block
+    solver (grad_score): every trial runs exactly its per-block widths (its size is the cost model's for those
+    params), the warm start fits its budget, and the front's exported configs carry ``blocks:`` and read back."""
+    import mlflow
+
+    model, _ = reference
+    search = tmp_path / "pb.yaml"
+    search.write_text("study_name: pb\nn_trials: 4\nper_block: true\nbaselines: [w8a8]\nparams:\n"
+                      "  layers.mlp_fc1.bit_type.bits: [2, 3, 4, 5, 6, 8]\n"
+                      "  attn_layer.kv_act.bit_type.bits: choice(4, 8)\n"
+                      "  default.percentile_alpha: choice(0.999, 0.9999)\n")
+    budget = 190000
+    r = run_sweep(tmp_path, "-m", "hydra/sweeper=vitq_optuna", f"hydra.sweeper.search={search}",
+                  "blocks.1.layers.attn_proj.bit_type.bits=choice(2,8)", f"hydra.sweeper.warm_start_budgets=[{budget}]",
+                  "hydra.sweeper.warm_start_granularity=block", "hydra.sweeper.warm_start_score=grad_score")
+    assert r.returncode == 0, r.stderr[-3000:]
+    study = optuna.load_study(study_name="pb", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    trials = sorted(study.trials, key=lambda t: t.number)
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 4
+    expect = {f"blocks.{b}.{k}" for b in range(4) for k in ("layers.mlp_fc1.bit_type.bits",
+                                                             "attn_layer.kv_act.bit_type.bits")}
+    expect |= {"blocks.1.layers.attn_proj.bit_type.bits", "default.percentile_alpha"}
+    base = load_config_from_yaml(PRESETS / "int8.yaml")
+    configs = {}
+    for t in trials:
+        assert set(t.params) == expect
+        fixed = t.system_attrs.get("fixed_params", {})
+        cfg = base.with_overrides({k: v for k, v in {**fixed, **t.params}.items() if k != "baseline"})
+        configs[t.number] = cfg
+        assert t.user_attrs["metrics"]["weight_bytes"] == model_cost(model, cfg).weight_bytes
+    warm = trials[0]
+    assert warm.user_attrs["metrics"]["weight_bytes"] <= budget
+    assert len({warm.params[f"blocks.{b}.layers.mlp_fc1.bit_type.bits"] for b in range(4)}
+               | {warm.params["blocks.1.layers.attn_proj.bit_type.bits"]}) > 1  # widths differ between blocks
+    assert trials[1].system_attrs["fixed_params"]["baseline"] == "W8A8"
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name("pb")
+    (parent,) = client.search_runs([exp.experiment_id], "tags.`vitq.role` = 'parent'")
+    exported = [a.path for a in client.list_artifacts(parent.info.run_id, "pareto/configs")]
+    assert exported
+    for path in exported:
+        local = mlflow.artifacts.download_artifacts(run_id=parent.info.run_id, artifact_path=path, dst_path=tmp_path)
+        number = int(Path(path).stem.removeprefix("trial_"))
+        back = load_config_from_yaml(local)
+        assert back.blocks and back == configs[number]
+
+
+def test_per_block_space_binds_to_the_model_depth():
+    from vitq.quant.config import ConfigError
+    from vitq.search.space import spec_from_mapping
+
+    raw = {"per_block": True, "params": {"layers.attn_*.bit_type.bits": "choice(4, 8)",
+                                         "blocks.0.attn_layer.kv_act.bit_type.bits": [4, 6],
+                                         "default.percentile_alpha": "interval(0.99, 0.9999)"}}
+    spec = spec_from_mapping(raw, "t")
+    spec.bind_blocks(3)
+    names = [p.name for p in spec.params]
+    assert names == [f"blocks.{b}.layers.attn_*.bit_type.bits" for b in range(3)] + [
+        "blocks.0.attn_layer.kv_act.bit_type.bits", "default.percentile_alpha"]
+    assert spec.param_for("blocks.2.layers.attn_proj.bit_type.bits").name == "blocks.2.layers.attn_*.bit_type.bits"
+    assert spec.param_for("layers.attn_proj.bit_type.bits") is None
+    with pytest.raises(ConfigError, match=r"params.blocks.0.attn_layer.kv_act.bit_type.bits: block 0 does not exist"):
+        spec_from_mapping(raw, "t").bind_blocks(0)
+    with pytest.raises(ConfigError, match="per_block: must be true or false"):
+        spec_from_mapping({**raw, "per_block": "yes"}, "t")

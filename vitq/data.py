@@ -178,8 +178,8 @@ def load_digits(seed: int = 0, n_train: int = 1400, n_calib: int = 256, n_eval: 
 
     return DataBundle("digits", calib=ds(cal), eval=ds(ev), num_classes=10, train=ds(tr),
                       meta={"seed": seed, "img_size": img_size, "calib_indices": cal.tolist(),
-                            "eval_indices": ev.tolist(), "calib_fingerprint": content(cal), "eval_fingerprint": content(ev),
-                            "n_calib": len(cal), "n_eval": len(ev)})
+                            "eval_indices": ev.tolist(), "calib_fingerprint": content(cal),
+                            "eval_fingerprint": content(ev), "n_calib": len(cal), "n_eval": len(ev)})
 
 
 # ------------------------------------------------------------------------------------------------ folders

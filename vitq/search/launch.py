@@ -101,7 +101,7 @@ class InProcessLauncher:
         self._set_job(overrides, idx)
         task_cfg = copy.deepcopy(self._task)
         for key, value in values.items():
-            OmegaConf.update(task_cfg, key, value, merge=True)
+            OmegaConf.update(task_cfg, key, value, merge=True, force_add=key.startswith("blocks."))
         ret = JobReturn(overrides=overrides, cfg=task_cfg, hydra_cfg=HydraConfig.instance().cfg,
                         working_dir=str(Path.cwd()))
         with env_override(dict(self._full.hydra.job.env_set)):

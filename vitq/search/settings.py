@@ -31,6 +31,8 @@ class SweeperSettings:
     warm_start_budgets: list[float] | None = None  # enqueue the sensitivity solver's configs at these budgets
     warm_start_metric: str = "weight_bytes"  # or bops
     warm_start_score: str = "drop_loss"  # or drop_top1, grad_score
+    warm_start_granularity: str = "point"  # or block: a width per (block, point) (drop scores: blocks × 14 × widths
+    #                                        evaluation passes; grad_score: one backward pass per calibration batch)
     in_process: bool = True  # run trials in the sweeper's process on the pre-composed config (no per-job folders)
     reap_local: bool = True  # fail RUNNING trials of dead processes on this host at once (else: heartbeat only)
 

@@ -177,6 +177,16 @@ class SearchSpec:
                     raise ConfigError(f"params.{p.name}", f"bruteforce enumerates discrete spaces: give this "
                                                           f"interval a step or choices{where}")
 
+    def param_for(self, key: str) -> Param | None:
+        """The parameter that sets the concrete dotted ``key`` (a ``blocks.N`` key: its block's parameter, else the
+        every-block one), or None."""
+        m = _BLOCK_KEY.match(key)
+        for k in (key, key[m.end():]) if m else (key,):
+            for p in self.params:
+                if k in expand_key(p.name):
+                    return p
+        return None
+
     @staticmethod
     def constraints_func(trial: optuna.trial.FrozenTrial) -> list[float]:
         return [float(trial.user_attrs.get("constraint_violation", 0.0))]
@@ -232,7 +242,7 @@ class SearchSpec:
             covered.update(keys)
         for k, v in flat.items():
             b = block_of(k)
-            if k in covered:
+            if k in covered or k.startswith("default."):  # points carry their resolved values: default is not needed
                 continue
             if b is None:
                 if flat_base[k] != v:
@@ -245,9 +255,14 @@ class SearchSpec:
 
 
 def flat_resolved(cfg: LayerQuantConfig, blocks: list[int] | tuple[int, ...] = ()) -> dict[str, Any]:
-    """Every resolved field of every point under its dotted key, for every block and, with ``blocks.N.`` in front,
-    for each of ``blocks``."""
+    """Every field of ``default`` and every resolved field of every point under its dotted key, for every block and,
+    with ``blocks.N.`` in front, for each of ``blocks``."""
     out: dict[str, Any] = {}
+    for f, v in cfg.default.to_dict().items():
+        if isinstance(v, dict):
+            out.update({f"default.{f}.{bk}": bv for bk, bv in v.items() if bk != "name"})
+        else:
+            out[f"default.{f}"] = v
     for block in (None, *blocks):
         prefix = "" if block is None else f"blocks.{block}."
         for k in POINTS:

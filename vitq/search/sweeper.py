@@ -185,9 +185,13 @@ class VitqOptunaSweeperImpl(Sweeper):
         if not created and spec.seed is not None:  # joining workers must not replay the creator's random draws
             study.sampler = spec.make_sampler(zlib.crc32(f"{spec.seed}/{_worker_id()}/{len(study.trials)}".encode()))
         cfg = self.config
+        try:
+            first = self._first_params(spec, base)
+        except ConfigError as e:
+            fail(e)
         experiment_id = self._start_parent(spec, session) if cfg.tracking.enabled else None
         maybe_kill("before_enqueue", None)  # (a test's fault hook: VITQ_FAULTS)
-        self._enqueue_first(study, spec, base)
+        self._enqueue_first(study, spec, first)
         if self.settings.in_process and str(cfg.hydra.launcher.get("_target_", "")).endswith(".BasicLauncher"):
             self._inproc = InProcessLauncher(*self._task, cfg, arguments)
         try:
@@ -264,15 +268,19 @@ class VitqOptunaSweeperImpl(Sweeper):
         self._parent = parent
         return experiment_id
 
-    def _enqueue_first(self, study: optuna.Study, spec: SearchSpec, base: Any) -> None:
-        """Warm-start configs and baselines, enqueued exactly once by whichever worker comes first."""
-        if study.user_attrs.get(ENQUEUED_ATTR):
-            return
+    def _first_params(self, spec: SearchSpec, base: Any) -> list[dict[str, Any]]:
+        """Warm-start configs, then baselines, as whole configs (a baseline outside the space: ConfigError)."""
         st = self.settings
         first = warm_start_params(self.config, spec, st.warm_start_budgets, st.warm_start_metric,
-                                  st.warm_start_score) if st.warm_start_budgets else []
+                                  st.warm_start_score, st.warm_start_granularity) if st.warm_start_budgets else []
         if st.enqueue_baselines:
             first += spec.baseline_params(base)
+        return first
+
+    def _enqueue_first(self, study: optuna.Study, spec: SearchSpec, first: list[dict[str, Any]]) -> None:
+        """The first configs, enqueued exactly once by whichever worker comes first."""
+        if study.user_attrs.get(ENQUEUED_ATTR):
+            return
         with storage_lock(spec.storage, self._rdb):  # one worker at a time: exactly once
             if not study.user_attrs.get(ENQUEUED_ATTR):
                 for params in first:
