@@ -235,6 +235,14 @@ def test_sensitivity_cli_takes_a_timm_model_and_folders(byo, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"on {byo_case.MODEL_NAME} / folder:eval (100 eval images, cpu)" in r.stdout
     assert "budget 1e+09 weight_bytes: predicted" in r.stdout and "budget 60000 weight_bytes:" in r.stdout
+    # per (block, point) by the gradient score: no evaluation pass, a width per block for each point
+    r = run([sys.executable, "-m", "vitq.search.sensitivity", "--granularity", "block", "--score", "grad_score",
+             "--metric", "bops", "--budgets", "1e12", "--min-act-bits", "4", *byo.cli()], tmp_path, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    depth = byo_case.KWARGS["depth"]
+    assert f"(grad_score, per block: {depth * 14} items)" in r.stdout and ": 0 evaluation passes" in r.stdout
+    widths = [ln.split()[1:] for ln in r.stdout.splitlines() if ln.startswith("  attn_qkv ")]
+    assert widths == [["8"] * depth]  # an unbounded budget keeps every block at the widest width
     r = run([sys.executable, "-m", "vitq.search.sensitivity", "--budgets", "1", "model.name=nope_vit"], tmp_path,
             timeout=300)
     assert _one_line_error(r).startswith("vitq: model.name: unknown timm model 'nope_vit'")

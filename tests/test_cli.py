@@ -45,6 +45,39 @@ def test_report_cli(tmp_path):
     assert r.returncode == 2 and "unknown timm model 'nope_vit'" in r.stderr
 
 
+def test_compare_matched_budgets_table(tmp_path):
+    """``--matched`` on the digits reference: every strategy at every budget, within it, with standard errors; the
+    uniform rows are the uniform configs (a full-set trial of W8A8 averages its two splits)."""
+    r = run([sys.executable, "-m", "vitq.search.compare", "--matched", "--trials", "3", "--search-images", "100",
+             "--out", str(tmp_path / "cmp")], tmp_path, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    t = pd.read_csv(tmp_path / "cmp" / "budget_comparison.csv")
+    result = json.loads((tmp_path / "cmp" / "budget_comparison.json").read_text())
+    n_test, n_search = result["n_test"], result["n_search"]
+    assert n_search == 100 and n_test == 397 - 100
+    assert list(dict.fromkeys(t["budget"])) == ["W8A8", "W6A8", "W5A8", "W4A8", "W3A8", "W4A4"]
+    for name, bits in {"W8A8": 8, "W6A8": 6, "W5A8": 5, "W4A8": 4, "W3A8": 3, "W4A4": 4}.items():
+        g = t[t["budget"] == name].set_index("strategy")
+        assert g.loc[f"uniform {name}", "mean_weight_bits"] == bits
+        assert {"per-point solver (drop_loss)", "per-point solver (grad_score)",
+                "per-block solver (grad_score)"} <= set(g.index)
+        metric = g["metric"].iloc[0]
+        assert (g[metric] <= g["budget_value"] + 1e-6).all()  # every pick within the budget
+        assert (g.drop(index=f"uniform {name}")["mean_act_bits"] >= 4).all()
+        assert g.loc["per-point solver (drop_loss)", "vs_per_point"] == 0
+        p = g["test_top1"]
+        np.testing.assert_allclose(g["test_se"], np.sqrt(p * (1 - p) / (n_test - 1)), rtol=1e-9)
+    from vitq import load_config_from_yaml
+    from vitq.paths import PRESETS_DIR
+    from vitq.session import Session
+    from vitq.sweep import compose
+
+    w8a8 = t[(t["budget"] == "W8A8") & (t["strategy"] == "uniform W8A8")].iloc[0]
+    full = Session.from_config(compose([])).run_trial(load_config_from_yaml(PRESETS_DIR / "int8.yaml"), profile=False)
+    assert full.top1 == pytest.approx((n_test * w8a8["test_top1"] + n_search * w8a8["search_top1"]) / 397, abs=1e-9)
+    assert "budget W4A4: bops <=" in r.stdout and "per-block solver (grad_score)" in r.stdout
+
+
 def test_compare_cli_writes_its_table(tmp_path):
     r = run([sys.executable, "-m", "vitq.search.compare", "--trials", "2", "--seeds", "1", "--reference-trials", "2",
              "--out", str(tmp_path / "cmp")], tmp_path, timeout=900)
@@ -65,7 +98,7 @@ def test_compare_cli_writes_its_table(tmp_path):
     base = load_config_from_yaml(PRESETS_DIR / "int8.yaml")
     sens = compute_sensitivity(session.model, session.data, base)  # the CLI's, from the cache
     costs = cost_table(session.model, base, sens.candidates, "weight_bytes")
-    lo, hi = costs.cost([0] * len(costs.points)), costs.cost([len(costs.candidates) - 1] * len(costs.points))
+    lo, hi = costs.cost([0] * len(costs.items)), costs.cost([len(costs.candidates) - 1] * len(costs.items))
     expected = []
     for s in configs_for_budgets(sens, costs, [lo + f * (hi - lo) for f in (0.1, 0.2)]):
         res = session.run_trial(base.with_overrides(enqueue_params(s["bits"])), profile=False)

@@ -38,11 +38,12 @@ def _brute(scores, table, budget):
     return best, arg
 
 
+@pytest.mark.parametrize("scale", [1.0, 1e-9])  # gradient scores are ~1e-9..1e-4: HiGHS's absolute gap is 1e-6
 @pytest.mark.parametrize("seed", range(6))
-def test_knapsack_is_optimal_against_brute_force(seed):
+def test_knapsack_is_optimal_against_brute_force(seed, scale):
     rng = np.random.default_rng(seed)
     P, K = 5, 3
-    scores = rng.random((P, K)) * np.array([3.0, 1.0, 0.0])  # wider is never worse
+    scores = rng.random((P, K)) * np.array([3.0, 1.0, 0.0]) * scale  # wider is never worse
     unary = np.sort(rng.integers(1, 20, (P, K)), axis=1).astype(float)
     pairs = {(0, 1): np.outer([1, 2, 4], [1, 2, 3]).astype(float), (2, 3): rng.integers(0, 5, (K, K)).astype(float)}
     table = CostTable("test", tuple(f"p{i}" for i in range(P)), (2, 4, 8), 7.0, unary, pairs if seed % 2 else {})
@@ -52,7 +53,7 @@ def test_knapsack_is_optimal_against_brute_force(seed):
         best, _ = _brute(scores, table, budget)
         choice = solve_mck(scores, table, budget)
         assert choice is not None and table.cost(choice) <= budget + 1e-9
-        assert sum(scores[i, k] for i, k in enumerate(choice)) == pytest.approx(best, abs=1e-6)
+        assert sum(scores[i, k] for i, k in enumerate(choice)) == pytest.approx(best, rel=1e-6, abs=1e-6 * scale)
     assert solve_mck(scores, table, lo - 1) is None  # below the cheapest config: infeasible
 
 
@@ -239,3 +240,21 @@ def test_per_block_space_binds_to_the_model_depth():
         spec_from_mapping(raw, "t").bind_blocks(0)
     with pytest.raises(ConfigError, match="per_block: must be true or false"):
         spec_from_mapping({**raw, "per_block": "yes"}, "t")
+
+
+def test_block_granularity_grad_scores_split_the_point_scores(reference, digits):
+    """One backward pass per batch scores every (block, point, width): the blocks' scores sum to the point's; drops
+    not measured are NaN, and the solver refuses to use them."""
+    model, _ = reference
+    base = load_config_from_yaml(PRESETS / "int8.yaml")
+    kw = {"candidates": (2, 4), "n_eval": 64, "cache": False}
+    point = compute_sensitivity(model, digits, base, **kw)
+    block = compute_sensitivity(model, digits, base, granularity="block", drops=False, **kw)
+    assert block.items == items_of(4, "block") and len(block.table) == 4 * len(POINTS) * 2
+    per_point = block.table.groupby(["point", "bits"])["grad_score"].sum()
+    for _, row in point.table.iterrows():
+        assert per_point[(row["point"], row["bits"])] == pytest.approx(row["grad_score"], rel=1e-9)
+    assert block.table["drop_loss"].isna().all()
+    with pytest.raises(ValueError, match="drop_loss: not measured at block granularity"):
+        block.matrix("drop_loss")
+    assert block.matrix("grad_score").shape == (4 * len(POINTS), 2)

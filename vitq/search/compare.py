@@ -146,6 +146,183 @@ def compare(n_trials: int = 30, seeds: int = 3, reference_trials: int = 300, sea
             "reference_front": ref_front.tolist()}
 
 
+# ------------------------------------------------------------------------------------------------ matched budgets
+UNIFORM = {"W8A8": (8, 8), "W6A8": (6, 8), "W5A8": (5, 8), "W4A8": (4, 8), "W3A8": (3, 8), "W4A4": (4, 4)}
+
+
+class Runner:
+    """One evaluation pass per config over every held-out image: the search split's top-1 (what searches and
+    selections see) and the test split's per-image correctness (what the table reports)."""
+
+    def __init__(self, model, data, search_idx: np.ndarray, test_idx: np.ndarray, calib_batch_size: int) -> None:  # noqa: ANN001
+        from vitq.data import labels_of
+
+        self.model, self.data, self.bs = model, data, calib_batch_size
+        self.labels = labels_of(data.eval)
+        self.search_idx, self.test_idx = search_idx, test_idx
+        self.seconds = 0.0
+        self.calls = 0
+
+    def __call__(self, cfg) -> dict:  # noqa: ANN001
+        from vitq.calibrate import calibrated_model
+        from vitq.cost import model_cost
+        from vitq.evaluate import evaluate
+
+        t0 = time.perf_counter()
+        qm, _ = calibrated_model(self.model, self.data, cfg, self.bs)
+        pred = evaluate(qm, self.data.eval, 512).predictions.cpu().numpy()
+        correct = pred == self.labels
+        cost = model_cost(self.model, cfg)
+        self.seconds += time.perf_counter() - t0
+        self.calls += 1
+        return {"search_top1": float(correct[self.search_idx].mean()), "test_correct": correct[self.test_idx],
+                "weight_bytes": cost.weight_bytes, "bops": cost.bops, "mean_weight_bits": cost.mean_weight_bits,
+                "mean_act_bits": cost.mean_act_bits}
+
+
+def _activation_floor(spec: SearchSpec, min_act_bits: int) -> None:
+    """Drop the activation widths below ``min_act_bits`` from the space's bit choices."""
+    from vitq.quant.config import WEIGHT_POINTS
+
+    for p in spec.params:
+        parts = p.name.split(".")
+        if p.choices is not None and parts[-2:] == ["bit_type", "bits"] and parts[-3] not in WEIGHT_POINTS:
+            p.choices = [b for b in p.choices if b >= min_act_bits]
+
+
+def matched_budgets(n_trials: int = 30, seed: int = 0, min_act_bits: int = 4, n_search: int = 256,
+                    block_drops: bool = False, search: str = "mixed_precision", log: Callable[[str], None] = print,
+                    overrides: tuple[str, ...] = ()) -> dict:
+    """Every strategy at the budgets of the uniform W8A8, W6A8, W5A8, W4A8, W3A8 (weight bytes: mean weight bits 8,
+    6, 5, 4, 3) and W4A4 (BOPs) configs. Searches, selections and sensitivities see a class-stratified
+    ``n_search`` of the held-out images; top-1 is reported on the rest, with its standard error and each strategy's
+    paired difference to the per-point solver."""
+    from vitq.data import DataBundle, labels_of, stratified_subset, subset
+    from vitq.quant.config import POINTS, SECTION_OF, WEIGHT_POINTS
+    from vitq.search.sensitivity import allowed_widths, with_bits
+    from vitq.sweep import compose, session_of
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    base, session = session_of(compose(overrides), overrides)
+    model, data = session.model, session.data
+    labels = labels_of(data.eval)
+    search_idx = stratified_subset(labels, n_search, seed)
+    test_idx = np.setdiff1d(np.arange(len(labels)), search_idx)
+    search_data = DataBundle(data.name, data.calib, subset(data.eval, search_idx), data.num_classes, data.train,
+                             {**data.meta, "eval_fingerprint": f"{data.meta['eval_fingerprint']}/search{n_search}"})
+    run = Runner(model, data, search_idx, test_idx, session.calib_batch_size)
+    fp_correct = run(base.with_overrides({f"{SECTION_OF[p]}.{p}.enabled": False for p in POINTS}))
+    uniform = {name: with_bits(base, {p: w if p in WEIGHT_POINTS else a for p in POINTS})
+               for name, (w, a) in UNIFORM.items()}
+    uniform_res = {name: run(cfg) for name, cfg in uniform.items()}
+    budgets = {name: ("bops" if name == "W4A4" else "weight_bytes",
+                      uniform_res[name]["bops" if name == "W4A4" else "weight_bytes"]) for name in UNIFORM}
+    sens_point = compute_sensitivity(model, search_data, base, n_eval=None, batch_size=session.calib_batch_size)
+    sens_block = compute_sensitivity(model, search_data, base, n_eval=None, batch_size=session.calib_batch_size,
+                                     granularity="block", drops=block_drops)
+    point_s, block_s = sens_point.seconds, sens_block.seconds  # (as measured when computed; then cached)
+    log(f"[compare] sensitivity: per point {point_s:.1f} s, per block {block_s:.1f} s")
+    solvers = [("per-point solver (drop_loss)", sens_point, "drop_loss"),
+               ("per-point solver (grad_score)", sens_point, "grad_score"),
+               ("per-block solver (grad_score)", sens_block, "grad_score")]
+    if block_drops:
+        solvers.append(("per-block solver (drop_loss)", sens_block, "drop_loss"))
+    tables = {(sens.granularity, metric): cost_table(model, base, sens.candidates, metric, sens.items)
+              for sens in (sens_point, sens_block) for metric in ("weight_bytes", "bops")}
+    rows: list[dict] = []
+    picks: dict[tuple[str, str], dict] = {}
+    solve_ms: list[float] = []
+    warm: list[dict] = []
+    spec = load_search(search)
+    spec.bind_blocks(len(model.blocks))
+    _activation_floor(spec, min_act_bits)
+    for name, (metric, budget) in budgets.items():
+        picks[(name, f"uniform {name}")] = uniform_res[name]
+        for label, sens, score in solvers:
+            table = tables[(sens.granularity, metric)]
+            allowed = allowed_widths(sens.items, sens.candidates, min_act_bits=min_act_bits)
+            (sol,) = configs_for_budgets(sens, table, [budget], score, allowed)
+            solve_ms.append(sol["solve_ms"])
+            if not sol["feasible"]:
+                continue
+            cfg = with_bits(base, sol["bits"])
+            picks[(name, label)] = run(cfg)
+            if label == "per-point solver (drop_loss)":
+                warm.append(spec.pinned_params(cfg, base, "warm start"))
+        log(f"[compare] {name}: uniform and solvers done")
+    warm += spec.baseline_params(base)
+    samplers = {"TPE, warm-started": lambda: optuna.samplers.TPESampler(seed=seed, multivariate=True),
+                "NSGA-II, warm-started": lambda: optuna.samplers.NSGAIISampler(seed=seed, population_size=10),
+                "random": lambda: optuna.samplers.RandomSampler(seed=seed)}
+    search_seconds = {}
+    for label, make in samplers.items():
+        t0 = time.perf_counter()
+        trials = _budget_study(run, base, spec, make(), n_trials, warm if "warm" in label else [])
+        search_seconds[label] = time.perf_counter() - t0
+        for name, (metric, budget) in budgets.items():
+            fits = [t for t in trials if t[metric] <= budget]
+            if fits:
+                picks[(name, f"{label} ({n_trials} trials)")] = max(fits, key=lambda t: t["search_top1"])
+        log(f"[compare] {label}: {n_trials} trials in {search_seconds[label]:.0f} s")
+    ref = {name: picks.get((name, "per-point solver (drop_loss)")) for name in budgets}
+    for (name, label), r in picks.items():
+        c = r["test_correct"].astype(float)
+        row = {"budget": name, "metric": budgets[name][0], "budget_value": budgets[name][1], "strategy": label,
+               "test_top1": c.mean(), "test_se": c.std(ddof=1) / np.sqrt(len(c)), "search_top1": r["search_top1"],
+               "weight_bytes": r["weight_bytes"], "mean_weight_bits": r["mean_weight_bits"],
+               "mean_act_bits": r["mean_act_bits"], "bops": r["bops"]}
+        if ref[name] is not None:
+            d = c - ref[name]["test_correct"].astype(float)
+            row.update(vs_per_point=d.mean(), vs_per_point_se=d.std(ddof=1) / np.sqrt(len(d)))
+        rows.append(row)
+    fp = fp_correct["test_correct"].astype(float)
+    return {"table": rows, "n_test": len(test_idx), "n_search": len(search_idx), "n_trials": n_trials, "seed": seed,
+            "min_act_bits": min_act_bits, "fp_test_top1": fp.mean(), "fp_test_se": fp.std(ddof=1) / np.sqrt(len(fp)),
+            "sensitivity_seconds": {"point": point_s, "block": block_s}, "solve_ms_max": max(solve_ms),
+            "search_seconds": search_seconds, "model": session.model_spec.name, "n_blocks": len(model.blocks),
+            "eval_seconds_per_config": run.seconds / max(run.calls, 1)}
+
+
+def _budget_study(run: Runner, base, spec: SearchSpec, sampler: optuna.samplers.BaseSampler, n_trials: int,  # noqa: ANN001
+                  enqueue: list[dict]) -> list[dict]:
+    """``n_trials`` of a (search top-1 ↑, weight bytes ↓) study; every trial's result."""
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=sampler)
+    for params in enqueue:
+        study.enqueue_trial(params, skip_if_exists=True)
+    names = {p.name for p in spec.params}
+    pending = list(enqueue)  # an enqueued config's keys outside the space (a per-block solver's) go with its trial
+    out = []
+    for _ in range(n_trials):
+        t = study.ask()
+        over = spec.suggest_overrides(t)
+        mine = next((e for e in pending if all(t.params.get(k) == v for k, v in e.items() if k in names)), None)
+        if mine is not None:
+            pending.remove(mine)
+            over.update({k: v for k, v in mine.items() if k not in names and k != "baseline"})
+        r = run(base.with_overrides(over))
+        study.tell(t, [r["search_top1"], r["weight_bytes"]])
+        out.append(r)
+    return out
+
+
+def format_budgets(result: dict) -> str:
+    """The matched-budget table as text: test top-1 ± SE and the paired difference to the per-point solver."""
+    lines = [f"{result['model']} ({result['n_blocks']} blocks): FP top-1 {100 * result['fp_test_top1']:.2f} ± "
+             f"{100 * result['fp_test_se']:.2f} % on {result['n_test']} test images (searches, selections and "
+             f"sensitivities see {result['n_search']} other held-out images); activations >= "
+             f"{result['min_act_bits']} bits"]
+    t = pd.DataFrame(result["table"])
+    for name, g in t.groupby("budget", sort=False):
+        metric, value = g["metric"].iloc[0], g["budget_value"].iloc[0]
+        lines.append(f"\nbudget {name}: {metric} <= {value:,.0f}")
+        for _, r in g.sort_values("test_top1", ascending=False).iterrows():
+            vs = (f"{100 * r['vs_per_point']:+.2f} ± {100 * r['vs_per_point_se']:.2f}"
+                  if not np.isnan(r.get("vs_per_point", np.nan)) else "")
+            lines.append(f"  {r['strategy']:<38} {100 * r['test_top1']:6.2f} ± {100 * r['test_se']:.2f} %  "
+                         f"W {r['mean_weight_bits']:.2f} / A {r['mean_act_bits']:.2f} bits  {vs}")
+    return "\n".join(lines)
+
+
 def _plot(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -181,18 +358,41 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--trials", type=int, default=30)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--reference-trials", type=int, default=300)
+    ap.add_argument("--matched", action="store_true",
+                    help="compare at matched budgets (uniform W8A8/W6A8/W5A8/W4A8/W3A8 sizes and W4A4 BOPs) on "
+                         "held-out test images: uniform presets, per-point and per-block solvers, warm-started "
+                         "TPE / NSGA-II and random search (e.g. with model=digits_deep)")
+    ap.add_argument("--min-act-bits", type=int, default=4, help="--matched: narrowest activation width")
+    ap.add_argument("--search-images", type=int, default=256,
+                    help="--matched: held-out images that searches, selections and sensitivities see")
+    ap.add_argument("--block-drops", action="store_true",
+                    help="--matched: also measure drop_loss per (block, point): blocks x 14 x widths eval passes")
     ap.add_argument("--out", type=Path, default=Path("compare"))
     ap.add_argument("overrides", nargs="*", metavar="OVERRIDES",
                     help="the sweep's Hydra overrides: base config, model=, data=, device=")
     args = ap.parse_args(argv)
     from vitq.session import SessionError
 
+    args.out.mkdir(parents=True, exist_ok=True)
     try:
-        result = compare(args.trials, args.seeds, args.reference_trials, overrides=tuple(args.overrides))
+        if args.matched:
+            result = matched_budgets(args.trials, min_act_bits=args.min_act_bits, n_search=args.search_images,
+                                     block_drops=args.block_drops, overrides=tuple(args.overrides))
+        else:
+            result = compare(args.trials, args.seeds, args.reference_trials, overrides=tuple(args.overrides))
     except SessionError as e:
         print(f"vitq: {e}", file=sys.stderr)
         return 2
-    args.out.mkdir(parents=True, exist_ok=True)
+    if args.matched:
+        table = pd.DataFrame(result["table"])
+        table.to_csv(args.out / "budget_comparison.csv", index=False)
+        (args.out / "budget_comparison.json").write_text(json.dumps(result, indent=2, default=float))
+        print(format_budgets(result))
+        print(f"sensitivity {result['sensitivity_seconds']['point']:.1f} s per point, "
+              f"{result['sensitivity_seconds']['block']:.1f} s per block; slowest solve "
+              f"{result['solve_ms_max']:.0f} ms; {result['eval_seconds_per_config']:.2f} s per config")
+        print(f"[compare] wrote {args.out}/budget_comparison.{{csv,json}}")
+        return 0
     table = pd.DataFrame(result["table"])
     table.to_csv(args.out / "search_comparison.csv", index=False)
     (args.out / "search_comparison.json").write_text(json.dumps(result, indent=2))

@@ -1,22 +1,26 @@
-"""Per-point sensitivity and the budget solver that turns it into configs for any size or BOPs budget.
+"""Sensitivity and the budget solver that turns it into configs for any size or BOPs budget, per point or per
+(block, point).
 
-Sensitivity of every quantization point ``p`` (all blocks together, as the config addresses it) at every
-candidate width ``b``, measured against a base config (the int8 preset by default):
+Sensitivity of every item — a quantization point in every block (``granularity='point'``), or a point in one block
+(``'block'``: ``blocks.3.kv_act``) — at every candidate width ``b``, measured against a base config (the int8
+preset by default):
 
-- ``drop_top1`` / ``drop_loss``: what lowering only ``p`` to ``b`` costs on an evaluation subset (AIMET AMP's
-  one-at-a-time flips; the ranges come from the cached calibration statistics, so each flip is one eval pass);
+- ``drop_top1`` / ``drop_loss``: what lowering only that item to ``b`` costs on an evaluation subset (AIMET AMP's
+  one-at-a-time flips; the ranges come from the cached calibration statistics, so each flip is one eval pass:
+  14 × widths passes per point, blocks × 14 × widths per block; ``drops=False`` skips them);
 - ``grad_score``: Σ grad² · (Q_b(y) − y)² over the calibration images (NVIDIA ModelOpt's auto_quantize score),
-  with ``y`` the values entering ``p`` in the base-quantized model and ``grad`` the loss gradient there (one
-  backward pass per batch through the straight-through estimator).
+  with ``y`` the values entering the point in the base-quantized model and ``grad`` the loss gradient there: one
+  backward pass per batch scores every (block, point, width) at once, whatever the granularity.
 
-Tables are cached on disk per (model, calibration set, evaluation subset, candidates, base config).
+Tables are cached on disk per (model, calibration set, evaluation subset, candidates, base config, granularity).
 
-The solver picks one width per point minimizing the summed sensitivity subject to ``cost ≤ budget`` — a
+The solver picks one width per item minimizing the summed sensitivity subject to ``cost ≤ budget`` — a
 multiple-choice knapsack solved exactly with ``scipy.optimize.milp``. The cost comes from :func:`model_cost`:
-weight bytes are a sum of per-point terms; BOPs add products of a linear's weight and input-activation widths,
-which enter the program as McCormick-linearized pair variables, so predicted costs are exact.
+weight bytes are a sum of per-item terms; BOPs add products of a linear's weight and input-activation widths
+(and of the softmax output and q·kᵀ widths), whose two items are decided jointly, so predicted costs are exact.
 
     python -m vitq.search.sensitivity --budgets 120000,150000,180000 [--metric weight_bytes|bops]
+        [--granularity point|block] [--score drop_loss|drop_top1|grad_score] [--min-act-bits 4]
 """
 
 from __future__ import annotations
@@ -340,8 +344,10 @@ def solve_mck(scores: np.ndarray, table: CostTable, budget: float,
     paired = [i for ij in table.pairs for i in ij]
     if len(paired) != len(set(paired)):
         raise ValueError("solve_mck: pair costs must be disjoint (an item in at most one pair)")
-    scale = float(np.abs(scores).max()) or 1.0
-    s = scores + 1e-6 * scale * (K - 1 - np.arange(K))[None, :]
+    # HiGHS stops at an absolute gap of 1e-6 (scipy exposes only the relative one): scores of 1e-9..1e-4 (gradient
+    # scores) would make any feasible point "optimal". Largest score → 1e6, so that gap is 1e-12 of it.
+    s = scores * (1e6 / (float(np.abs(scores).max()) or 1.0))
+    s = s + 1.0 * (K - 1 - np.arange(K))[None, :]  # the tie-break: 1e-6 of the largest score per step
     ok = np.ones((P, K), bool) if allowed is None else np.asarray(allowed, bool)
     # groups: (items, [(choice per item, score, cost)]) — single items, then the joint choices of each pair
     groups: list[tuple[tuple[int, ...], list[tuple[tuple[int, ...], float, float]]]] = []
