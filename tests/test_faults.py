@@ -130,6 +130,7 @@ def test_bad_inputs_each_one_line_rc2(tmp_path):
         ("tracking.uri=http://127.0.0.1:9",): "tracking.uri: cannot use the MLflow store http://127.0.0.1:9",
         ("-m", "hydra/sweeper=vitq_optuna", f"hydra.sweeper.search={dup}"): "duplicate key 'layers.attn_qkv.bit_type",
         ("attn_layer.kv_act.kv_bins=1000000",): "kv_bins: must be an integer in 16..65536",
+        ("data.n_train=1000",): "data.n_train=1000: model digits_reference was trained on the first 1400 digits",
     }
     for args, expect in cases.items():
         r = run_sweep(tmp_path, *args, timeout=300)
