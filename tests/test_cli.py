@@ -78,6 +78,40 @@ def test_compare_matched_budgets_table(tmp_path):
     assert "budget W4A4: bops <=" in r.stdout and "per-block solver (grad_score)" in r.stdout
 
 
+def test_with_modelopt_without_the_extra_prints_the_pip_command(tmp_path):
+    code = ("import runpy, sys; sys.modules['modelopt'] = None; sys.argv = ['compare', '--matched', '--with-modelopt'];"
+            " runpy.run_module('vitq.search.compare', run_name='__main__')")  # as if ModelOpt were not installed
+    r = run([sys.executable, "-c", code], tmp_path, timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines() == [
+        "vitq: --with-modelopt needs NVIDIA ModelOpt: pip install 'vitq[compare]'  (installs nvidia-modelopt and "
+        "requests)"]
+
+
+def test_compare_with_modelopt_beside_vitq(tmp_path):
+    """ModelOpt's auto_quantize at the weight budgets, on the same test images (the suite does not install it)."""
+    import importlib.util
+
+    if importlib.util.find_spec("modelopt") is None:
+        pytest.skip("NVIDIA ModelOpt is not installed (pip install 'vitq[compare]'); its rows cannot run")
+    r = run([sys.executable, "-m", "vitq.search.compare", "--matched", "--with-modelopt", "--trials", "2",
+             "--search-images", "100", "--out", str(tmp_path / "cmp")], tmp_path, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    t = pd.read_csv(tmp_path / "cmp" / "budget_comparison.csv")
+    mo = t[t["strategy"].str.startswith("ModelOpt")].set_index("budget")
+    assert list(mo.index) == ["W8A8", "W6A8", "W5A8", "W4A8", "W3A8"]  # weight budgets: not W4A4 (BOPs)
+    assert "cannot be lower than the num_bits" in mo.loc["W3A8", "infeasible"]  # W4 is its narrowest format
+    ok = mo.drop(index="W3A8")
+    assert ((ok["test_top1"] > 0.9) & (ok["seconds"] > 0)).all()
+    from vitq.search.modelopt_compare import effective_bits
+    from vitq.session import Session
+    from vitq.sweep import compose
+
+    model = Session.from_config(compose([])).model
+    for name, bits in {"W8A8": 8, "W6A8": 6, "W5A8": 5, "W4A8": 4}.items():
+        assert ok.loc[name, "effective_bits"] <= effective_bits(model, bits) + 1e-9
+
+
 def test_compare_cli_writes_its_table(tmp_path):
     r = run([sys.executable, "-m", "vitq.search.compare", "--trials", "2", "--seeds", "1", "--reference-trials", "2",
              "--out", str(tmp_path / "cmp")], tmp_path, timeout=900)

@@ -192,17 +192,22 @@ def _activation_floor(spec: SearchSpec, min_act_bits: int) -> None:
 
 def matched_budgets(n_trials: int = 30, seed: int = 0, min_act_bits: int = 4, n_search: int = 256,
                     block_drops: bool = False, search: str = "mixed_precision", log: Callable[[str], None] = print,
-                    overrides: tuple[str, ...] = ()) -> dict:
+                    overrides: tuple[str, ...] = (), with_modelopt: bool = False) -> dict:
     """Every strategy at the budgets of the uniform W8A8, W6A8, W5A8, W4A8, W3A8 (weight bytes: mean weight bits 8,
     6, 5, 4, 3) and W4A4 (BOPs) configs. Searches, selections and sensitivities see a class-stratified
     ``n_search`` of the held-out images; top-1 is reported on the rest, with its standard error and each strategy's
-    paired difference to the per-point solver."""
+    paired difference to the per-point solver. ``with_modelopt``: NVIDIA ModelOpt's ``auto_quantize`` at the weight
+    budgets too (:mod:`vitq.search.modelopt_compare`)."""
     from vitq.data import DataBundle, labels_of, stratified_subset, subset
     from vitq.quant.config import POINTS, SECTION_OF, WEIGHT_POINTS
     from vitq.search.sensitivity import allowed_widths, with_bits
     from vitq.sweep import compose, session_of
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if with_modelopt:
+        from vitq.search import modelopt_compare
+
+        modelopt_compare.require()  # before any work: without the extra, the pip command
     base, session = session_of(compose(overrides), overrides)
     model, data = session.model, session.data
     labels = labels_of(data.eval)
@@ -275,6 +280,21 @@ def matched_budgets(n_trials: int = 30, seed: int = 0, min_act_bits: int = 4, n_
             d = c - ref[name]["test_correct"].astype(float)
             row.update(vs_per_point=d.mean(), vs_per_point_se=d.std(ddof=1) / np.sqrt(len(d)))
         rows.append(row)
+    if with_modelopt:
+        t0 = time.perf_counter()
+        weight_budgets = {name: float(w) for name, (w, a) in UNIFORM.items() if a == 8}
+        for r in modelopt_compare.run_modelopt(model, data, test_idx, weight_budgets, session.calib_batch_size):
+            name = r["budget"]
+            row = {"budget": name, "metric": budgets[name][0], "budget_value": budgets[name][1],
+                   "strategy": r["strategy"], "effective_bits": r.get("effective_bits", r["effective_bits_target"])}
+            if r["feasible"]:
+                d = r["test_correct"] - ref[name]["test_correct"].astype(float)
+                row.update(test_top1=r["test_top1"], test_se=r["test_se"], seconds=r["seconds"], layers=r["layers"],
+                           vs_per_point=d.mean(), vs_per_point_se=d.std(ddof=1) / np.sqrt(len(d)))
+            else:
+                row.update(infeasible=r["reason"])
+            rows.append(row)
+        log(f"[compare] ModelOpt: {time.perf_counter() - t0:.0f} s")
     fp = fp_correct["test_correct"].astype(float)
     return {"table": rows, "n_test": len(test_idx), "n_search": len(search_idx), "n_trials": n_trials, "seed": seed,
             "min_act_bits": min_act_bits, "fp_test_top1": fp.mean(), "fp_test_se": fp.std(ddof=1) / np.sqrt(len(fp)),
@@ -316,10 +336,16 @@ def format_budgets(result: dict) -> str:
         metric, value = g["metric"].iloc[0], g["budget_value"].iloc[0]
         lines.append(f"\nbudget {name}: {metric} <= {value:,.0f}")
         for _, r in g.sort_values("test_top1", ascending=False).iterrows():
+            if isinstance(r.get("infeasible"), str):
+                lines.append(f"  {r['strategy']:<38} infeasible: {r['infeasible']}")
+                continue
             vs = (f"{100 * r['vs_per_point']:+.2f} ± {100 * r['vs_per_point_se']:.2f}"
                   if not np.isnan(r.get("vs_per_point", np.nan)) else "")
+            what = (f"effective bits {r['effective_bits']:.2f}, {r['seconds']:.1f} s"
+                    if not np.isnan(r.get("effective_bits", np.nan)) else
+                    f"W {r['mean_weight_bits']:.2f} / A {r['mean_act_bits']:.2f} bits")
             lines.append(f"  {r['strategy']:<38} {100 * r['test_top1']:6.2f} ± {100 * r['test_se']:.2f} %  "
-                         f"W {r['mean_weight_bits']:.2f} / A {r['mean_act_bits']:.2f} bits  {vs}")
+                         f"{what}  {vs}")
     return "\n".join(lines)
 
 
@@ -365,22 +391,30 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--min-act-bits", type=int, default=4, help="--matched: narrowest activation width")
     ap.add_argument("--search-images", type=int, default=256,
                     help="--matched: held-out images that searches, selections and sensitivities see")
+    ap.add_argument("--with-modelopt", action="store_true",
+                    help="--matched: NVIDIA ModelOpt's auto_quantize at the weight budgets too (pip install "
+                         "'vitq[compare]')")
     ap.add_argument("--block-drops", action="store_true",
                     help="--matched: also measure drop_loss per (block, point): blocks x 14 x widths eval passes")
     ap.add_argument("--out", type=Path, default=Path("compare"))
     ap.add_argument("overrides", nargs="*", metavar="OVERRIDES",
                     help="the sweep's Hydra overrides: base config, model=, data=, device=")
     args = ap.parse_args(argv)
+    from vitq.search.modelopt_compare import ModelOptMissing
     from vitq.session import SessionError
 
     args.out.mkdir(parents=True, exist_ok=True)
     try:
         if args.matched:
             result = matched_budgets(args.trials, min_act_bits=args.min_act_bits, n_search=args.search_images,
-                                     block_drops=args.block_drops, overrides=tuple(args.overrides))
+                                     block_drops=args.block_drops, overrides=tuple(args.overrides),
+                                     with_modelopt=args.with_modelopt)
         else:
             result = compare(args.trials, args.seeds, args.reference_trials, overrides=tuple(args.overrides))
     except SessionError as e:
+        print(f"vitq: {e}", file=sys.stderr)
+        return 2
+    except ModelOptMissing as e:  # --with-modelopt without the extra: the pip command
         print(f"vitq: {e}", file=sys.stderr)
         return 2
     if args.matched:
