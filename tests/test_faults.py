@@ -270,3 +270,40 @@ def test_study_name_with_a_quote_and_an_alias_bomb(tmp_path):
         f"{c}: &{c} [{', '.join(['*' + p] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi", strict=True)))
     r = run_sweep(tmp_path, "-m", "hydra/sweeper=vitq_optuna", f"hydra.sweeper.search={bomb}", timeout=120)
     assert "more than 64 alias references" in _error_line(r) and len(r.stderr) < 5000
+
+
+def test_dataset_inputs_survive_a_concurrent_insert(tmp_path, monkeypatch):
+    """Workers creating parent runs together in one experiment of a server store race on MLflow's dataset rows (a
+    unique-key violation, seen in CI): the losing insert is retried and links the row; other errors still raise."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from vitq import tracking
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient()
+    exp = client.create_experiment("race")
+    data = {"calib": {"name": "digits:calib", "digest": "a84c538cc4012585", "source": "digits", "n": "256"}}
+    real = MlflowClient.log_inputs
+    calls = []
+
+    def racing(self, run_id, datasets=None, **kw):  # noqa: ANN001, ANN003
+        calls.append(run_id)
+        if len(calls) == 1:
+            raise MlflowException('(psycopg.errors.UniqueViolation) duplicate key value violates unique constraint '
+                                  '"dataset_pk"')
+        return real(self, run_id, datasets=datasets, **kw)
+
+    monkeypatch.setattr(MlflowClient, "log_inputs", racing)
+    rid = client.create_run(exp).info.run_id
+    tracking.log_datasets(rid, data)
+    assert len(calls) == 2
+    assert [d.dataset.name for d in client.get_run(rid).inputs.dataset_inputs] == ["digits:calib"]
+
+    def broken(self, run_id, datasets=None, **kw):  # noqa: ANN001, ANN003
+        raise MlflowException("RESOURCE_DOES_NOT_EXIST: run gone")
+
+    monkeypatch.setattr(MlflowClient, "log_inputs", broken)
+    with pytest.raises(MlflowException, match="run gone"):
+        tracking.log_datasets(client.create_run(exp).info.run_id, data)

@@ -24,6 +24,7 @@ from typing import Any
 import mlflow
 import numpy as np
 import pandas as pd
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
@@ -276,13 +277,23 @@ def log_datasets(run_id: str, datasets: dict[str, dict[str, str]]) -> None:
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
     client = MlflowClient()
-    if client.get_run(run_id).inputs.dataset_inputs:
-        return
-    client.log_inputs(run_id, datasets=[
-        DatasetInput(Dataset(name=d["name"], digest=d["digest"][:36], source_type="local",
-                             source=json.dumps({"uri": d["source"]}), profile=json.dumps({"num_rows": d["n"]})),
-                     tags=[InputTag("mlflow.data.context", context)])
-        for context, d in datasets.items()])
+    inputs = [DatasetInput(Dataset(name=d["name"], digest=d["digest"][:36], source_type="local",
+                                   source=json.dumps({"uri": d["source"]}), profile=json.dumps({"num_rows": d["n"]})),
+                           tags=[InputTag("mlflow.data.context", context)])
+              for context, d in datasets.items()]
+    for attempt in range(5):
+        if client.get_run(run_id).inputs.dataset_inputs:
+            return
+        try:
+            client.log_inputs(run_id, datasets=inputs)
+            return
+        except MlflowException as e:
+            # MLflow looks a dataset up, then inserts it: two workers creating parent runs together in one
+            # experiment (a server store) can both insert it, and one gets a unique-key violation; once the other's
+            # row is in, the next attempt links it.
+            if attempt == 4 or not any(m in str(e) for m in ("duplicate key", "UNIQUE constraint", "IntegrityError")):
+                raise
+            time.sleep(0.1 + 0.3 * random.random())
 
 
 def finished_metrics(parent_id: str, trial_number: int) -> dict[str, float] | None:
