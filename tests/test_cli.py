@@ -78,6 +78,18 @@ def test_compare_matched_budgets_table(tmp_path):
     assert "budget W4A4: bops <=" in r.stdout and "per-block solver (grad_score)" in r.stdout
 
 
+@pytest.mark.parametrize(("args", "message"), [
+    (["--block-drops"], "--block-drops does not apply without --matched"),
+    (["--search-images", "100"], "--search-images does not apply without --matched"),
+    (["--matched", "--seeds", "2"], "--seeds does not apply with --matched")])
+def test_compare_refuses_a_flag_of_the_other_mode(capsys, args, message):
+    from vitq.search.compare import main
+
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_with_modelopt_without_the_extra_prints_the_pip_command(tmp_path):
     code = ("import runpy, sys; sys.modules['modelopt'] = None; sys.argv = ['compare', '--matched', '--with-modelopt'];"
             " runpy.run_module('vitq.search.compare', run_name='__main__')")  # as if ModelOpt were not installed

@@ -150,15 +150,19 @@ def compare(n_trials: int = 30, seeds: int = 3, reference_trials: int = 300, sea
 UNIFORM = {"W8A8": (8, 8), "W6A8": (6, 8), "W5A8": (5, 8), "W4A8": (4, 8), "W3A8": (3, 8), "W4A4": (4, 4)}
 
 
+def mean_se(x: np.ndarray) -> tuple[float, float]:
+    """Mean of per-image values (correctness, or a paired difference of it) and its standard error."""
+    x = np.asarray(x, float)
+    return float(x.mean()), float(x.std(ddof=1) / np.sqrt(len(x)))
+
+
 class Runner:
     """One evaluation pass per config over every held-out image: the search split's top-1 (what searches and
     selections see) and the test split's per-image correctness (what the table reports)."""
 
-    def __init__(self, model, data, search_idx: np.ndarray, test_idx: np.ndarray, calib_batch_size: int) -> None:  # noqa: ANN001
-        from vitq.data import labels_of
-
-        self.model, self.data, self.bs = model, data, calib_batch_size
-        self.labels = labels_of(data.eval)
+    def __init__(self, model, data, labels: np.ndarray, search_idx: np.ndarray, test_idx: np.ndarray,  # noqa: ANN001
+                 calib_batch_size: int) -> None:
+        self.model, self.data, self.bs, self.labels = model, data, calib_batch_size, labels
         self.search_idx, self.test_idx = search_idx, test_idx
         self.seconds = 0.0
         self.calls = 0
@@ -215,7 +219,7 @@ def matched_budgets(n_trials: int = 30, seed: int = 0, min_act_bits: int = 4, n_
     test_idx = np.setdiff1d(np.arange(len(labels)), search_idx)
     search_data = DataBundle(data.name, data.calib, subset(data.eval, search_idx), data.num_classes, data.train,
                              {**data.meta, "eval_fingerprint": f"{data.meta['eval_fingerprint']}/search{n_search}"})
-    run = Runner(model, data, search_idx, test_idx, session.calib_batch_size)
+    run = Runner(model, data, labels, search_idx, test_idx, session.calib_batch_size)
     fp_correct = run(base.with_overrides({f"{SECTION_OF[p]}.{p}.enabled": False for p in POINTS}))
     uniform = {name: with_bits(base, {p: w if p in WEIGHT_POINTS else a for p in POINTS})
                for name, (w, a) in UNIFORM.items()}
@@ -241,12 +245,13 @@ def matched_budgets(n_trials: int = 30, seed: int = 0, min_act_bits: int = 4, n_
     spec = load_search(search)
     spec.bind_blocks(len(model.blocks))
     _activation_floor(spec, min_act_bits)
+    allowed = {sens.granularity: allowed_widths(sens.items, sens.candidates, min_act_bits=min_act_bits)
+               for sens in (sens_point, sens_block)}
     for name, (metric, budget) in budgets.items():
         picks[(name, f"uniform {name}")] = uniform_res[name]
         for label, sens, score in solvers:
             table = tables[(sens.granularity, metric)]
-            allowed = allowed_widths(sens.items, sens.candidates, min_act_bits=min_act_bits)
-            (sol,) = configs_for_budgets(sens, table, [budget], score, allowed)
+            (sol,) = configs_for_budgets(sens, table, [budget], score, allowed[sens.granularity])
             solve_ms.append(sol["solve_ms"])
             if not sol["feasible"]:
                 continue
@@ -270,34 +275,38 @@ def matched_budgets(n_trials: int = 30, seed: int = 0, min_act_bits: int = 4, n_
                 picks[(name, f"{label} ({n_trials} trials)")] = max(fits, key=lambda t: t["search_top1"])
         log(f"[compare] {label}: {n_trials} trials in {search_seconds[label]:.0f} s")
     ref = {name: picks.get((name, "per-point solver (drop_loss)")) for name in budgets}
+
+    def against_ref(name: str, correct: np.ndarray) -> dict:
+        if ref[name] is None:
+            return {}
+        d, se = mean_se(correct.astype(float) - ref[name]["test_correct"])
+        return {"vs_per_point": d, "vs_per_point_se": se}
+
     for (name, label), r in picks.items():
-        c = r["test_correct"].astype(float)
-        row = {"budget": name, "metric": budgets[name][0], "budget_value": budgets[name][1], "strategy": label,
-               "test_top1": c.mean(), "test_se": c.std(ddof=1) / np.sqrt(len(c)), "search_top1": r["search_top1"],
-               "weight_bytes": r["weight_bytes"], "mean_weight_bits": r["mean_weight_bits"],
-               "mean_act_bits": r["mean_act_bits"], "bops": r["bops"]}
-        if ref[name] is not None:
-            d = c - ref[name]["test_correct"].astype(float)
-            row.update(vs_per_point=d.mean(), vs_per_point_se=d.std(ddof=1) / np.sqrt(len(d)))
-        rows.append(row)
+        top1, se = mean_se(r["test_correct"])
+        rows.append({"budget": name, "metric": budgets[name][0], "budget_value": budgets[name][1], "strategy": label,
+                     "test_top1": top1, "test_se": se, "search_top1": r["search_top1"],
+                     "weight_bytes": r["weight_bytes"], "mean_weight_bits": r["mean_weight_bits"],
+                     "mean_act_bits": r["mean_act_bits"], "bops": r["bops"], **against_ref(name, r["test_correct"])})
     if with_modelopt:
         t0 = time.perf_counter()
         weight_budgets = {name: float(w) for name, (w, a) in UNIFORM.items() if a == 8}
-        for r in modelopt_compare.run_modelopt(model, data, test_idx, weight_budgets, session.calib_batch_size):
+        for r in modelopt_compare.run_modelopt(model, data, labels, test_idx, weight_budgets,
+                                               session.calib_batch_size):
             name = r["budget"]
             row = {"budget": name, "metric": budgets[name][0], "budget_value": budgets[name][1],
                    "strategy": r["strategy"], "effective_bits": r.get("effective_bits", r["effective_bits_target"])}
             if r["feasible"]:
-                d = r["test_correct"] - ref[name]["test_correct"].astype(float)
-                row.update(test_top1=r["test_top1"], test_se=r["test_se"], seconds=r["seconds"], layers=r["layers"],
-                           vs_per_point=d.mean(), vs_per_point_se=d.std(ddof=1) / np.sqrt(len(d)))
+                top1, se = mean_se(r["test_correct"])
+                row.update(test_top1=top1, test_se=se, seconds=r["seconds"], layers=r["layers"],
+                           **against_ref(name, r["test_correct"]))
             else:
                 row.update(infeasible=r["reason"])
             rows.append(row)
         log(f"[compare] ModelOpt: {time.perf_counter() - t0:.0f} s")
-    fp = fp_correct["test_correct"].astype(float)
+    fp_top1, fp_se = mean_se(fp_correct["test_correct"])
     return {"table": rows, "n_test": len(test_idx), "n_search": len(search_idx), "n_trials": n_trials, "seed": seed,
-            "min_act_bits": min_act_bits, "fp_test_top1": fp.mean(), "fp_test_se": fp.std(ddof=1) / np.sqrt(len(fp)),
+            "min_act_bits": min_act_bits, "fp_test_top1": fp_top1, "fp_test_se": fp_se,
             "sensitivity_seconds": {"point": point_s, "block": block_s}, "solve_ms_max": max(solve_ms),
             "search_seconds": search_seconds, "model": session.model_spec.name, "n_blocks": len(model.blocks),
             "eval_seconds_per_config": run.seconds / max(run.calls, 1)}
@@ -379,18 +388,22 @@ def _plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _given(value: int | None, default: int) -> int:
+    return default if value is None else value
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m vitq.search.compare", description=__doc__.split("\n\n")[0])
     ap.add_argument("--trials", type=int, default=30)
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--reference-trials", type=int, default=300)
+    ap.add_argument("--seeds", type=int, default=None, help="hypervolume mode (default 3)")
+    ap.add_argument("--reference-trials", type=int, default=None, help="hypervolume mode (default 300)")
     ap.add_argument("--matched", action="store_true",
                     help="compare at matched budgets (uniform W8A8/W6A8/W5A8/W4A8/W3A8 sizes and W4A4 BOPs) on "
                          "held-out test images: uniform presets, per-point and per-block solvers, warm-started "
                          "TPE / NSGA-II and random search (e.g. with model=digits_deep)")
-    ap.add_argument("--min-act-bits", type=int, default=4, help="--matched: narrowest activation width")
-    ap.add_argument("--search-images", type=int, default=256,
-                    help="--matched: held-out images that searches, selections and sensitivities see")
+    ap.add_argument("--min-act-bits", type=int, default=None, help="--matched: narrowest activation width (4)")
+    ap.add_argument("--search-images", type=int, default=None,
+                    help="--matched: held-out images that searches, selections and sensitivities see (256)")
     ap.add_argument("--with-modelopt", action="store_true",
                     help="--matched: NVIDIA ModelOpt's auto_quantize at the weight budgets too (pip install "
                          "'vitq[compare]')")
@@ -400,17 +413,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*", metavar="OVERRIDES",
                     help="the sweep's Hydra overrides: base config, model=, data=, device=")
     args = ap.parse_args(argv)
+    modes = {"--matched": ("--min-act-bits", "--search-images", "--with-modelopt", "--block-drops"),
+             "hypervolume": ("--seeds", "--reference-trials")}
+    for flag in modes["hypervolume" if args.matched else "--matched"]:
+        if getattr(args, flag[2:].replace("-", "_")) not in (None, False):
+            ap.error(f"{flag} does not apply {'with' if args.matched else 'without'} --matched")
     from vitq.search.modelopt_compare import ModelOptMissing
     from vitq.session import SessionError
 
     args.out.mkdir(parents=True, exist_ok=True)
     try:
         if args.matched:
-            result = matched_budgets(args.trials, min_act_bits=args.min_act_bits, n_search=args.search_images,
-                                     block_drops=args.block_drops, overrides=tuple(args.overrides),
-                                     with_modelopt=args.with_modelopt)
+            result = matched_budgets(args.trials, min_act_bits=_given(args.min_act_bits, 4),
+                                     n_search=_given(args.search_images, 256), block_drops=args.block_drops,
+                                     overrides=tuple(args.overrides), with_modelopt=args.with_modelopt)
         else:
-            result = compare(args.trials, args.seeds, args.reference_trials, overrides=tuple(args.overrides))
+            result = compare(args.trials, _given(args.seeds, 3), _given(args.reference_trials, 300),
+                             overrides=tuple(args.overrides))
     except SessionError as e:
         print(f"vitq: {e}", file=sys.stderr)
         return 2
