@@ -257,20 +257,20 @@ class SearchSpec:
 def flat_resolved(cfg: LayerQuantConfig, blocks: list[int] | tuple[int, ...] = ()) -> dict[str, Any]:
     """Every field of ``default`` and every resolved field of every point under its dotted key, for every block and,
     with ``blocks.N.`` in front, for each of ``blocks``."""
-    out: dict[str, Any] = {}
-    for f, v in cfg.default.to_dict().items():
-        if isinstance(v, dict):
-            out.update({f"default.{f}.{bk}": bv for bk, bv in v.items() if bk != "name"})
-        else:
-            out[f"default.{f}"] = v
+    def fields_of(prefix: str, qc: Any) -> dict[str, Any]:  # ``bit_type`` flattened, its derived name left out
+        out: dict[str, Any] = {}
+        for f, v in qc.to_dict().items():
+            if isinstance(v, dict):
+                out.update({f"{prefix}{f}.{bk}": bv for bk, bv in v.items() if bk != "name"})
+            else:
+                out[f"{prefix}{f}"] = v
+        return out
+
+    out = fields_of("default.", cfg.default)
     for block in (None, *blocks):
         prefix = "" if block is None else f"blocks.{block}."
         for k in POINTS:
-            for f, v in cfg.resolve(k, block).to_dict().items():
-                if isinstance(v, dict):
-                    out.update({f"{prefix}{SECTION_OF[k]}.{k}.{f}.{bk}": bv for bk, bv in v.items() if bk != "name"})
-                else:
-                    out[f"{prefix}{SECTION_OF[k]}.{k}.{f}"] = v
+            out.update(fields_of(f"{prefix}{SECTION_OF[k]}.{k}.", cfg.resolve(k, block)))
     return out
 
 

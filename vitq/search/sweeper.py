@@ -185,8 +185,8 @@ class VitqOptunaSweeperImpl(Sweeper):
         if not created and spec.seed is not None:  # joining workers must not replay the creator's random draws
             study.sampler = spec.make_sampler(zlib.crc32(f"{spec.seed}/{_worker_id()}/{len(study.trials)}".encode()))
         cfg = self.config
-        try:
-            first = self._first_params(spec, base)
+        try:  # (a resumed or joining worker finds them enqueued: no warm start computed or logged again)
+            first = [] if study.user_attrs.get(ENQUEUED_ATTR) else self._first_params(spec, base)
         except ConfigError as e:
             fail(e)
         experiment_id = self._start_parent(spec, session) if cfg.tracking.enabled else None
