@@ -147,7 +147,8 @@ def test_unreachable_postgres_gives_one_clear_error(tmp_path):
 
 def test_joblib_launcher_runs_trials_in_parallel(tmp_path):
     r = run_sweep(tmp_path, "-m", "hydra/sweeper=vitq_optuna", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
-                  "hydra.sweeper.n_jobs=2", "hydra.sweeper.n_trials=4", "hydra.sweeper.study_name=par")
+                  "hydra.sweeper.n_jobs=2", "hydra.sweeper.n_trials=4", "hydra.sweeper.study_name=par",
+                  env={"VITQ_FAULTS": f"meet={tmp_path / 'meet'}@*"})  # a trial waits until another process runs one
     assert r.returncode == 0, r.stderr[-3000:]
     study = optuna.load_study(study_name="par", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
     assert len(study.get_trials(states=(COMPLETE,))) == 4

@@ -4,15 +4,19 @@
 TRIALS being ``*`` or comma-separated trial numbers. Names: ``nan`` (evaluate NaN images), ``sleep`` (seconds
 before evaluating), ``kill_before_run`` / ``kill_in_trial`` / ``kill_after_finish`` (SIGKILL the process before
 the MLflow run opens, inside it, or after it is FINISHED and before the sweeper records the trial), and
-``kill_before_enqueue@*`` (the sweeper dies after opening the study, before enqueueing its baselines).
+``kill_before_enqueue@*`` (the sweeper dies after opening the study, before enqueueing its baselines), and
+``meet=DIR`` (inside the run, wait up to a minute until a trial of another process has also reached this point:
+the launcher's parallelism made observable).
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import time
+from pathlib import Path
 
-__all__ = ["ENV", "fault", "maybe_kill"]
+__all__ = ["ENV", "fault", "maybe_kill", "maybe_meet"]
 
 ENV = "VITQ_FAULTS"
 
@@ -33,3 +37,17 @@ def maybe_kill(step: str, number: int | None) -> None:
     """SIGKILL this process when ``kill_<step>`` is set for this trial."""
     if fault(f"kill_{step}", number) is not None:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def maybe_meet(number: int | None, timeout: float = 60.0) -> None:
+    """With ``meet=DIR`` set for this trial: mark DIR with this process's id, then wait until another process has
+    marked it too (or ``timeout`` seconds have passed)."""
+    folder = fault("meet", number)
+    if folder is None:
+        return
+    here = Path(folder)
+    here.mkdir(parents=True, exist_ok=True)
+    (here / str(os.getpid())).touch()
+    end = time.monotonic() + timeout
+    while time.monotonic() < end and not any(p.name != str(os.getpid()) for p in here.iterdir()):
+        time.sleep(0.05)

@@ -21,7 +21,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from vitq.faults import fault, maybe_kill
+from vitq.faults import fault, maybe_kill, maybe_meet
 from vitq.logs import progress_enabled, quiet_libraries
 from vitq.paths import CONF_DIR as PATHS_CONF_DIR
 from vitq.quant.config import SECTIONS, LayerQuantConfig
@@ -246,6 +246,7 @@ def _job(cfg: DictConfig, number: int | None, multirun: bool) -> dict[str, float
 
     def trial() -> tuple[dict[str, float], Any]:
         maybe_kill("in_trial", number)
+        maybe_meet(number)
         if (seconds := fault("sleep", number)) is not None:
             import time
 
