@@ -143,7 +143,10 @@ def test_sensitivity_ranks_a_fragile_point_above_a_robust_one(reference, digits)
     assert t.loc[("residual1", 2), "drop_loss"] > 5 * t.loc[("attn_proj", 2), "drop_loss"]
     assert t.loc[("kv_act", 2), "grad_score"] > 5 * t.loc[("attn_proj", 2), "grad_score"]
     assert sens.ranking(2, "drop_loss").index("residual1") < sens.ranking(2, "drop_loss").index("attn_proj")
-    assert t.loc[("kv_act", 4), "drop_top1"] <= 0.01  # 4-bit scores: the integer softmax holds (it returned 0s)
+    # 4-bit scores: the integer softmax holds (when it returned 0s, top-1 fell to chance, a drop of ~0.88); 2 of the
+    # 200 images flip (measured), so allow a few: far from a broken softmax
+    assert t.loc[("kv_act", 4), "drop_top1"] <= 0.03
+    assert t.loc[("kv_act", 4), "drop_top1"] < 0.1 * t.loc[("residual1", 2), "drop_top1"]
     for p in POINTS:  # fewer bits, more quantization noise at the point
         assert t.loc[(p, 2), "grad_score"] > t.loc[(p, 8), "grad_score"]
 
