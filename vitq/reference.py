@@ -92,11 +92,11 @@ def load_reference(spec: ReferenceSpec | None = None) -> tuple[VisionTransformer
     together take turns: one trains, the others then read its checkpoint."""
     spec = spec or ReferenceSpec()
     path = cache_root() / f"digits_vit_{spec.key()}.pt"
-    data = load_digits(seed=spec.data_seed, n_train=spec.n_train, img_size=spec.img_size)
     if not path.is_file():
         with file_lock(path.with_suffix(".lock")):
             if not path.is_file():
-                _train_and_save(spec, data, path)
+                _train_and_save(spec, load_digits(seed=spec.data_seed, n_train=spec.n_train, img_size=spec.img_size),
+                                path)
     blob = torch.load(path, weights_only=True)
     model = build_reference(spec)
     model.load_state_dict(blob["state_dict"])
