@@ -3,7 +3,7 @@
 ``VITQ_FAULTS="nan@0;sleep=120@*;kill_after_finish@1"``: entries ``NAME[=VALUE]@TRIALS`` separated by ``;``,
 TRIALS being ``*`` or comma-separated trial numbers. Names: ``nan`` (evaluate NaN images), ``sleep`` (seconds
 before evaluating), ``kill_before_run`` / ``kill_in_trial`` / ``kill_after_finish`` (SIGKILL the process before
-the MLflow run opens, inside it, or after it is FINISHED and before the sweeper records the trial), and
+the MLflow run opens, inside it, or after it is FINISHED and before the sweeper records the trial),
 ``kill_before_enqueue@*`` (the sweeper dies after opening the study, before enqueueing its baselines), and
 ``meet=DIR`` (inside the run, wait up to a minute until a trial of another process has also reached this point:
 the launcher's parallelism made observable).
