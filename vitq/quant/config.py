@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import difflib
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -22,6 +23,7 @@ from vitq.quant.points import POINT_TABLE
 __all__ = [
     "ACTIVATION_POINTS", "BitTypeConfig", "CALIBRATION_MODES", "ConfigError", "LayerQuantConfig",
     "METHODS", "OBSERVERS", "POINTS", "QuantConfig", "SECTIONS", "WEIGHT_POINTS", "load_config_from_yaml",
+    "split_block",
 ]
 
 SECTIONS: dict[str, tuple[str, ...]] = {
@@ -35,6 +37,14 @@ METHODS: tuple[str, ...] = ("Uniform", "Log2")
 CALIBRATION_MODES: tuple[str, ...] = ("layer_wise", "channel_wise", "ptf")
 LOG2_POINTS: tuple[str, ...] = ("intSoft",)
 PTF_POINTS: tuple[str, ...] = ("residual1", "residual2")  # the tensors that feed a LayerNorm (norm2, next norm1)
+_BLOCK_PREFIX = re.compile(r"blocks\.(\d+)\.")
+
+
+def split_block(key: str) -> tuple[int | None, str]:
+    """A dotted key of one block, ``blocks.3.layers.attn_qkv...``, as (3, ``layers.attn_qkv...``); any other key as
+    (None, key)."""
+    m = _BLOCK_PREFIX.match(key)
+    return (int(m.group(1)), key[m.end():]) if m else (None, key)
 
 
 class ConfigError(ValueError):

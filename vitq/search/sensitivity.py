@@ -48,7 +48,15 @@ from vitq.cost import BOP_PAIRS, model_cost, resolved_cost
 from vitq.data import DataBundle, batches, labels_of, stratified_subset, subset
 from vitq.evaluate import evaluate, model_device
 from vitq.paths import cache_root
-from vitq.quant.config import POINTS, SECTION_OF, WEIGHT_POINTS, BitTypeConfig, LayerQuantConfig, QuantConfig
+from vitq.quant.config import (
+    POINTS,
+    SECTION_OF,
+    WEIGHT_POINTS,
+    BitTypeConfig,
+    LayerQuantConfig,
+    QuantConfig,
+    split_block,
+)
 
 __all__ = ["GRANULARITIES", "CostTable", "Sensitivity", "allowed_widths", "bits_key", "compute_sensitivity",
            "configs_for_budgets", "cost_table", "enqueue_params", "item_name", "items_of", "solve_mck", "split_item",
@@ -69,10 +77,7 @@ def item_name(point: str, block: int | None = None) -> str:
 
 def split_item(item: str) -> tuple[int | None, str]:
     """``blocks.3.kv_act`` → (3, ``kv_act``); ``kv_act`` → (None, ``kv_act``)."""
-    if item.startswith("blocks."):
-        _, block, point = item.split(".", 2)
-        return int(block), point
-    return None, item
+    return split_block(item)
 
 
 def items_of(n_blocks: int, granularity: str = "point") -> tuple[str, ...]:

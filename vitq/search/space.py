@@ -29,6 +29,7 @@ from vitq.quant.config import (
     LayerQuantConfig,
     load_config_from_yaml,
     read_yaml,
+    split_block,
 )
 
 __all__ = ["SWEEPS_DIR", "Param", "SearchSpec", "block_of", "expand_key", "load_search", "param_from_override",
@@ -46,19 +47,15 @@ METRICS = ("top1", "top5", "loss", "agreement", "top1_drop", "weight_bytes", "co
            "mean_weight_bits", "mean_act_bits")
 
 
-_BLOCK_KEY = re.compile(r"blocks\.(\d+)\.")
-
-
 def block_of(key: str) -> int | None:
     """N of a ``blocks.N.<section>.<point>...`` key (None for a key of every block)."""
-    m = _BLOCK_KEY.match(key)
-    return int(m.group(1)) if m else None
+    return split_block(key)[0]
 
 
 def expand_key(key: str) -> list[str]:
     """Concrete dotted keys a (possibly wildcard) parameter key addresses (``blocks.N.`` in front kept)."""
-    m = _BLOCK_KEY.match(key)
-    prefix, rest = (m.group(0), key[m.end():]) if m else ("", key)
+    block, rest = split_block(key)
+    prefix = "" if block is None else f"blocks.{block}."
     parts = rest.split(".")
     if "*" not in rest or len(parts) < 3 or parts[0] not in (*SECTIONS, "*"):
         return [key]
@@ -180,8 +177,8 @@ class SearchSpec:
     def param_for(self, key: str) -> Param | None:
         """The parameter that sets the concrete dotted ``key`` (a ``blocks.N`` key: its block's parameter, else the
         every-block one), or None."""
-        m = _BLOCK_KEY.match(key)
-        for k in (key, key[m.end():]) if m else (key,):
+        block, every = split_block(key)
+        for k in (key,) if block is None else (key, every):
             for p in self.params:
                 if k in expand_key(p.name):
                     return p
@@ -241,14 +238,14 @@ class SearchSpec:
             params[p.name] = v
             covered.update(keys)
         for k, v in flat.items():
-            b = block_of(k)
+            b, every = split_block(k)
             if k in covered or k.startswith("default."):  # points carry their resolved values: default is not needed
                 continue
             if b is None:
                 if flat_base[k] != v:
                     params[k] = v
                 continue
-            every = k[_BLOCK_KEY.match(k).end():]  # what the block gets from the every-block keys: cfg's value
+            # flat[every]: what the block gets from the every-block keys (cfg's value)
             if v != flat[every] or (b in base.blocks and flat_base[k] != v):
                 params[k] = v
         return params
