@@ -243,6 +243,22 @@ def test_kl_beyond_the_budget_counts_every_value(mode, bits, signed):
         assert torch.equal(obs.compute()[1], exact.compute()[1])
 
 
+@pytest.mark.parametrize("value", [0.7, -3.0, 0.0])
+def test_kl_beyond_the_budget_counts_a_constant_channel_as_the_exact_histogram(value):
+    """A constant channel of a sampled batch (its histogram has no width) lands in the bin of |value|, as when every
+    value is binned; the other channels' counts sum to their row count."""
+    torch.manual_seed(0)
+    x = torch.randn(40000, 8) * torch.linspace(0.5, 4, 8)
+    x[:, 3] = value
+    stats = BatchStats.from_2d(x, max_elements=4096)
+    assert not stats.exact
+    cfg = _cfg("KLObserver", "channel_wise")
+    sampled, exact = KLObserver(cfg), KLObserver(cfg).observe(x)
+    sampled.update(stats)
+    assert torch.equal(sampled.hist[3], exact.hist[3].double())
+    assert sampled.hist.sum(1).tolist() == pytest.approx([40000.0] * 8, rel=1e-12)
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 def test_ptf_beyond_the_budget_scores_every_value(bits):
     """PTF's per-channel factors for a batch beyond calib_max_values, scored on its per-channel histograms: the

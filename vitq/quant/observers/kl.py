@@ -62,24 +62,8 @@ class KLObserver(Observer):
             lo, hi, counts = s.cmin.double(), s.cmax.double(), s.chist.double()
         else:
             lo, hi, counts = s.cmin.min().double().view(1), s.cmax.max().double().view(1), s.hist.double().view(1, -1)
-        src_bins = counts.shape[1]
-        cum = torch.nn.functional.pad(counts.cumsum(1), (1, 0))  # (C, src+1): counts below each source edge
-        total = cum[:, -1:]
-        src_w = ((hi - lo) / src_bins).view(-1, 1)
-
-        def below(x: Tensor) -> Tensor:  # values <= x: the piecewise-linear CDF of the histogram
-            k = ((x - lo.view(-1, 1)) / src_w.clamp(min=1e-300)).clamp(0, src_bins)
-            i = k.floor().long().clamp(max=src_bins - 1)
-            frac = k - i
-            v = cum.gather(1, i) + frac * counts.gather(1, i)
-            step = torch.where(x >= lo.view(-1, 1), total, torch.zeros_like(total))  # a constant column
-            return torch.where(src_w > 0, v, step)
-
-        inner = torch.arange(1, self.bins, dtype=torch.float64, device=counts.device)
-        edges = inner.view(1, -1) * self.width.view(-1, 1)
-        inside = below(edges) - below(-edges)  # values with |x| <= each inner edge (C, bins-1)
-        f = torch.cat([torch.zeros_like(total), inside, total], dim=1)
-        add = f.diff(dim=1).clamp_(min=0)  # last bin: everything past the last inner edge, as _accumulate clamps
+        parts = zip(*(t.split(KL_CHUNK_ROWS) for t in (counts, lo, hi, self.width)), strict=True)
+        add = torch.cat([_fold_counts(*part, self.bins) for part in parts])
         self.hist = add if self.hist is None else self.hist + add
 
     def _grow(self, amax: Tensor) -> None:
@@ -123,6 +107,32 @@ class KLObserver(Observer):
             return -t, t
         return torch.maximum(lo, -t), t
 
+
+
+def _fold_counts(counts: Tensor, lo: Tensor, hi: Tensor, width: Tensor, bins: int) -> Tensor:
+    """``counts`` (C, S) in S equal bins over [lo, hi] per row, spread evenly within each bin, as (C, ``bins``)
+    counts of |x| in bins of ``width``: the piecewise-linear CDF read at ±every inner edge (the last bin takes
+    everything past the last edge, as ``_accumulate`` clamps).
+
+    One (C, 2·bins) pass per step: the edges' positions in source bins are one ``addcmul``, both signs at once.
+    """
+    src = counts.shape[1]
+    cum = torch.nn.functional.pad(counts.cumsum(1), (1, 0))  # (C, S+1): counts below each source edge
+    total = cum[:, -1:]
+    src_w = (hi - lo) / src
+    flat = src_w <= 0  # a constant row: its CDF is a step at lo
+    inv = torch.where(flat, 0.0, 1.0 / torch.where(flat, 1.0, src_w))
+    j = torch.arange(1, bins, dtype=torch.float64, device=counts.device)
+    signed = torch.cat([j, -j]).view(1, -1)
+    k = torch.addcmul((-lo * inv).view(-1, 1), signed, (width * inv).view(-1, 1)).clamp_(0, src)
+    i = k.to(torch.int64).clamp_(max=src - 1)  # floor: k >= 0
+    below = cum.gather(1, i).addcmul_(k.sub_(i), counts.gather(1, i))  # values <= each edge
+    if flat.any():
+        rows = flat.nonzero().view(-1)
+        x = signed * width[rows].view(-1, 1)
+        below[rows] = torch.where(x >= lo[rows].view(-1, 1), total[rows], torch.zeros_like(total[rows]))
+    inside = below[:, :bins - 1] - below[:, bins - 1:]  # values with |x| <= each inner edge (C, bins-1)
+    return torch.diff(inside, dim=1, prepend=torch.zeros_like(total), append=total).clamp_(min=0)
 
 KL_CHUNK_ROWS = 32  # channels scored together: each (channels × thresholds) float64 array (~0.5 MB) stays in L2
 _TINY = 1e-300  # log(max(x, _TINY)): x · log x is 0 at x = 0
