@@ -153,6 +153,35 @@ def test_ranges_memoized_per_observer_key(reference, digits, monkeypatch):
         assert torch.equal(y, fresh(x[128:]))
 
 
+def test_quantized_weights_kept_while_their_quantizer_and_tensor_are(reference, digits):
+    """A config that changes another point keeps a Linear's quantized weight (and its SQNR); a new weight width or an
+    in-place edit of the weight makes it again, equal to a fresh block's."""
+    block, x = _reference_block_io(reference, digits)
+    q = QuantTimmVitBlock(copy.deepcopy(block), str(PRESETS / "int8.yaml"))
+    with torch.inference_mode(), q.calibration():
+        q(x[:128])
+    fc1 = q.fc1
+    with torch.no_grad():
+        kept, prof = fc1.quantized_weight(), fc1.wq.prof
+        q.set_config(q.layer_config.with_overrides({"layers.attn_qkv.bit_type.bits": 4}))
+        assert fc1.quantized_weight() is kept and fc1.wq.prof is prof and prof.count > 0
+        assert q.qkv.quantized_weight().unique().numel() <= 16 * q.qkv.linear.out_features
+        q.set_config(q.layer_config.with_overrides({"layers.mlp_fc1.bit_type.bits": 4}))
+        w4 = fc1.quantized_weight()
+        assert w4 is not kept and not torch.equal(w4, kept)
+        fc1.linear.weight.mul_(2.0)  # the statistics are stale now, but the cache must not hide the edit
+        fc1.refresh()
+        assert not torch.equal(fc1.quantized_weight(), w4)
+        fc1.linear.weight.div_(2.0)
+        fc1.refresh()
+        assert torch.equal(fc1.quantized_weight(), w4)
+    fresh = QuantTimmVitBlock(copy.deepcopy(block), q.layer_config)
+    with torch.inference_mode():
+        with fresh.calibration():
+            fresh(x[:128])
+        assert torch.equal(q(x[128:]), fresh(x[128:]))
+
+
 @pytest.mark.parametrize("kv_mode", ["layer_wise", "channel_wise"])
 def test_chunked_lut_attention_equals_reference_path(reference, digits, monkeypatch, kv_mode):
     """The fast path (maps in chunks of images, i-exp as a lookup table on integer codes) changes no bit."""

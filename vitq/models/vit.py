@@ -74,7 +74,8 @@ class QuantViT(nn.Module):
             b.set_profiling(on)
 
     def profile(self) -> pd.DataFrame:
-        return pd.concat([b.profile() for b in self.qblocks], ignore_index=True)
+        """One row per quantization point of every block, in block order (one frame: built once per trial)."""
+        return pd.DataFrame([p.profile_row() for p in self.points()])
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)

@@ -265,7 +265,8 @@ class QWeight(QPoint):
 class QLinear(nn.Module):
     """A Linear whose weight is fake-quantized by the point ``wq`` (per output feature when channel_wise).
 
-    Under inference/no-grad the quantized weight is computed once per config and reused.
+    Under inference/no-grad the quantized weight is computed once per config and reused; a config that derives
+    the same weight quantizer (another point's bits changed) keeps it, unless the weight tensor changed.
     """
 
     def __init__(self, linear: nn.Linear, wq: QWeight) -> None:
@@ -273,19 +274,27 @@ class QLinear(nn.Module):
         self.linear = linear
         self.wq = wq
         self._cached: Tensor | None = None
+        self._cached_key: tuple | None = None  # (derived quantizer, weight storage, weight version)
+        self._cached_prof = _Profile()
 
     def weight_stats(self) -> None:
         """Weights are static: their 'calibration' is one exact look at the tensor."""
         self.wq.observe(self.linear.weight.detach())
 
     def refresh(self) -> None:
-        self._cached = None
-        if self.wq.state == "quant" and self.wq.cfg.enabled:
+        if self.wq.state != "quant" or not self.wq.cfg.enabled:
+            self._cached = self._cached_key = None
+            return
+        w = self.linear.weight.detach()
+        key = (self.wq._d, w.data_ptr(), None if w.is_inference() else w._version)  # inference tensors: no version
+        old = self._cached_key
+        if self._cached is None or old is None or old[0] is not key[0] or old[1:] != key[1:]:
             with torch.no_grad():
-                w = self.linear.weight.detach()
                 self._cached = self.wq.quantize(w)
-                self.wq.prof = _Profile()
-                self.wq.prof.add(w, self._cached)  # weight SQNR (cheap: once per config)
+            self._cached_key = key
+            self._cached_prof = _Profile()
+            self._cached_prof.add(w, self._cached)  # weight SQNR (cheap: once per config)
+        self.wq.prof = self._cached_prof
 
     def quantized_weight(self) -> Tensor:
         w = self.linear.weight
@@ -456,7 +465,7 @@ def calibration_of(points: Iterable[QAct], linears: Iterable[QLinear]) -> Iterat
         p.begin_calibration()
     for lin in linears:
         lin.wq.state = "calib"
-        lin._cached = None
+        lin._cached = lin._cached_key = None
     try:
         yield
     except BaseException:
