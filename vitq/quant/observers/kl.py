@@ -108,7 +108,6 @@ class KLObserver(Observer):
         return torch.maximum(lo, -t), t
 
 
-
 def _fold_counts(counts: Tensor, lo: Tensor, hi: Tensor, width: Tensor, bins: int) -> Tensor:
     """``counts`` (C, S) in S equal bins over [lo, hi] per row, spread evenly within each bin, as (C, ``bins``)
     counts of |x| in bins of ``width``: the piecewise-linear CDF read at ±every inner edge (the last bin takes
@@ -133,6 +132,7 @@ def _fold_counts(counts: Tensor, lo: Tensor, hi: Tensor, width: Tensor, bins: in
         below[rows] = torch.where(x >= lo[rows].view(-1, 1), total[rows], torch.zeros_like(total[rows]))
     inside = below[:, :bins - 1] - below[:, bins - 1:]  # values with |x| <= each inner edge (C, bins-1)
     return torch.diff(inside, dim=1, prepend=torch.zeros_like(total), append=total).clamp_(min=0)
+
 
 KL_CHUNK_ROWS = 32  # channels scored together: each (channels × thresholds) float64 array (~0.5 MB) stays in L2
 _TINY = 1e-300  # log(max(x, _TINY)): x · log x is 0 at x = 0
