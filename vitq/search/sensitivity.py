@@ -59,7 +59,7 @@ from vitq.quant.config import (
 )
 
 __all__ = ["GRANULARITIES", "CostTable", "Sensitivity", "allowed_widths", "bits_key", "compute_sensitivity",
-           "configs_for_budgets", "cost_table", "enqueue_params", "item_name", "items_of", "solve_mck", "split_item",
+           "configs_for_budgets", "cost_table", "enqueue_params", "item_name", "items_of", "solve_mck",
            "with_bits"]
 
 CANDIDATES = (2, 3, 4, 5, 6, 8)
@@ -75,11 +75,6 @@ def item_name(point: str, block: int | None = None) -> str:
     return point if block is None else f"blocks.{block}.{point}"
 
 
-def split_item(item: str) -> tuple[int | None, str]:
-    """``blocks.3.kv_act`` → (3, ``kv_act``); ``kv_act`` → (None, ``kv_act``)."""
-    return split_block(item)
-
-
 def items_of(n_blocks: int, granularity: str = "point") -> tuple[str, ...]:
     """Every item at ``granularity``: the 14 points, or the 14 points of each of ``n_blocks`` blocks."""
     if granularity == "point":
@@ -91,7 +86,7 @@ def items_of(n_blocks: int, granularity: str = "point") -> tuple[str, ...]:
 
 def bits_key(item: str) -> str:
     """The dotted config key of an item's width (``blocks.N.`` in front for a block's item)."""
-    block, point = split_item(item)
+    block, point = split_block(item)
     key = f"{SECTION_OF[point]}.{point}.bit_type.bits"
     return key if block is None else f"blocks.{block}.{key}"
 
@@ -100,8 +95,8 @@ def with_bits(base: LayerQuantConfig, bits: dict[str, int]) -> LayerQuantConfig:
     """``base`` with the given items at the given widths (enabled). A point's item sets the point in every block
     (also where ``base`` has a ``blocks`` entry for it); a block's item then sets that block alone."""
     over: dict[str, object] = {}
-    for item in sorted(bits, key=lambda it: split_item(it)[0] is not None):  # every-block items first
-        block, point = split_item(item)
+    for item in sorted(bits, key=lambda it: split_block(it)[0] is not None):  # every-block items first
+        block, point = split_block(item)
         sec = SECTION_OF[point]
         blocks = [block] if block is not None else [None, *(n for n, s in base.blocks.items()
                                                              if point in s.get(sec, {}))]
@@ -252,7 +247,7 @@ def compute_sensitivity(model: nn.Module, data: DataBundle, base: LayerQuantConf
     ref = evaluate(qm, subset, 512)
     rows = []
     for item in items:
-        block, point = split_item(item)
+        block, point = split_block(item)
         for b in candidates:
             row = {"item": item, "block": -1 if block is None else block, "point": point, "bits": b}
             if drops:
@@ -313,7 +308,7 @@ def cost_table(model: nn.Module, base: LayerQuantConfig, candidates: tuple[int, 
     def cost(change: dict[str, int]) -> float:
         per_block = [dict(r) for r in anchor]
         for item, bits in change.items():
-            block, point = split_item(item)
+            block, point = split_block(item)
             for b in range(n_blocks) if block is None else (block,):
                 per_block[b][point] = at_bits(per_block[b][point], bits)
         return float(getattr(resolved_cost(model, per_block), metric))
@@ -323,7 +318,7 @@ def cost_table(model: nn.Module, base: LayerQuantConfig, candidates: tuple[int, 
     pairs: dict[tuple[int, int], np.ndarray] = {}
     if metric == "bops":
         idx = {it: i for i, it in enumerate(items)}
-        blocks = dict.fromkeys(split_item(it)[0] for it in items)
+        blocks = dict.fromkeys(split_block(it)[0] for it in items)
         for (p, q), block in itertools.product(BOP_PAIRS, blocks):
             i, j = idx.get(item_name(p, block)), idx.get(item_name(q, block))
             if i is None or j is None or i == j:
@@ -418,7 +413,7 @@ def allowed_widths(items: tuple[str, ...], candidates: tuple[int, ...], min_weig
                    min_act_bits: int = 2) -> np.ndarray:
     """(items × candidates) mask of the widths the solver may pick: weights ≥ ``min_weight_bits``, activations
     ≥ ``min_act_bits``."""
-    return np.array([[b >= (min_weight_bits if split_item(it)[1] in WEIGHT_POINTS else min_act_bits)
+    return np.array([[b >= (min_weight_bits if split_block(it)[1] in WEIGHT_POINTS else min_act_bits)
                       for b in candidates] for it in items])
 
 
@@ -471,7 +466,7 @@ def bits_lines(bits: dict[str, int]) -> list[str]:
     """A solution as text: ``point=b`` per point, or per point its width in each block (``kv_act: 8 8 6 8``)."""
     per_point: dict[str, dict[int | None, int]] = {}
     for it, b in bits.items():
-        block, point = split_item(it)
+        block, point = split_block(it)
         per_point.setdefault(point, {})[block] = b
     if all(None in v for v in per_point.values()):
         return [" ".join(f"{p}={v[None]}" for p, v in per_point.items())]

@@ -32,7 +32,7 @@ from vitq.quant.config import (
     split_block,
 )
 
-__all__ = ["SWEEPS_DIR", "Param", "SearchSpec", "block_of", "expand_key", "load_search", "param_from_override",
+__all__ = ["SWEEPS_DIR", "Param", "SearchSpec", "expand_key", "load_search", "param_from_override",
            "search_mapping", "spec_from_mapping", "split_sweep_arguments"]
 
 SAMPLER_CLASSES = {"tpe": "TPESampler", "nsgaii": "NSGAIISampler", "nsgaiii": "NSGAIIISampler", "gp": "GPSampler",
@@ -45,11 +45,6 @@ SEARCH_KEYS = ("study_name", "sampler", "seed", "n_trials", "objectives", "const
                "storage", "direction", "custom_search_space", "n_jobs", "max_failure_rate", "per_block")
 METRICS = ("top1", "top5", "loss", "agreement", "top1_drop", "weight_bytes", "compression", "bops",
            "mean_weight_bits", "mean_act_bits")
-
-
-def block_of(key: str) -> int | None:
-    """N of a ``blocks.N.<section>.<point>...`` key (None for a key of every block)."""
-    return split_block(key)[0]
 
 
 def expand_key(key: str) -> list[str]:
@@ -115,7 +110,7 @@ class SearchSpec:
         ``*.*.observer_type``) becomes one parameter per block (``blocks.0.layers.attn_qkv.bit_type.bits``, ...);
         ``default.*`` parameters stay shared."""
         for p in self.params:
-            b = block_of(p.name)
+            b = split_block(p.name)[0]
             if b is not None and b >= n_blocks:
                 raise ConfigError(f"params.{p.name}", f"block {b} does not exist: the model has {n_blocks} blocks "
                                                       f"(0..{n_blocks - 1})")
@@ -124,7 +119,7 @@ class SearchSpec:
         out: list[Param] = []
         for p in self.params:
             head = p.name.split(".")[0]
-            if block_of(p.name) is None and head in (*SECTIONS, "*"):
+            if split_block(p.name)[0] is None and head in (*SECTIONS, "*"):
                 out += [replace(p, name=f"blocks.{b}.{p.name}") for b in range(n_blocks)]
             else:
                 out.append(p)
@@ -222,7 +217,7 @@ class SearchSpec:
         """Params that make a trial run exactly ``cfg`` on top of ``base``: every searched parameter pinned to
         ``cfg``'s value, and every other field where ``cfg`` differs from ``base`` as a dotted override."""
         blocks = sorted(set(cfg.blocks) | set(base.blocks) | {b for p in self.params
-                                                              if (b := block_of(p.name)) is not None})
+                                                              if (b := split_block(p.name)[0]) is not None})
         flat, flat_base = flat_resolved(cfg, blocks), flat_resolved(base, blocks)
         params: dict[str, Any] = {}
         covered: set[str] = set()

@@ -36,12 +36,12 @@ from optuna.storages import BaseStorage, RDBStorage
 from vitq import tracking
 from vitq.faults import maybe_kill
 from vitq.logs import quiet_libraries
-from vitq.quant.config import ConfigError
+from vitq.quant.config import ConfigError, split_block
 from vitq.redact import fail, install_log_redaction, redact
 from vitq.search.fingerprint import FINGERPRINT_ATTR, fingerprint_diff, study_fingerprint
 from vitq.search.launch import InProcessLauncher
 from vitq.search.settings import SweeperSettings
-from vitq.search.space import SearchSpec, block_of, search_mapping, spec_from_mapping, split_sweep_arguments
+from vitq.search.space import SearchSpec, search_mapping, spec_from_mapping, split_sweep_arguments
 from vitq.search.storage import (
     STORAGE_ENV,
     StorageError,
@@ -102,7 +102,7 @@ class VitqOptunaSweeperImpl(Sweeper):
 
     def _launch(self, arguments: list[str], jobs: list[dict[str, Any]], job_idx: int) -> Any:
         """Hydra's launcher, or in this process on the pre-composed config where every job only sets values."""
-        lines = [[f"{'++' if block_of(k) is not None else ''}{k}={hydra_value(v)}" for k, v in values.items()]
+        lines = [[f"{'++' if split_block(k)[0] is not None else ''}{k}={hydra_value(v)}" for k, v in values.items()]
                  for values in jobs]  # ``blocks.N`` keys are added to the config
         if self._inproc is not None and all(self._inproc.accepts(list(values)) for values in jobs):
             return self._inproc.launch(list(zip(lines, jobs, strict=True)), initial_job_idx=job_idx)

@@ -20,7 +20,7 @@ def warm_start_params(cfg: DictConfig, spec: SearchSpec, budgets: list[float], m
     """The sensitivity solver's configs at ``budgets`` of ``metric`` (cached sensitivity of the swept model; a width
     per point, or per (block, point), among the widths the search space allows there), each pinned as a whole config
     on top of the sweep's base; infeasible budgets are skipped with a warning."""
-    from vitq.quant.config import ConfigError
+    from vitq.quant.config import ConfigError, split_block
     from vitq.search import sensitivity as sens_mod
     from vitq.sweep import session_of
 
@@ -35,7 +35,7 @@ def warm_start_params(cfg: DictConfig, spec: SearchSpec, budgets: list[float], m
     n_blocks = len(model.blocks)
 
     def fits(item: str, bits: int) -> bool:  # every parameter that sets this item's width accepts ``bits``
-        block, point = sens_mod.split_item(item)
+        block, point = split_block(item)
         keys = [sens_mod.bits_key(item)] + ([sens_mod.bits_key(sens_mod.item_name(point, b)) for b in range(n_blocks)]
                                             if block is None else [])
         return all((p := spec.param_for(k)) is None or p.accepts(bits) for k in keys)
