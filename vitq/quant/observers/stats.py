@@ -180,7 +180,7 @@ def scoring_rows(stats: list[BatchStats], channel_wise: bool) -> list[tuple[Tens
             lo, hi, counts = s.cmin, s.cmax, s.chist
         else:
             lo, hi, counts = s.cmin.min().view(1), s.cmax.max().view(1), s.hist.view(1, -1)
-        centers, weight = bin_centers(counts, lo, hi), counts.t().float()
+        centers, weight = bin_centers(counts, lo, hi), counts.t().float().contiguous()  # (R, C) like the centers
         if not channel_wise:
             keep = weight[:, 0] > 0
             centers, weight = centers[keep], weight[keep]
