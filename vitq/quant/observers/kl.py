@@ -178,8 +178,8 @@ def _kl_best_bins(hist: Tensor, levels: int, start_bin: int = 128) -> Tensor:
     first, stop = m0 * levels, (m1 + 1) * levels  # padded thresholds [first, stop), as (n_w, levels)
     h = torch.nn.functional.pad(hist.double(), (1, stop - 1 - nbins))  # h[:, j] = hist[:, j-1]; 0 past the end
     cs = h.cumsum(1)  # cs[:, j] = sum(hist[:, :j]), constant past the end
-    nz = (h > 0).cumsum(1, dtype=torch.float64)  # non-empty bins among hist[:, :j]
-    nlogn = h.clamp(min=_TINY).log_().mul_(h).cumsum(1)
+    nz = torch.sign(h).cumsum_(1)  # non-empty bins among hist[:, :j] (counts >= 0: sign is 0 or 1, sums exact)
+    nlogn = torch.special.xlogy(h, h).cumsum_(1)  # n log n, 0 at n = 0
     dev = hist.device
     bounds = torch.arange(m0, m1 + 1, device=dev).view(-1, 1) * torch.arange(levels, device=dev).view(1, -1)  # groups
 
