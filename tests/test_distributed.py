@@ -195,3 +195,26 @@ def test_three_workers_cold_start_sqlite(tmp_path, workers):
 def test_three_workers_cold_start_postgres(tmp_path, workers, pg_database):
     url = pg_database()
     _cold_start(tmp_path, workers, lambda cwd: url, rounds=1)
+
+
+def test_sqlite_stores_commit_with_synchronous_normal(tmp_path):
+    """vitq's SQLite stores (MLflow's and Optuna's) are in WAL mode, and every connection SQLAlchemy opens to them
+    in the process commits with synchronous=NORMAL (no fsync per commit); another SQLite file keeps SQLite's
+    defaults. A killed process loses nothing it committed (the resume tests kill -9 workers mid-sweep)."""
+    from vitq import tracking
+    from vitq.search.storage import make_storage
+
+    def pragmas(engine: sqlalchemy.Engine) -> tuple[str, int]:
+        with engine.connect() as c:
+            return c.exec_driver_sql("PRAGMA journal_mode").scalar(), c.exec_driver_sql("PRAGMA synchronous").scalar()
+
+    previous = mlflow.get_tracking_uri()
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    try:
+        tracking.use_store(uri, "sync")
+        storage = make_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
+        assert pragmas(sqlalchemy.create_engine(uri)) == ("wal", 1)  # any engine on the store, MLflow's among them
+        assert pragmas(storage.engine) == ("wal", 1)
+        assert pragmas(sqlalchemy.create_engine(f"sqlite:///{tmp_path / 'other.db'}")) == ("delete", 2)
+    finally:
+        mlflow.set_tracking_uri(previous)

@@ -145,11 +145,13 @@ def test_in_process_trials_equal_hydra_launched_ones(tmp_path):
         runs = _runs(cwd, "ip")
         children = runs[runs["tags.vitq.role"] == "trial"].sort_values("tags.trial_number")
         configs = [mlflow.artifacts.load_text(f"runs:/{rid}/quant_config.yaml") for rid in children["run_id"]]
-        out[mode] = (configs, children["metrics.top1"].tolist(), children["params.quant"].tolist())
+        baselines = children["tags.vitq.baseline"].fillna("").tolist()  # set by the first 4 trials only
+        out[mode] = (configs, children["metrics.top1"].tolist(), children["params.quant"].tolist(), baselines)
         (sweep_dir,) = (cwd / "multirun").glob("*/*")
         assert (sweep_dir / "0" / ".hydra" / "overrides.yaml").exists() == (mode == "false")
     assert out["true"] == out["false"]
     assert len(set(out["true"][0])) >= 5  # the configs differ between trials
+    assert out["true"][3] == ["W8A8", "W6A6", "W4A8", "W4A4", "", ""]  # a key set by a job only: the next has none
 
 
 def test_failing_trial_is_recorded_and_sweep_continues(tmp_path):

@@ -85,17 +85,42 @@ def sqlite_file(uri: str) -> Path | None:
     return path
 
 
-def sqlite_wal(uri: str) -> None:
-    """Put a ``sqlite:///`` database in write-ahead-log mode (a persistent setting of the file): a commit costs one
-    fsync instead of the rollback journal's several (~0.35 ms instead of ~1.3 ms here), and readers do not block
-    the writer. Safe for processes on one machine, as SQLite stores must be; nothing for other URLs."""
+_WAL_FILES: set[str] = set()  # SQLite stores vitq put in WAL mode (real paths): their connections sync less often
+
+
+def _wal_sync_normal(dbapi_connection: Any, _record: Any) -> None:
+    """SQLAlchemy ``connect`` hook: ``synchronous=NORMAL`` on connections to a store of ``_WAL_FILES``."""
     import sqlite3
+
+    if not isinstance(dbapi_connection, sqlite3.Connection):
+        return
+    row = dbapi_connection.execute("PRAGMA database_list").fetchone()  # (seq, "main", file)
+    if row is not None and row[2] and os.path.realpath(row[2]) in _WAL_FILES:
+        dbapi_connection.execute("PRAGMA synchronous=NORMAL")
+
+
+def sqlite_wal(uri: str) -> None:
+    """Put a ``sqlite:///`` database in write-ahead-log mode (a persistent setting of the file), and have every
+    connection to it that SQLAlchemy opens in this process (MLflow's, Optuna's) commit with ``synchronous=NORMAL``.
+
+    WAL lets readers run beside the writer. NORMAL drops the fsync from each commit (it syncs at checkpoints):
+    ~0.19 ms per commit here against ~0.01 ms, ~30 commits per trial, and far more on disks with slow fsync. What
+    a commit wrote survives a killed process (kill -9, OOM: the resume tests), and the file stays consistent; only
+    a power loss or OS crash may roll back the last commits, as SQLite documents for WAL with NORMAL. Safe for
+    processes on one machine, as SQLite stores must be; nothing for other URLs."""
+    import sqlite3
+
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
 
     path = sqlite_file(uri)
     if path is None:
         return
     with contextlib.closing(sqlite3.connect(path, timeout=30)) as conn:
         conn.execute("PRAGMA journal_mode=WAL")
+    _WAL_FILES.add(os.path.realpath(path))
+    if not event.contains(Engine, "connect", _wal_sync_normal):
+        event.listen(Engine, "connect", _wal_sync_normal)
 
 
 def artifact_root(uri: str) -> str | None:

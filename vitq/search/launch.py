@@ -77,6 +77,9 @@ class InProcessLauncher:
         with read_write(task), open_dict(task):
             del task["hydra"]
         self._full, self._task = full, task
+        self._work = copy.deepcopy(task)  # every job's config (see _job_config)
+        OmegaConf.set_readonly(self._work, True)
+        self._work_keys: set[str] = set()
         Path(full.hydra.runtime.output_dir).mkdir(parents=True, exist_ok=True)
         self._previous = HydraConfig.instance().cfg  # the sweep's, given back by close()
         HydraConfig.instance().set_config(full)
@@ -91,17 +94,41 @@ class InProcessLauncher:
                 node.hydra.job.id = idx
                 node.hydra.overrides.task = overrides
 
+    def _job_config(self, values: dict[str, Any]) -> DictConfig:
+        """The task config with ``values`` set, as a deep copy of it with them set would be.
+
+        One read-only working copy serves every job (a deep copy per job took ~5 ms, against ~60 ms of a digits
+        trial's bookkeeping): keys that the previous job set and this one does not go back to the task config's
+        values, a mapping or list value is set on the task config's (``merge`` as on a fresh copy), and ``blocks``
+        (where ``blocks.N`` keys are added) starts again from the task config's whenever a job touches it.
+        """
+        work, base = self._work, self._task
+        with read_write(work), open_dict(work):
+            if any(k.startswith("blocks.") for k in (*self._work_keys, *values)):
+                if "blocks" in base:
+                    work.blocks = copy.deepcopy(base.blocks)
+                elif "blocks" in work:
+                    del work["blocks"]
+            for key in self._work_keys - values.keys():
+                if not key.startswith("blocks."):
+                    OmegaConf.update(work, key, copy.deepcopy(OmegaConf.select(base, key)), merge=False)
+            for key, value in values.items():
+                block = key.startswith("blocks.")
+                if isinstance(value, (dict, list)) and not block:
+                    OmegaConf.update(work, key, copy.deepcopy(OmegaConf.select(base, key)), merge=False)
+                OmegaConf.update(work, key, value, merge=True, force_add=block)
+        self._work_keys = set(values)
+        return work
+
     def _run(self, lines: list[str], values: dict[str, Any], idx: int) -> JobReturn:
-        """One job, as Hydra's ``run_job``: its config is the task config with ``values`` set (a fresh copy); the
-        callbacks get the sweep's job config with this job's Hydra node."""
+        """One job, as Hydra's ``run_job``: its config is the task config with ``values`` set; the callbacks get
+        the sweep's job config with this job's Hydra node."""
         callbacks = self.context.callbacks
         if not self._logging:
             self._prepare()
         overrides = [*self.base_overrides, *lines]
         self._set_job(overrides, idx)
-        task_cfg = copy.deepcopy(self._task)
-        for key, value in values.items():
-            OmegaConf.update(task_cfg, key, value, merge=True, force_add=key.startswith("blocks."))
+        task_cfg = self._job_config(values)
         ret = JobReturn(overrides=overrides, cfg=task_cfg, hydra_cfg=HydraConfig.instance().cfg,
                         working_dir=str(Path.cwd()))
         with env_override(dict(self._full.hydra.job.env_set)):

@@ -138,21 +138,20 @@ def process_alive(pid: int) -> bool:
 
 @contextmanager
 def heartbeat(storage: RDBStorage | None, trial_ids: list[int], interval: int | None) -> Iterator[None]:
-    """Record heartbeats of ``trial_ids`` every ``interval`` seconds while the body runs."""
+    """Record heartbeats of ``trial_ids`` every ``interval`` seconds while the body runs, the first one
+    ``interval`` seconds in (the sweeper records one when it takes a trial)."""
     if not interval or storage is None:
         yield
         return
     stop = threading.Event()
 
     def beat() -> None:
-        while True:
+        while not stop.wait(interval):
             for tid in trial_ids:
                 try:
                     storage.record_heartbeat(tid)
                 except Exception as e:  # noqa: BLE001 - a lost beat is retried; the trial must go on
                     log.warning("heartbeat of trial id %d failed: %s", tid, e)
-            if stop.wait(interval):
-                return
 
     thread = threading.Thread(target=beat, name="vitq-heartbeat", daemon=True)
     thread.start()
