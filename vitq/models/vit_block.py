@@ -146,15 +146,17 @@ class QuantTimmVitBlock(nn.Module):
             return self._attend(q, k, v, attn_mask, is_causal)
         out = q.new_empty(B, H, N, v.shape[-1])
         for i in range(0, B, step):
-            out[i:i + step] = self._attend(q[i:i + step], k[i:i + step], v[i:i + step], None, False)
+            self._attend(q[i:i + step], k[i:i + step], v[i:i + step], None, False, out=out[i:i + step])
         return out
 
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_causal: bool) -> Tensor:
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_causal: bool,
+                out: Tensor | None = None) -> Tensor:
+        """Scores → ``kv_act`` → softmax → ``intSoft`` → times ``v`` (written into ``out`` when given)."""
         a: Attention = self.block.attn
         attn = (q * a.scale) @ k.transpose(-2, -1)
         attn = maybe_add_mask(attn, resolve_self_attn_mask(q.shape[-2], attn, attn_mask, is_causal))
         attn = self.softmax(attn, self.quantizers["kv_act"])  # quantized at kv_act, softmax, intSoft
-        return a.attn_drop(attn) @ v
+        return torch.matmul(a.attn_drop(attn), v, out=out)
 
     def _mlp(self, x: Tensor) -> Tensor:
         m: Mlp = self.block.mlp

@@ -426,7 +426,7 @@ class QIntSoftmax(nn.Module):
 
     def _lut_softmax(self, x_int: Tensor, grid: UniformGrid) -> Tensor:
         lut = self._table(grid)
-        idx = x_int.sub_(x_int.amax(dim=-1, keepdim=True)).neg_().to(torch.int32)  # max - x in [0, n)
+        idx = torch.sub(x_int.amax(dim=-1, keepdim=True), x_int, out=x_int).to(torch.int32)  # max - x in [0, n)
         if self._lut_offsets is not None:
             idx += self._lut_offsets
         e = lut.index_select(0, idx.reshape(-1)).view(x_int.shape)
