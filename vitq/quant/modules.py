@@ -288,7 +288,7 @@ class QLinear(nn.Module):
         w = self.linear.weight.detach()
         key = (self.wq._d, w.data_ptr(), None if w.is_inference() else w._version)  # inference tensors: no version
         old = self._cached_key
-        if self._cached is None or old is None or old[0] is not key[0] or old[1:] != key[1:]:
+        if old is None or old[0] is not key[0] or old[1:] != key[1:]:  # (the key is None iff nothing is cached)
             with torch.no_grad():
                 self._cached = self.wq.quantize(w)
             self._cached_key = key

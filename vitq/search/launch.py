@@ -106,16 +106,16 @@ class InProcessLauncher:
         with read_write(work), open_dict(work):
             if any(k.startswith("blocks.") for k in (*self._work_keys, *values)):
                 if "blocks" in base:
-                    work.blocks = copy.deepcopy(base.blocks)
+                    work.blocks = base.blocks  # (OmegaConf copies a node it sets)
                 elif "blocks" in work:
                     del work["blocks"]
             for key in self._work_keys - values.keys():
                 if not key.startswith("blocks."):
-                    OmegaConf.update(work, key, copy.deepcopy(OmegaConf.select(base, key)), merge=False)
+                    OmegaConf.update(work, key, OmegaConf.select(base, key), merge=False)
             for key, value in values.items():
                 block = key.startswith("blocks.")
                 if isinstance(value, (dict, list)) and not block:
-                    OmegaConf.update(work, key, copy.deepcopy(OmegaConf.select(base, key)), merge=False)
+                    OmegaConf.update(work, key, OmegaConf.select(base, key), merge=False)
                 OmegaConf.update(work, key, value, merge=True, force_add=block)
         self._work_keys = set(values)
         return work
