@@ -62,8 +62,10 @@ class KLObserver(Observer):
             lo, hi, counts = s.cmin.double(), s.cmax.double(), s.chist.double()
         else:
             lo, hi, counts = s.cmin.min().double().view(1), s.cmax.max().double().view(1), s.hist.double().view(1, -1)
-        parts = zip(*(t.split(KL_CHUNK_ROWS) for t in (counts, lo, hi, self.width)), strict=True)
-        add = torch.cat([_fold_counts(*part, self.bins) for part in parts])
+        add = counts.new_empty((counts.shape[0], self.bins))
+        parts = zip(*(t.split(KL_CHUNK_ROWS) for t in (counts, lo, hi, self.width, add)), strict=True)
+        for part in parts:
+            _fold_counts(*part)
         self.hist = add if self.hist is None else self.hist + add
 
     def _grow(self, amax: Tensor) -> None:
@@ -108,14 +110,14 @@ class KLObserver(Observer):
         return torch.maximum(lo, -t), t
 
 
-def _fold_counts(counts: Tensor, lo: Tensor, hi: Tensor, width: Tensor, bins: int) -> Tensor:
-    """``counts`` (C, S) in S equal bins over [lo, hi] per row, spread evenly within each bin, as (C, ``bins``)
-    counts of |x| in bins of ``width``: the piecewise-linear CDF read at ±every inner edge (the last bin takes
-    everything past the last edge, as ``_accumulate`` clamps).
+def _fold_counts(counts: Tensor, lo: Tensor, hi: Tensor, width: Tensor, out: Tensor) -> None:
+    """``counts`` (C, S) in S equal bins over [lo, hi] per row, spread evenly within each bin, as (C, B) counts of
+    |x| in bins of ``width``, written to ``out`` (C, B): the piecewise-linear CDF read at ±every inner edge (the
+    last bin takes everything past the last edge, as ``_accumulate`` clamps).
 
-    One (C, 2·bins) pass per step: the edges' positions in source bins are one ``addcmul``, both signs at once.
+    One (C, 2·B) pass per step: the edges' positions in source bins are one ``addcmul``, both signs at once.
     """
-    src = counts.shape[1]
+    src, bins = counts.shape[1], out.shape[1]
     cum = torch.nn.functional.pad(counts.cumsum(1), (1, 0))  # (C, S+1): counts below each source edge
     total = cum[:, -1:]
     src_w = (hi - lo) / src
@@ -124,14 +126,18 @@ def _fold_counts(counts: Tensor, lo: Tensor, hi: Tensor, width: Tensor, bins: in
     j = torch.arange(1, bins, dtype=torch.float64, device=counts.device)
     signed = torch.cat([j, -j]).view(1, -1)
     k = torch.addcmul((-lo * inv).view(-1, 1), signed, (width * inv).view(-1, 1)).clamp_(0, src)
-    i = k.to(torch.int64).clamp_(max=src - 1)  # floor: k >= 0
-    below = cum.gather(1, i).addcmul_(k.sub_(i), counts.gather(1, i))  # values <= each edge
+    whole = k.floor().clamp_(max=src - 1)  # the source bin of each edge (k >= 0)
+    i = whole.to(torch.int64)
+    below = cum.gather(1, i).addcmul_(k.sub_(whole), counts.gather(1, i))  # values <= each edge
     if flat.any():
         rows = flat.nonzero().view(-1)
         x = signed * width[rows].view(-1, 1)
         below[rows] = torch.where(x >= lo[rows].view(-1, 1), total[rows], torch.zeros_like(total[rows]))
-    inside = below[:, :bins - 1] - below[:, bins - 1:]  # values with |x| <= each inner edge (C, bins-1)
-    return torch.diff(inside, dim=1, prepend=torch.zeros_like(total), append=total).clamp_(min=0)
+    inside = torch.sub(below[:, :bins - 1], below[:, bins - 1:], out=k[:, :bins - 1])  # |x| <= each inner edge
+    out[:, :1] = inside[:, :1]
+    torch.sub(inside[:, 1:], inside[:, :-1], out=out[:, 1:bins - 1])
+    torch.sub(total, inside[:, -1:], out=out[:, -1:])
+    out.clamp_(min=0)
 
 
 KL_CHUNK_ROWS = 32  # channels scored together: each (channels × thresholds) float64 array (~0.5 MB) stays in L2
@@ -176,25 +182,27 @@ def _kl_best_bins(hist: Tensor, levels: int, start_bin: int = 128) -> Tensor:
     m0, m1 = start // levels, nbins // levels  # group widths of the first and last threshold
     n_w = m1 - m0 + 1
     first, stop = m0 * levels, (m1 + 1) * levels  # padded thresholds [first, stop), as (n_w, levels)
-    h = torch.nn.functional.pad(hist.double(), (1, stop - 1 - nbins))  # h[:, j] = hist[:, j-1]; 0 past the end
-    cs = h.cumsum(1)  # cs[:, j] = sum(hist[:, :j]), constant past the end
-    nz = torch.sign(h).cumsum_(1)  # non-empty bins among hist[:, :j] (counts >= 0: sign is 0 or 1, sums exact)
-    nlogn = torch.special.xlogy(h, h).cumsum_(1)  # n log n, 0 at n = 0
     dev = hist.device
+    # prefix sums over hist[:, :j] at column j, constant past the end: counts, non-empty bins, n log n
+    pre = torch.empty((3, rows, stop), dtype=torch.float64, device=dev)
+    pre[:, :, 0] = 0
+    pre[:, :, nbins + 1:] = 0
+    n = pre[0, :, 1:nbins + 1].copy_(hist)
+    torch.sign(n, out=pre[1, :, 1:nbins + 1])  # counts >= 0: 0 or 1, so the sums are exact
+    torch.clamp(n, min=_TINY, out=pre[2, :, 1:nbins + 1]).log_().mul_(n)  # 0 at n = 0
+    empty = torch.nn.functional.pad(n == 0, (0, stop - 1 - nbins), value=True)  # hist[:, j] = 0, true past the end
+    pre.cumsum_(2)
+    cs, nz, nlogn = pre
     bounds = torch.arange(m0, m1 + 1, device=dev).view(-1, 1) * torch.arange(levels, device=dev).view(1, -1)  # groups
-
-    def at(a: Tensor, idx: Tensor) -> Tensor:
-        return a.gather(1, idx.reshape(1, -1).expand(rows, -1)).view(rows, *idx.shape)
-
-    gsum = at(cs, bounds).diff(dim=2)  # (C, n_w, levels-1)
-    gmean = at(nz, bounds).diff(dim=2).clamp_(min=1).reciprocal_().mul_(gsum)
+    gsum, cnt = pre[:2].gather(2, bounds.view(1, 1, -1).expand(2, rows, -1)).view(2, rows, n_w, levels).diff(dim=3)
+    gmean = cnt.clamp_(min=1).reciprocal_().mul_(gsum)  # (C, n_w, levels-1)
     full_groups = gmean.clamp_(min=_TINY).log_().mul_(gsum).sum(2, keepdim=True)  # (C, n_w, 1)
     step = levels - 1
     last_start = slice(m0 * step, m1 * step + 1, step)  # the last group starts at (levels-1)·m
 
     def blocks(a: Tensor, shift: int) -> Tensor:
         """a[:, i - shift] for the padded thresholds i, as (C, n_w, levels)."""
-        return a[:, first - shift:stop - shift].reshape(rows, n_w, levels)
+        return a[:, first - shift:stop - shift].view(rows, n_w, levels)
 
     total = cs[:, nbins:nbins + 1].unsqueeze(2)  # S, (C, 1, 1)
     s_i = blocks(cs, 0)
@@ -205,7 +213,7 @@ def _kl_best_bins(hist: Tensor, levels: int, start_bin: int = 128) -> Tensor:
     log_g = g.clamp_(min=_TINY).log_()
     score = p.clamp(min=_TINY).log_().mul_(p).add_(blocks(nlogn, 1)).sub_(full_groups)
     score.addcmul_(log_s, total).addcmul_(log_g, before_last - total)
-    empty_last = (h[:, first:stop] == 0).view(rows, n_w, levels)  # n_{i-1} = 0
+    empty_last = empty[:, first - 1:stop - 1].view(rows, n_w, levels)  # n_{i-1} = 0
     floor = log_s.sub_(log_g).add_(_LOG_Q_FLOOR).mul_(p).mul_(empty_last)
     score = score.sub_(floor).view(rows, -1)
     score[:, :start - first] = float("inf")
