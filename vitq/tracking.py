@@ -16,6 +16,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -221,12 +222,16 @@ def param_key(name: str) -> str:
 
 @dataclass
 class TrialRun:
-    """A trial's MLflow run: created when the trial starts, written in one batch when it ends."""
+    """A trial's MLflow run: created while the trial starts computing, written in one batch when it ends."""
 
-    id: str
+    created: Future[mlflow.entities.Run]
     params: dict[str, str]
     cfg: LayerQuantConfig
-    artifact_uri: str
+
+    @property
+    def id(self) -> str:
+        """The run's id (waits for its creation; raises its error)."""
+        return self.created.result().info.run_id
 
     def finish(self, metrics: dict[str, float], profile: pd.DataFrame | None) -> None:
         """Params and metrics in one ``log_batch`` (metrics stamped now), then the config and profile files."""
@@ -241,7 +246,11 @@ class TrialRun:
             (Path(tmp) / "quant_config.yaml").write_text(self.cfg.to_yaml())
             if profile is not None and not profile.empty:
                 profile.to_csv(Path(tmp) / "profile.csv", index=False)
-            get_artifact_repository(self.artifact_uri).log_artifacts(tmp)  # (the client would fetch the run again)
+            artifact_uri = self.created.result().info.artifact_uri  # (the client would fetch the run again)
+            get_artifact_repository(artifact_uri).log_artifacts(tmp)
+
+
+_CREATOR: ThreadPoolExecutor | None = None  # creates trial runs in the background, in order
 
 
 @contextmanager
@@ -249,7 +258,12 @@ def trial_run(uri: str | None, study: str, trial_number: int | None, cfg: LayerQ
               tags: dict[str, str] | None = None, params: dict[str, Any] | None = None) -> Iterator[TrialRun]:
     """A child run (nested under the sweep's parent when there is one) with provenance ``tags``, MLflow's system
     tags and the points' summary; ``params`` (the searched keys) are logged with the metrics by ``finish``, or
-    alone if the body raises (the run then ends FAILED, KILLED on Ctrl-C)."""
+    alone if the body raises (the run then ends FAILED, KILLED on Ctrl-C).
+
+    The run is created by a background thread while the body starts (its store round trips overlap the trial's
+    compute); its id waits for it, and the run is ended only once it exists. An error creating it is raised
+    where the body first needs the run, or after a body that failed."""
+    global _CREATOR
     exp_id = use_store(uri, study)
     client = MlflowClient()
     parent = os.environ.get(PARENT_ENV)
@@ -260,9 +274,10 @@ def trial_run(uri: str | None, study: str, trial_number: int | None, cfg: LayerQ
     if parent:
         tags["mlflow.parentRunId"] = parent
     name = f"trial-{trial_number}" if trial_number is not None else "trial"
-    run = client.create_run(exp_id, tags={**tags, "mlflow.runName": name})
-    handle = TrialRun(run.info.run_id, {param_key(k): str(v)[:6000] for k, v in (params or {}).items()}, cfg,
-                      run.info.artifact_uri)
+    if _CREATOR is None:
+        _CREATOR = ThreadPoolExecutor(1, thread_name_prefix="vitq-mlflow")
+    created = _CREATOR.submit(client.create_run, exp_id, tags={**tags, "mlflow.runName": name})
+    handle = TrialRun(created, {param_key(k): str(v)[:6000] for k, v in (params or {}).items()}, cfg)
     status = "FINISHED"
     try:
         yield handle
@@ -273,10 +288,14 @@ def trial_run(uri: str | None, study: str, trial_number: int | None, cfg: LayerQ
         status = "FAILED"
         raise
     finally:
-        if handle.params and status != "FINISHED":
-            with contextlib.suppress(Exception):
-                client.log_batch(handle.id, params=[mlflow.entities.Param(k, v) for k, v in handle.params.items()])
-        client.set_terminated(handle.id, status)
+        error = created.exception()  # (waits for the run)
+        if error is None:
+            if handle.params and status != "FINISHED":
+                with contextlib.suppress(Exception):
+                    client.log_batch(handle.id, params=[mlflow.entities.Param(k, v) for k, v in handle.params.items()])
+            client.set_terminated(handle.id, status)
+        elif status == "FINISHED":  # (a failed body raises its own error: there is no run to end)
+            raise error
 
 
 def log_run_config(run_id: str, cfg: DictConfig) -> None:

@@ -327,7 +327,7 @@ class VitqOptunaSweeperImpl(Sweeper):
             if free <= 0:  # the other workers' trials fill the budget: wait for them (or for their heartbeat to lapse)
                 time.sleep(self.settings.poll_interval)
                 continue
-            batch = []
+            batch, fixed = [], []
             for _ in range(min(spec.n_jobs or 1, free)):
                 with storage_lock(spec.storage, self._rdb):  # SQLite has no row locks: two workers could pop one
                     t = study.ask()  # waiting trial; under the lock each pops its own
@@ -338,15 +338,17 @@ class VitqOptunaSweeperImpl(Sweeper):
                     t.set_user_attr("vitq:surplus", True)
                     study.tell(t, state=TrialState.PRUNED)
                     continue
-                retried = self._storage.get_trial_system_attrs(self._tid(t.number)).get("failed_trial")
+                attrs = self._storage.get_trial_system_attrs(self._tid(t.number))  # (one read serves both uses)
+                retried = attrs.get("failed_trial")
                 if retried is not None and self._recorded(study, spec, t, retried):
                     log.warning("trial %d repeats trial %d, whose MLflow run had finished: recorded from it",
                                 t.number, retried)
                     continue
                 batch.append(t)
+                fixed.append(attrs.get("fixed_params", {}))
             if not batch:
                 continue
-            jobs = [self._trial_values(t, spec) for t in batch]
+            jobs = [self._trial_values(t, spec, f) for t, f in zip(batch, fixed, strict=True)]
             try:
                 with heartbeat(self._rdb, [self._tid(t.number) for t in batch], self.settings.heartbeat_interval):
                     results = self._launch(arguments, jobs, job_idx)
@@ -373,16 +375,16 @@ class VitqOptunaSweeperImpl(Sweeper):
                     study.tell(t, state=TrialState.FAIL)
         return returns, failed
 
-    def _trial_values(self, trial: optuna.Trial, spec: SearchSpec) -> dict[str, Any]:
+    def _trial_values(self, trial: optuna.Trial, spec: SearchSpec, fixed: dict[str, Any]) -> dict[str, Any]:
         """The trial's config values by dotted key: its number and study, every sampled parameter (wildcards
-        expanded), enqueued keys outside the space, and ``trial_params`` (the params as searched, for MLflow)."""
+        expanded), enqueued keys outside the space (``fixed``: the trial's enqueued params), and ``trial_params``
+        (the params as searched, for MLflow)."""
         out: dict[str, Any] = {"trial_number": trial.number, "study_name": spec.study_name}
         names = {p.name for p in spec.params}
         out.update(spec.suggest_overrides(trial))
         if self._extend is not None:  # custom_search_space: its params are overrides too (as the official plugin)
             self._extend(self.config, trial)
             out.update({k: v for k, v in trial.params.items() if k not in names})
-        fixed = self._storage.get_trial_system_attrs(self._tid(trial.number)).get("fixed_params", {})
         extra = {k: v for k, v in fixed.items() if k not in names}  # enqueued keys outside the space pass through
         out.update(extra)
         searched = {**trial.params, **{k: v for k, v in extra.items() if k != "baseline"}}
