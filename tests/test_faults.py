@@ -307,3 +307,31 @@ def test_dataset_inputs_survive_a_concurrent_insert(tmp_path, monkeypatch):
     monkeypatch.setattr(MlflowClient, "log_inputs", broken)
     with pytest.raises(MlflowException, match="run gone"):
         tracking.log_datasets(client.create_run(exp).info.run_id, data)
+
+
+def test_trial_run_made_in_the_background_ends_with_the_trial(tmp_path):
+    """A trial's MLflow run is created while the trial computes: a finished trial's run is FINISHED with its
+    metrics and params, a failing trial's FAILED with its params; a run that cannot be created (its experiment
+    deleted under the sweep) fails the trial with MLflow's error, and a trial that fails itself raises its own."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from vitq import LayerQuantConfig, QuantConfig, tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = LayerQuantConfig.uniform(QuantConfig())
+    exp = tracking.use_store(uri, "bg")
+    with tracking.trial_run(uri, "bg", 0, cfg, params={"layers.attn_*.bits": 4}) as run:
+        run.finish({"top1": 0.5}, None)
+    with pytest.raises(ZeroDivisionError), tracking.trial_run(uri, "bg", 1, cfg, params={"k": 8}):
+        _ = 1 / 0
+    client = MlflowClient()
+    runs = {r.data.tags["trial_number"]: r for r in client.search_runs([exp])}
+    assert runs["0"].info.status == "FINISHED" and runs["0"].data.metrics == {"top1": 0.5}
+    assert runs["0"].data.params == {"layers.attn_ALL.bits": "4"}
+    assert runs["1"].info.status == "FAILED" and runs["1"].data.params == {"k": "8"}
+    client.delete_experiment(exp)  # (the experiment's id stays cached in the process)
+    with pytest.raises(MlflowException, match="active"), tracking.trial_run(uri, "bg", 2, cfg) as run:
+        run.finish({"top1": 0.5}, None)
+    with pytest.raises(ZeroDivisionError), tracking.trial_run(uri, "bg", 3, cfg):
+        _ = 1 / 0
