@@ -9,6 +9,7 @@ the ``VITQ_PARENT_RUN_ID`` environment variable.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import random
@@ -250,7 +251,10 @@ class TrialRun:
             get_artifact_repository(artifact_uri).log_artifacts(tmp)
 
 
-_CREATOR: ThreadPoolExecutor | None = None  # creates trial runs in the background, in order
+@functools.cache
+def _creator() -> ThreadPoolExecutor:
+    """The thread that creates trial runs in the background, in order (one per process)."""
+    return ThreadPoolExecutor(1, thread_name_prefix="vitq-mlflow")
 
 
 @contextmanager
@@ -263,7 +267,6 @@ def trial_run(uri: str | None, study: str, trial_number: int | None, cfg: LayerQ
     The run is created by a background thread while the body starts (its store round trips overlap the trial's
     compute); its id waits for it, and the run is ended only once it exists. An error creating it is raised
     where the body first needs the run, or after a body that failed."""
-    global _CREATOR
     exp_id = use_store(uri, study)
     client = MlflowClient()
     parent = os.environ.get(PARENT_ENV)
@@ -274,9 +277,7 @@ def trial_run(uri: str | None, study: str, trial_number: int | None, cfg: LayerQ
     if parent:
         tags["mlflow.parentRunId"] = parent
     name = f"trial-{trial_number}" if trial_number is not None else "trial"
-    if _CREATOR is None:
-        _CREATOR = ThreadPoolExecutor(1, thread_name_prefix="vitq-mlflow")
-    created = _CREATOR.submit(client.create_run, exp_id, tags={**tags, "mlflow.runName": name})
+    created = _creator().submit(client.create_run, exp_id, tags={**tags, "mlflow.runName": name})
     handle = TrialRun(created, {param_key(k): str(v)[:6000] for k, v in (params or {}).items()}, cfg)
     status = "FINISHED"
     try:
