@@ -230,9 +230,13 @@ class TrialRun:
     cfg: LayerQuantConfig
 
     @property
+    def info(self) -> mlflow.entities.RunInfo:
+        """The run's info (waits for its creation; raises its error)."""
+        return self.created.result().info
+
+    @property
     def id(self) -> str:
-        """The run's id (waits for its creation; raises its error)."""
-        return self.created.result().info.run_id
+        return self.info.run_id
 
     def finish(self, metrics: dict[str, float], profile: pd.DataFrame | None) -> None:
         """Params and metrics in one ``log_batch`` (metrics stamped now), then the config and profile files."""
@@ -247,8 +251,7 @@ class TrialRun:
             (Path(tmp) / "quant_config.yaml").write_text(self.cfg.to_yaml())
             if profile is not None and not profile.empty:
                 profile.to_csv(Path(tmp) / "profile.csv", index=False)
-            artifact_uri = self.created.result().info.artifact_uri  # (the client would fetch the run again)
-            get_artifact_repository(artifact_uri).log_artifacts(tmp)
+            get_artifact_repository(self.info.artifact_uri).log_artifacts(tmp)  # (the client would fetch the run again)
 
 
 @functools.cache
