@@ -46,6 +46,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
+from vitq.allocator import release_freed_memory, retain_freed_memory
 from vitq.calibrate import calibrated_model, clear_cache
 from vitq.data import DataBundle, batches
 from vitq.evaluate import evaluate
@@ -113,6 +114,7 @@ def peak_memory(fn: Callable[[], Any]) -> float:
     import threading
 
     gc.collect()
+    release_freed_memory()  # the heap kept for reuse is not this pass's memory
     peak = [_rss()]
     stop = threading.Event()
 
@@ -504,6 +506,7 @@ def run_bench(quick: bool = False, models: tuple[str, ...] = ("digits", "vit_sma
               log: Callable[[str], None] = print, device: str = "cpu", overrides: tuple[str, ...] = (),
               sections: tuple[str, ...] = ("sweep", "scaling")) -> dict[str, Any]:
     torch.set_grad_enabled(False)
+    retain_freed_memory()  # as a Session does for every trial the CLI runs
     from vitq.session import resolve_device
 
     dev = str(resolve_device(device))

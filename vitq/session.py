@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 import vitq
+from vitq.allocator import retain_freed_memory
 from vitq.data import TRANSFORM_KEYS, DataBundle, DataError, load_digits, load_image_folder
 from vitq.evaluate import EvalResult
 from vitq.models.factory import REFERENCE_NAME, ModelError, create_model, file_sha256
@@ -171,6 +172,7 @@ class Session:
         sha = checkpoint_sha256(mspec.checkpoint)
         key = (mspec, sha, dspec, str(device), eval_bs, calib_bs, cfg.get("stats_dir"), max_values)
         if key not in _SESSIONS:
+            retain_freed_memory()  # trials allocate the same large buffers pass after pass: reuse them
             _SESSIONS[key] = cls(mspec, dspec, device, eval_bs, calib_bs, cfg.get("stats_dir"), max_values, sha)
         return _SESSIONS[key]
 
