@@ -14,7 +14,6 @@ no-ops that say so.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 import logging
 
@@ -28,13 +27,9 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # <malloc.h>
 
 @functools.cache
 def _glibc() -> ctypes.CDLL | None:
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name)
-        libc.gnu_get_libc_version  # noqa: B018 - glibc only: musl and macOS lack it
-    except (OSError, AttributeError, TypeError):
-        return None
-    return libc
+    """The C library this process runs on (its own symbols), if it is glibc."""
+    libc = ctypes.CDLL(None)
+    return libc if hasattr(libc, "gnu_get_libc_version") else None  # musl and macOS lack it
 
 
 @functools.cache
@@ -51,9 +46,7 @@ def retain_freed_memory() -> bool:
     if not libc.mallopt(_M_MMAP_THRESHOLD, KEEP_BYTES):
         log.debug("allocator: glibc refused M_MMAP_THRESHOLD=%d; malloc left as it is", KEEP_BYTES)
         return False
-    if not libc.mallopt(_M_TRIM_THRESHOLD, KEEP_BYTES):  # pragma: no cover - glibc accepts any trim threshold
-        log.debug("allocator: glibc refused M_TRIM_THRESHOLD=%d", KEEP_BYTES)
-        return False
+    libc.mallopt(_M_TRIM_THRESHOLD, KEEP_BYTES)  # (glibc accepts any trim threshold)
     return True
 
 
