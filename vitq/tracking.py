@@ -223,11 +223,11 @@ def param_key(name: str) -> str:
 
 @dataclass
 class TrialRun:
-    """A trial's MLflow run: created while the trial starts computing, written in one batch when it ends."""
+    """A trial's MLflow run: created, with its params and ``quant_config.yaml``, while the trial starts computing;
+    its metrics and profile are written when it ends."""
 
     created: Future[mlflow.entities.Run]
-    params: dict[str, str]
-    cfg: LayerQuantConfig
+    client: MlflowClient
 
     @property
     def info(self) -> mlflow.entities.RunInfo:
@@ -239,19 +239,37 @@ class TrialRun:
         return self.info.run_id
 
     def finish(self, metrics: dict[str, float], profile: pd.DataFrame | None) -> None:
-        """Params and metrics in one ``log_batch`` (metrics stamped now), then the config and profile files."""
-        client = MlflowClient()
+        """The metrics in one ``log_batch`` (stamped now), then the profile file."""
         now = int(time.time() * 1000)
         ms = [mlflow.entities.Metric(k, float(v), now, 0) for k, v in metrics.items() if np.isfinite(v)]
-        client.log_batch(self.id, metrics=ms, params=[mlflow.entities.Param(k, v) for k, v in self.params.items()])
-        self.params = {}
-        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+        self.client.log_batch(self.id, metrics=ms)
+        if profile is not None and not profile.empty:
+            _log_files(self.info.artifact_uri, {"profile.csv": profile.to_csv(index=False)})
 
-        with tempfile.TemporaryDirectory() as tmp:
-            (Path(tmp) / "quant_config.yaml").write_text(self.cfg.to_yaml())
-            if profile is not None and not profile.empty:
-                profile.to_csv(Path(tmp) / "profile.csv", index=False)
-            get_artifact_repository(self.info.artifact_uri).log_artifacts(tmp)  # (the client would fetch the run again)
+
+def _log_files(artifact_uri: str, files: dict[str, str]) -> None:
+    """Text files into a run's artifacts (its repository directly: the client would fetch the run again)."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, text in files.items():
+            (Path(tmp) / name).write_text(text)
+        get_artifact_repository(artifact_uri).log_artifacts(tmp)
+
+
+def _open_run(client: MlflowClient, exp_id: str, tags: dict[str, str], params: dict[str, str],
+              cfg: LayerQuantConfig) -> mlflow.entities.Run:
+    """Create a trial run with its ``params`` and ``quant_config.yaml``; if those fail, end it FAILED and raise."""
+    run = client.create_run(exp_id, tags=tags)
+    try:
+        if params:
+            client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, v) for k, v in params.items()])
+        _log_files(run.info.artifact_uri, {"quant_config.yaml": cfg.to_yaml()})
+    except BaseException:
+        with contextlib.suppress(Exception):
+            client.set_terminated(run.info.run_id, "FAILED")
+        raise
+    return run
 
 
 @functools.cache
@@ -264,8 +282,8 @@ def _creator() -> ThreadPoolExecutor:
 def trial_run(uri: str | None, study: str, trial_number: int | None, cfg: LayerQuantConfig,
               tags: dict[str, str] | None = None, params: dict[str, Any] | None = None) -> Iterator[TrialRun]:
     """A child run (nested under the sweep's parent when there is one) with provenance ``tags``, MLflow's system
-    tags and the points' summary; ``params`` (the searched keys) are logged with the metrics by ``finish``, or
-    alone if the body raises (the run then ends FAILED, KILLED on Ctrl-C).
+    tags, the points' summary, ``params`` (the searched keys) and the config file; ``finish`` logs the metrics.
+    If the body raises, the run ends FAILED (KILLED on Ctrl-C).
 
     The run is created by a background thread while the body starts (its store round trips overlap the trial's
     compute); its id waits for it, and the run is ended only once it exists. An error creating it is raised
@@ -280,8 +298,9 @@ def trial_run(uri: str | None, study: str, trial_number: int | None, cfg: LayerQ
     if parent:
         tags["mlflow.parentRunId"] = parent
     name = f"trial-{trial_number}" if trial_number is not None else "trial"
-    created = _creator().submit(client.create_run, exp_id, tags={**tags, "mlflow.runName": name})
-    handle = TrialRun(created, {param_key(k): str(v)[:6000] for k, v in (params or {}).items()}, cfg)
+    params = {param_key(k): str(v)[:6000] for k, v in (params or {}).items()}
+    created = _creator().submit(_open_run, client, exp_id, {**tags, "mlflow.runName": name}, params, cfg)
+    handle = TrialRun(created, client)
     status = "FINISHED"
     try:
         yield handle
@@ -294,9 +313,6 @@ def trial_run(uri: str | None, study: str, trial_number: int | None, cfg: LayerQ
     finally:
         error = created.exception()  # (waits for the run)
         if error is None:
-            if handle.params and status != "FINISHED":
-                with contextlib.suppress(Exception):
-                    client.log_batch(handle.id, params=[mlflow.entities.Param(k, v) for k, v in handle.params.items()])
             client.set_terminated(handle.id, status)
         elif status == "FINISHED":  # (a failed body raises its own error: there is no run to end)
             raise error

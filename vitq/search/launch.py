@@ -82,17 +82,18 @@ class InProcessLauncher:
         self._work_keys: set[str] = set()
         Path(full.hydra.runtime.output_dir).mkdir(parents=True, exist_ok=True)
         self._previous = HydraConfig.instance().cfg  # the sweep's, given back by close()
-        HydraConfig.instance().set_config(full)
+        OmegaConf.set_readonly(full.hydra, True)  # as HydraConfig.set_config, which would serve a masked copy of
+        HydraConfig.instance().cfg = full  # the node: _set_job sets this one node, and HydraConfig.get() reads it
         configure_log(full.hydra.job_logging, full.hydra.verbose)  # the job log of the whole sweep
         self._logging = True
 
     def _set_job(self, overrides: list[str], idx: int) -> None:
         """This job's number and overrides in the Hydra node that ``HydraConfig.get()`` and the callbacks read."""
-        for node in (self._full, HydraConfig.instance().cfg):
-            with read_write(node.hydra), open_dict(node.hydra):
-                node.hydra.job.num = idx
-                node.hydra.job.id = idx
-                node.hydra.overrides.task = overrides
+        node = self._full.hydra  # (also what ``HydraConfig.get()`` returns)
+        with read_write(node), open_dict(node):
+            node.job.num = idx
+            node.job.id = idx
+            node.overrides.task = overrides
 
     def _job_config(self, values: dict[str, Any]) -> DictConfig:
         """The task config with ``values`` set, as a deep copy of it with them set would be.

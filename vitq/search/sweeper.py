@@ -318,8 +318,7 @@ class VitqOptunaSweeperImpl(Sweeper):
             if time.monotonic() - last_reap >= self.settings.poll_interval:  # dead workers' trials: at most every poll
                 self._reap(study, spec)
                 last_reap = time.monotonic()
-            states = [t.state for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,
-                                                                                 TrialState.RUNNING))]
+            states = [t.state for t in study.get_trials(deepcopy=False)]
             complete, running = states.count(TrialState.COMPLETE), states.count(TrialState.RUNNING)
             if complete >= spec.n_trials:
                 break
@@ -328,13 +327,17 @@ class VitqOptunaSweeperImpl(Sweeper):
                 time.sleep(self.settings.poll_interval)
                 continue
             batch, fixed = [], []
-            for _ in range(min(spec.n_jobs or 1, free)):
+            waiting = TrialState.WAITING in states
+            for i in range(min(spec.n_jobs or 1, free)):
                 with storage_lock(spec.storage, self._rdb):  # SQLite has no row locks: two workers could pop one
                     t = study.ask()  # waiting trial; under the lock each pops its own
                 self._storage.set_trial_system_attr(self._tid(t.number), WORKER_ATTR, worker)
                 if self._rdb is not None and self.settings.heartbeat_interval:
                     self._rdb.record_heartbeat(self._tid(t.number))
-                if _rank(study, t) > spec.n_trials:  # another worker asked at the same moment
+                # a new trial numbered right after those read above and none waiting then: no worker has asked
+                # since, so the budget (free) holds it; else count (another worker may have asked at that moment)
+                fresh = not waiting and t.number == len(states) + i
+                if not fresh and _rank(study, t) > spec.n_trials:
                     t.set_user_attr("vitq:surplus", True)
                     study.tell(t, state=TrialState.PRUNED)
                     continue
