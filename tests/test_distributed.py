@@ -218,3 +218,39 @@ def test_sqlite_stores_commit_with_synchronous_normal(tmp_path):
         assert pragmas(sqlalchemy.create_engine(f"sqlite:///{tmp_path / 'other.db'}")) == ("delete", 2)
     finally:
         mlflow.set_tracking_uri(previous)
+
+
+def test_over_budget_rereads_the_study_unless_no_other_worker_can_have_asked():
+    """The budget check after ``ask``: a new trial right after those read (none waiting) fits; a trial asked after
+    another worker's, or while a waiting trial could be popped by another worker, is counted against the budget."""
+    from vitq.search.sweeper import over_budget
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+    def read(study: optuna.Study) -> list:
+        return [t.state for t in study.get_trials(deepcopy=False)]
+
+    study = optuna.create_study()  # budget 3, one COMPLETE: room for two
+    study.tell(study.ask(), 1.0)
+    states = read(study)
+    mine = [study.ask(), study.ask()]
+    assert [over_budget(study, t, states, i, 3) for i, t in enumerate(mine)] == [False, False]
+
+    study = optuna.create_study()  # budget 2, one COMPLETE; another worker asks between the read and ours
+    study.tell(study.ask(), 1.0)
+    states = read(study)
+    study.ask()
+    mine = study.ask()
+    assert mine.number == 2
+    assert over_budget(study, mine, states, 0, 2)
+    assert not over_budget(study, mine, states, 0, 3)
+
+    study = optuna.create_study()  # budget 2, one COMPLETE, one WAITING that another worker pops first
+    study.tell(study.ask(), 1.0)
+    study.enqueue_trial({})
+    states = read(study)
+    assert optuna.trial.TrialState.WAITING in states
+    assert study.ask().number == 1  # the other worker's
+    mine = study.ask()  # numbered right after those read, yet past the budget
+    assert mine.number == len(states)
+    assert over_budget(study, mine, states, 0, 2)

@@ -204,3 +204,33 @@ def test_baselines_are_whole_presets(reference, digits):
     spec.baselines = ["w8a8"]
     with pytest.raises(ConfigError, match="layers.attn_qkv.bit_type.bits=8 lies outside the search space"):
         spec.baseline_params(base)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "small"])
+def test_profile_mse_and_sqnr_against_numpy_on_the_same_sampled_values(layout):
+    """A point's profile row: MSE and SQNR of its evenly spaced runs of flattened values (``PROFILE_RUN`` values
+    every ``n // runs``; all values of a small tensor), as NumPy computes them from the FP and quantized tensors."""
+    from vitq.quant.modules import PROFILE_MAX_ELEMENTS, PROFILE_RUN
+
+    g = torch.Generator().manual_seed(3)
+    shape = {"contiguous": (37, 29, 61), "transposed": (37, 61, 29), "small": (5, 7, 11)}[layout]
+    x = torch.randn(*shape, generator=g) * 3
+    if layout == "transposed":
+        x = x.transpose(1, 2)  # not contiguous: the same logical values in another memory order
+    cfg = QuantConfig(calibration_mode="layer_wise", bit_type=BitTypeConfig(bits=4, signed=True),
+                      observer_type="MinmaxObserver")
+    q = _calibrated("mlp_act", cfg, x)
+    q.profiling = True
+    with torch.inference_mode():
+        out = q(x.clone())
+    fp, qv = x.numpy().reshape(-1).astype(np.float64), out.numpy().reshape(-1).astype(np.float64)
+    if fp.size > PROFILE_MAX_ELEMENTS:
+        runs = PROFILE_MAX_ELEMENTS // PROFILE_RUN
+        pick = (np.arange(runs)[:, None] * (fp.size // runs) + np.arange(PROFILE_RUN)).reshape(-1)
+        fp, qv = fp[pick], qv[pick]
+    row = q.profile_row()
+    noise = np.sum((fp - qv) ** 2)
+    assert q.prof.count == fp.size
+    assert row["mse"] == pytest.approx(noise / fp.size, rel=1e-5)
+    assert row["sqnr_db"] == pytest.approx(10 * np.log10(np.sum(fp**2) / noise), abs=1e-4)
+    assert 10 < row["sqnr_db"] < 25  # 4 bits over ~4 sigma: not a degenerate row

@@ -10,10 +10,10 @@ config (observer, bits, alpha, ...) without another forward pass. Ranges are mem
 
 from __future__ import annotations
 
+import functools
 import math
 import zlib
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -36,29 +36,56 @@ class NonFiniteActivationError(ValueError):
     """Calibration saw NaN or infinite values at a quantization point."""
 
 
-@dataclass
+@functools.lru_cache(maxsize=64)
+def _sample_index(n: int, device: torch.device) -> Tensor:
+    """Flat positions of ``PROFILE_MAX_ELEMENTS // PROFILE_RUN`` runs of ``PROFILE_RUN`` values, evenly spaced over
+    ``n`` values."""
+    runs = PROFILE_MAX_ELEMENTS // PROFILE_RUN
+    starts = torch.arange(runs, device=device) * (n // runs)
+    return (starts[:, None] + torch.arange(PROFILE_RUN, device=device)).reshape(-1)
+
+
 class _Profile:
-    count: int = 0
-    signal: float = 0.0
-    noise: float = 0.0
+    """Signal and noise energy of sampled FP values and their quantized copies, summed on their device: nothing is
+    read back while a forward runs (on a GPU, no copy to the host per point); :meth:`totals` reads them once."""
+
+    __slots__ = ("_sums", "count")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._sums: Tensor | None = None  # (signal, noise)
 
     @staticmethod
-    def sample(x: Tensor) -> Tensor:
-        """A copy of at most ``PROFILE_MAX_ELEMENTS`` values: evenly spaced contiguous runs (cheap to read)."""
-        f = x.detach().reshape(-1)
-        if f.numel() <= PROFILE_MAX_ELEMENTS:
-            return f.float().clone()
-        runs = PROFILE_MAX_ELEMENTS // PROFILE_RUN
-        stride = f.numel() // runs
-        return f[:runs * stride].view(runs, stride)[:, :PROFILE_RUN].float().reshape(-1)
+    def sample(x: Tensor, copy: bool = True) -> Tensor:
+        """At most ``PROFILE_MAX_ELEMENTS`` values of ``x`` as float: evenly spaced contiguous runs of its flattened
+        values (a strided view's copy, or where ``x`` is not contiguous one gather: not a copy of all of ``x``); all
+        of a smaller ``x``, copied unless ``copy`` is off."""
+        f = x.detach()
+        n = f.numel()
+        if n > PROFILE_MAX_ELEMENTS and f.is_contiguous():
+            runs = PROFILE_MAX_ELEMENTS // PROFILE_RUN
+            stride = n // runs
+            f = f.view(-1)[:runs * stride].view(runs, stride)[:, :PROFILE_RUN].reshape(-1)
+        elif n > PROFILE_MAX_ELEMENTS:
+            f = torch.take(f, _sample_index(n, f.device))
+        elif f.dtype == torch.float32:
+            return f.reshape(-1).clone() if copy else f.reshape(-1)
+        return f.reshape(-1).float()
 
     def add(self, fp: Tensor, q: Tensor) -> None:
         """Accumulate signal and noise energy of FP values ``fp`` and their quantized copy ``q``."""
-        f, g = self.sample(fp), self.sample(q)
+        f, g = self.sample(fp, copy=False), self.sample(q, copy=False)
         d = f - g
+        sums = torch.stack((torch.dot(f, f), torch.dot(d, d)))
+        self._sums = sums if self._sums is None else self._sums.add_(sums)
         self.count += f.numel()
-        self.signal += float(torch.dot(f, f))
-        self.noise += float(torch.dot(d, d))
+
+    def totals(self) -> tuple[float, float]:
+        """Signal and noise energy (0, 0 before any :meth:`add`)."""
+        if self._sums is None:
+            return 0.0, 0.0
+        signal, noise = self._sums.tolist()
+        return signal, noise
 
 
 class _Derived(NamedTuple):
@@ -213,11 +240,12 @@ class QPoint(nn.Module):
         if c.enabled and self._d is not None:
             row.update(self._d.summary)
         if self.prof.count:
-            row["mse"] = self.prof.noise / self.prof.count
-            if self.prof.noise:
-                row["sqnr_db"] = 10 * math.log10(self.prof.signal / self.prof.noise) if self.prof.signal else -math.inf
+            signal, noise = self.prof.totals()
+            row["mse"] = noise / self.prof.count
+            if noise:
+                row["sqnr_db"] = 10 * math.log10(signal / noise) if signal else -math.inf
             else:
-                row["sqnr_db"] = math.inf if self.prof.signal else math.nan
+                row["sqnr_db"] = math.inf if signal else math.nan
         return row
 
 

@@ -327,17 +327,13 @@ class VitqOptunaSweeperImpl(Sweeper):
                 time.sleep(self.settings.poll_interval)
                 continue
             batch, fixed = [], []
-            waiting = TrialState.WAITING in states
             for i in range(min(spec.n_jobs or 1, free)):
                 with storage_lock(spec.storage, self._rdb):  # SQLite has no row locks: two workers could pop one
                     t = study.ask()  # waiting trial; under the lock each pops its own
                 self._storage.set_trial_system_attr(self._tid(t.number), WORKER_ATTR, worker)
                 if self._rdb is not None and self.settings.heartbeat_interval:
                     self._rdb.record_heartbeat(self._tid(t.number))
-                # a new trial numbered right after those read above and none waiting then: no worker has asked
-                # since, so the budget (free) holds it; else count (another worker may have asked at that moment)
-                fresh = not waiting and t.number == len(states) + i
-                if not fresh and _rank(study, t) > spec.n_trials:
+                if over_budget(study, t, states, i, spec.n_trials):  # another worker asked at the same moment
                     t.set_user_attr("vitq:surplus", True)
                     study.tell(t, state=TrialState.PRUNED)
                     continue
@@ -473,7 +469,13 @@ def _worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _rank(study: optuna.Study, trial: optuna.Trial) -> int:
-    """1 + the number of COMPLETE or RUNNING trials numbered before ``trial`` (itself included)."""
+def over_budget(study: optuna.Study, trial: optuna.Trial, states: list[TrialState], asked: int,
+                n_trials: int) -> bool:
+    """Whether ``trial``, just asked, is past the budget: more than ``n_trials`` COMPLETE or RUNNING trials are
+    numbered up to it. ``states``: every trial's state when the budget was last read (it left room for ``asked``
+    + 1 more); ``asked``: trials this worker asked since. A new trial numbered right after those, when none was
+    waiting then, means no other worker asked since: it fits without reading the study again."""
+    if TrialState.WAITING not in states and trial.number == len(states) + asked:
+        return False
     live = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
-    return sum(1 for t in live if t.number <= trial.number)
+    return sum(1 for t in live if t.number <= trial.number) > n_trials
