@@ -167,6 +167,52 @@ def test_cuda_trial_matches_cpu(byo):
     assert gpu.top1 == pytest.approx(cpu.top1, abs=0.01) and gpu.weight_bytes == cpu.weight_bytes
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none here)")
+def test_cuda_batches_are_resident_and_a_trial_copies_nothing_per_batch(byo, monkeypatch):
+    """On a GPU the image sets are copied to it once: their batches equal the CPU's bit for bit (kept or streamed),
+    and a trial's host<->device copies do not grow with its number of eval batches."""
+    from conftest import PRESETS
+
+    import vitq.data as vdata
+    from vitq import load_config_from_yaml
+    from vitq.bench import host_device_copies
+    from vitq.data import batches
+    from vitq.trial import run_trial
+
+    s = Session.from_config(compose([*byo.cli()[:-1], "device=cuda"]))
+    data = s.data
+    cuda = torch.device("cuda")
+
+    def fresh(ds):  # noqa: ANN001, ANN202  (a new set object: nothing of it kept on the device yet)
+        if isinstance(ds, vdata.ImageSet):
+            return vdata.ImageSet(ds.images, ds.labels, ds.mean.flatten().tolist(), ds.std.flatten().tolist())
+        return torch.utils.data.TensorDataset(*ds.tensors)
+
+    default = vdata.RESIDENT_FRACTION
+    for ds in (data.eval, torch.utils.data.TensorDataset(torch.randn(50, 3, 8, 8), torch.arange(50))):
+        cpu = list(batches(ds, 16))
+        gpu = {}
+        for fraction in (default, 0.0):  # kept, then too large to keep: copied per batch
+            monkeypatch.setattr(vdata, "RESIDENT_FRACTION", fraction)
+            one = fresh(ds)
+            gpu[fraction] = [(x.cpu(), y.cpu()) for x, y in batches(one, 16, cuda)]
+            assert (vdata.resident(one, cuda) is None) == (fraction == 0.0)
+        kept, streamed = gpu.values()
+        assert all(torch.equal(a, b) and torch.equal(y, z) for (a, y), (b, z) in zip(kept, streamed, strict=True))
+        # CUDA divides by a scalar through its reciprocal: within an ulp of the CPU's normalization, not equal
+        assert all(torch.allclose(a, b, rtol=1e-6, atol=1e-6) and torch.equal(y, z)
+                   for (a, y), (b, z) in zip(kept, cpu, strict=True))
+    monkeypatch.undo()
+    cfg = load_config_from_yaml(PRESETS / "int8.yaml")
+    copies, n_batches = {}, {}
+    for bs in (16, 128):
+        run_trial(s.model, data, cfg, batch_size=bs)  # warm: FP reference, statistics and ranges cached
+        copies[bs] = host_device_copies(lambda bs=bs: run_trial(s.model, data, cfg, batch_size=bs))
+        n_batches[bs] = -(-len(data.eval) // bs)
+    assert n_batches[16] >= 4 * n_batches[128]
+    assert copies[16] == copies[128], (copies, n_batches)
+
+
 # ------------------------------------------------------------------------------------------------ bad inputs
 def test_bad_inputs_are_one_line_rc2_and_nothing_logged(byo, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -233,3 +233,31 @@ def test_quantize_vit_wraps_every_block():
         with qm.calibration():
             qm(x)
         assert torch.allclose(qm(x), m(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("observer", ["KLObserver", "OmseObserver"])
+def test_whole_work_equals_chunked_work(monkeypatch, observer):
+    """What a GPU runs whole (``vitq.quant.chunks``) gives what a CPU runs in cache-sized chunks: KL's thresholds
+    (32 channels a chunk) and OMSE's clip candidates (a few a chunk) give the same ranges, bit for bit, and the
+    attention maps (a few images a chunk) the same block output."""
+    import vitq.quant.chunks as chunks
+
+    torch.manual_seed(0)
+    block = Block(dim=96, num_heads=3, qkv_bias=True, init_values=1e-2).eval()  # 96 channels: 3 KL chunks
+    x = torch.randn(8, 197, 96) * 2  # 466 KB of maps an image: chunks of 4 images
+    cfg = load_config_from_yaml(PRESETS / "int8.yaml").with_overrides(
+        {f"{sec}.{p}.observer_type": observer for sec, p in (("attn_layer", "mlp_act"), ("layers", "norm1"),
+                                                             ("residual_layer", "residual1"))})
+    runs = {}
+    for devices in (("cpu",), ()):  # chunked on the CPU, then whole as on a GPU
+        monkeypatch.setattr(chunks, "CHUNKED_DEVICES", devices)
+        q = QuantTimmVitBlock(copy.deepcopy(block), cfg)
+        with torch.inference_mode():
+            with q.calibration():
+                q(x)
+            runs[devices] = (q(x), {p.key: p.range for p in q.points() if p.range is not None})
+    (out_c, ranges_c), (out_w, ranges_w) = runs.values()
+    assert ranges_c.keys() == ranges_w.keys() and {"mlp_act", "norm1", "residual1"} <= ranges_c.keys()
+    for key, (lo, hi) in ranges_c.items():
+        assert torch.equal(lo, ranges_w[key][0]) and torch.equal(hi, ranges_w[key][1]), key
+    assert _sqnr(out_c, out_w) > 60  # matmuls over 4 images or 8 may round differently; quantized the same

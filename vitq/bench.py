@@ -49,7 +49,7 @@ from torch.utils.data import TensorDataset
 from vitq.allocator import release_freed_memory, retain_freed_memory
 from vitq.calibrate import calibrated_model, clear_cache
 from vitq.data import DataBundle, batches
-from vitq.evaluate import evaluate
+from vitq.evaluate import evaluate, model_device
 from vitq.paths import CONF_DIR
 from vitq.quant.config import ACTIVATION_POINTS, BitTypeConfig, LayerQuantConfig, QuantConfig, load_config_from_yaml
 from vitq.quant.modules import STATS_MAX_ELEMENTS
@@ -57,7 +57,8 @@ from vitq.quant.observers import BatchStats, create_observer
 from vitq.quant.quantizers import affine_qparams, fake_quant_uniform, uniform_qparams
 from vitq.trial import run_trial
 
-__all__ = ["MODEL_FIGURES", "OBSERVER_FIGURES", "SWEEP_FIGURES", "bench_sweep", "main", "run_bench"]
+__all__ = ["MODEL_FIGURES", "OBSERVER_FIGURES", "SWEEP_FIGURES", "bench_sweep", "host_device_copies", "main",
+           "run_bench"]
 
 MODEL_FIGURES = ("trial_over_fp_eval", "calib_passes_after_first", "fakequant_over_fp_forward", "trials_per_hour",
                  "stats_memory_over_calib_batch", "fp_eval_ms", "trial_ms", "peak_memory_over_fp_eval")
@@ -94,6 +95,16 @@ def _times(fn: Callable[[], Any], reps: int) -> list[float]:
             fn()
             times.append(time.perf_counter() - t0)
     return times
+
+
+def host_device_copies(fn: Callable[[], Any]) -> int:
+    """The profiler's host→device and device→host copies (Memcpy HtoD / DtoH records) while ``fn`` runs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(e.count for e in prof.key_averages() if e.key.startswith(("Memcpy HtoD", "Memcpy DtoH")))
 
 
 def _rss() -> int:
@@ -298,7 +309,8 @@ def bench_model(w: Workload) -> dict[str, float]:
 
     int8 = trial_configs(1)[0]
     qm, _ = calibrated_model(w.model, w.data, int8)
-    x, _ = next(batches(w.data.eval, w.batch_size))
+    dev = model_device(w.model)
+    x, _ = next(batches(w.data.eval, w.batch_size, dev))
     with torch.inference_mode():
         w.model(x), qm(x)  # warm-up
         fwd: dict[str, list[float]] = {"fp": [], "q": []}
@@ -307,20 +319,19 @@ def bench_model(w: Workload) -> dict[str, float]:
             fwd["q"] += _times(lambda: qm(x), 1)
         fp_fwd, q_fwd = statistics.median(fwd["fp"]), statistics.median(fwd["q"])
     copies = {}
-    if _CUDA:  # host<->device copies of one trial (the profiler's Memcpy HtoD / DtoH records)
-        from torch.profiler import ProfilerActivity, profile
-
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            run_trial(w.model, w.data, trial_configs(w.n_trials + 2)[-1], batch_size=w.batch_size)
-        n_copies = sum(e.count for e in prof.key_averages() if e.key.startswith(("Memcpy HtoD", "Memcpy DtoH")))
-        n_batches = math.ceil(len(w.data.eval) / w.batch_size)
-        copies = {"host_device_copies_per_trial": float(n_copies), "eval_batches": float(n_batches)}
+    if _CUDA:  # host<->device copies of a trial, at the batch size and at a quarter of it (4× the eval batches)
+        cfg = trial_configs(w.n_trials + 2)[-1]
+        for key, bs in (("", w.batch_size), ("_quarter_batch", max(1, w.batch_size // 4))):
+            run_trial(w.model, w.data, cfg, batch_size=bs)  # warm: this batch size's FP reference
+            copies[f"host_device_copies_per_trial{key}"] = float(
+                host_device_copies(lambda bs=bs: run_trial(w.model, w.data, cfg, batch_size=bs)))
+            copies[f"eval_batches{key}"] = float(math.ceil(len(w.data.eval) / bs))
     fp_peak = peak_memory(fp_pass)
     trial_peak = peak_memory(lambda: run_trial(w.model, w.data, trial_configs(w.n_trials + 1)[-1],
                                                batch_size=w.batch_size))
     points = qm.points()
     stats_bytes = sum(s.nbytes for p in points for s in p.stats)
-    cx, _ = next(batches(w.data.calib, 128))
+    cx, _ = next(batches(w.data.calib, 128, dev))
     act_points = [p for p in points if p.key in ACTIVATION_POINTS]
     calib_bytes = _activation_bytes(qm, act_points, cx)
     return {"trial_over_fp_eval": trial / fp_eval, "calib_passes_after_first": float(sum(passes[1:])),
@@ -592,8 +603,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="small image counts and repetitions (CI)")
     ap.add_argument("--out", default="bench.json", help="JSON file for the figures (default: bench.json)")
     ap.add_argument("--models", default=None,
-                    help="comma-separated: digits, vit_small, config (default: digits,vit_small; config alone when "
-                         "OVERRIDES are given)")
+                    help="comma-separated: digits, vit_small, folder, config (default: digits,vit_small,folder; "
+                         "config alone when OVERRIDES are given)")
     ap.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
     ap.add_argument("--sections", default="sweep,scaling",
                     help="comma-separated extra sections: sweep (a real CLI search), scaling; '' for none")

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from vitq.models.vit_block import QuantConfigLike, QuantTimmVitBlock, as_layer_config
 from vitq.quant.config import ConfigError, LayerQuantConfig
-from vitq.quant.modules import STATS_MAX_ELEMENTS, QLinear, QPoint, calibration_of
+from vitq.quant.modules import STATS_MAX_ELEMENTS, QLinear, QPoint, calibration_of, profile_rows
 
 __all__ = ["QuantViT", "check_block_indices", "quantize_vit"]
 
@@ -75,7 +75,7 @@ class QuantViT(nn.Module):
 
     def profile(self) -> pd.DataFrame:
         """One row per quantization point of every block, in block order (one frame: built once per trial)."""
-        return pd.DataFrame([p.profile_row() for p in self.points()])
+        return pd.DataFrame(profile_rows(self.points()))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)

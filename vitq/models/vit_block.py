@@ -13,6 +13,7 @@ from timm.layers import Mlp
 from timm.layers.attention import Attention, maybe_add_mask, resolve_self_attn_mask
 from torch import Tensor, nn
 
+from vitq.quant.chunks import chunked
 from vitq.quant.config import (
     ACTIVATION_POINTS,
     POINTS,
@@ -31,6 +32,7 @@ from vitq.quant.modules import (
     QWeight,
     calibration_of,
     int_layernorm,
+    profile_rows,
 )
 from vitq.quant.points import POINT_TABLE
 
@@ -112,7 +114,7 @@ class QuantTimmVitBlock(nn.Module):
 
     def profile(self) -> pd.DataFrame:
         """One row per quantization point: observed range, scale, zero point, MSE and SQNR (dB)."""
-        return pd.DataFrame([p.profile_row() for p in self.points()])
+        return pd.DataFrame(profile_rows(self.points()))
 
     # ------------------------------------------------------------------ forward
     def _attention(self, x: Tensor, attn_mask: Tensor | None, is_causal: bool) -> Tensor:
@@ -135,13 +137,14 @@ class QuantTimmVitBlock(nn.Module):
     def _attention_maps(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_causal: bool) -> Tensor:
         """Attention with materialized maps (``kv_act``/``intSoft`` see them).
 
-        Without gradients, after calibration and without masks, the maps are made a few images at a time
+        On a CPU, without gradients, after calibration and without masks, the maps are made a few images at a time
         (``ATTN_CHUNK_BYTES``): every pass over them then runs in cache, and no large buffer is allocated.
         """
         q_ = self.quantizers
         B, H, N, _ = q.shape
         step = max(1, ATTN_CHUNK_BYTES // (H * N * k.shape[-2] * q.element_size()))
-        if (step >= B or attn_mask is not None or is_causal or torch.is_grad_enabled()
+        if (step >= B or not chunked(q.device) or attn_mask is not None or is_causal
+                or torch.is_grad_enabled()
                 or "calib" in (q_["kv_act"].state, q_["intSoft"].state)):
             return self._attend(q, k, v, attn_mask, is_causal)
         out = q.new_empty(B, H, N, v.shape[-1])

@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import math
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import NamedTuple
 
 import torch
@@ -25,11 +25,12 @@ from vitq.quant.observers import OBSERVER_REGISTRY, BatchStats, create_observer,
 from vitq.quant.quantizers import QUANTIZERS, UniformGrid, affine_qparams, ptf_qparams
 
 __all__ = ["NonFiniteActivationError", "QAct", "QIntSoftmax", "QLinear", "QPoint", "QWeight", "calibration_of",
-           "int_layernorm", "int_softmax"]
+           "int_layernorm", "int_softmax", "profile_rows"]
 
 STATS_MAX_ELEMENTS = 1 << 18  # per point and calibration batch; more rows are sampled (seeded)
 PROFILE_MAX_ELEMENTS = 1 << 14  # per point and profiled batch; evenly spaced runs beyond that
 PROFILE_RUN = 1 << 10
+SUMMARY_COLUMNS = ("range_min", "range_max", "scale", "zero_point")  # a derived range's columns of the profile
 
 
 class NonFiniteActivationError(ValueError):
@@ -80,12 +81,10 @@ class _Profile:
         self._sums = sums if self._sums is None else self._sums.add_(sums)
         self.count += f.numel()
 
-    def totals(self) -> tuple[float, float]:
-        """Signal and noise energy (0, 0 before any :meth:`add`)."""
-        if self._sums is None:
-            return 0.0, 0.0
-        signal, noise = self._sums.tolist()
-        return signal, noise
+    @property
+    def sums(self) -> Tensor | None:
+        """Signal and noise energy on their device (None before any :meth:`add`)."""
+        return self._sums
 
 
 class _Derived(NamedTuple):
@@ -95,7 +94,7 @@ class _Derived(NamedTuple):
     scale: Tensor
     zero_point: Tensor
     fq: Callable[..., Tensor]
-    summary: dict[str, float]  # the profile table's range/scale columns
+    summary: Tensor  # the profile table's SUMMARY_COLUMNS, on the range's device (read with the profile)
 
 
 class QPoint(nn.Module):
@@ -211,8 +210,8 @@ class QPoint(nn.Module):
                 scale, zero_point = quantizer.qparams(lo, hi)
             shape = (-1,) + (1,) * (self.ndim - 1 - self.axis) if scale.ndim else ()
             grid = quantizer.grid(scale.reshape(shape), zero_point.reshape(shape))
-            summary = {"range_min": float(lo.min()), "range_max": float(hi.max()), "scale": float(scale.float().mean()),
-                       "zero_point": float(zero_point.float().mean()), "n_channels": scale.numel()}
+            summary = torch.stack((lo.min().float(), hi.max().float(), scale.float().mean(),
+                                   zero_point.float().mean().to(scale.device)))
             d = self._memo[key] = _Derived((lo, hi), scale, zero_point, grid, summary)
         self._d = d
 
@@ -229,7 +228,16 @@ class QPoint(nn.Module):
         assert self.fq is not None
         return self.fq(x, inplace)
 
-    def profile_row(self) -> dict:
+    def profile_tensors(self) -> list[Tensor]:
+        """The device values of this point's profile row, which :meth:`profile_row` takes back read, in order."""
+        out = [self._d.summary] if self.cfg.enabled and self._d is not None else []
+        return out if self.prof.sums is None else [*out, self.prof.sums]
+
+    def profile_row(self, values: Iterator[float] | None = None) -> dict:
+        """Observed range, derived range/scale/zero point, MSE and SQNR; ``values`` are :meth:`profile_tensors` read
+        (by :func:`profile_rows`, for every point in one copy), else they are read here."""
+        if values is None:
+            return profile_rows([self])[0]
         lo, hi = self.observed_minmax()
         c = self.cfg
         row = {"block": self.block_index, "point": self.key, "enabled": c.enabled, "bits": c.bit_type.bits,
@@ -238,15 +246,24 @@ class QPoint(nn.Module):
                "range_min": math.nan, "range_max": math.nan, "scale": math.nan, "zero_point": math.nan,
                "n_channels": 0, "mse": math.nan, "sqnr_db": math.nan}
         if c.enabled and self._d is not None:
-            row.update(self._d.summary)
-        if self.prof.count:
-            signal, noise = self.prof.totals()
+            row.update(zip(SUMMARY_COLUMNS, (next(values) for _ in SUMMARY_COLUMNS), strict=True))
+            row["n_channels"] = self._d.scale.numel()
+        if self.prof.sums is not None:
+            signal, noise = next(values), next(values)
             row["mse"] = noise / self.prof.count
             if noise:
                 row["sqnr_db"] = 10 * math.log10(signal / noise) if signal else -math.inf
             else:
                 row["sqnr_db"] = math.inf if signal else math.nan
         return row
+
+
+def profile_rows(points: Sequence[QPoint]) -> list[dict]:
+    """The profile rows of ``points``, with every device value they need read back in one copy (on a GPU, one
+    device-to-host copy per trial instead of several per point)."""
+    tensors = [t for p in points for t in p.profile_tensors()]
+    values = iter(torch.cat([t.to(tensors[0].device) for t in tensors]).tolist() if tensors else [])
+    return [p.profile_row(values) for p in points]
 
 
 class QAct(QPoint):

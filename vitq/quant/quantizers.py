@@ -90,15 +90,17 @@ class UniformGrid:
     ``round(x * (1/scale)) + zp``, clamped, minus ``zp``, times ``scale``. With gradients on it is a
     straight-through estimator; otherwise it runs in place on a fresh buffer, or on ``x`` itself when
     ``inplace`` (the caller owns ``x``). ``scale``/``zero_point`` must already broadcast against ``x``.
+    ``has_zp`` says whether to add and subtract the zero point; left out, it is read from ``zero_point`` (on a GPU,
+    one read back to the host).
     """
 
     __slots__ = ("has_zp", "inv_scale", "qmax", "qmin", "scale", "zero_point")
 
-    def __init__(self, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> None:
+    def __init__(self, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, has_zp: bool | None = None) -> None:
         self.scale = scale
         self.inv_scale = torch.reciprocal(scale)
         self.zero_point = zero_point.to(scale.dtype)
-        self.has_zp = bool(zero_point.any())
+        self.has_zp = bool(zero_point.any()) if has_zp is None else has_zp  # True: add/subtract it (exact if 0)
         self.qmin, self.qmax = qmin, qmax
 
     def to_int(self, x: Tensor, inplace: bool = False, out: Tensor | None = None) -> Tensor:

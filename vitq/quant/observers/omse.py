@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from vitq.quant.chunks import chunked
 from vitq.quant.config import QuantConfig
 from vitq.quant.observers.base import Observer, register_observer
 from vitq.quant.observers.stats import BatchStats, scoring_rows, scratch
@@ -42,7 +43,8 @@ class OmseObserver(Observer):
     affine = True
     n_candidates = 90
     min_rows_per_channel = 4096
-    chunk_elements = 1 << 21  # candidates scored together: ~8 MB of work buffer
+    chunk_elements = 1 << 21  # candidates scored together on a CPU: ~8 MB of work buffer
+    device_chunk_elements = 1 << 25  # on a GPU (see vitq.quant.chunks): 128 MB, every candidate at once mostly
 
     def __init__(self, cfg: QuantConfig) -> None:
         super().__init__(cfg)
@@ -68,13 +70,14 @@ class OmseObserver(Observer):
         bt = self.cfg.bit_type
         factors = self.factors.to(x.device)
         parts = 3 if width is not None else 1  # bins: the centers and both edges
-        chunk = max(1, min(self.n_candidates, self.chunk_elements // max(1, parts * x.numel())))
+        budget = self.chunk_elements if chunked(x.device) else self.device_chunk_elements
+        chunk = max(1, min(self.n_candidates, budget // max(1, parts * x.numel())))
         work = scratch(chunk * x.numel(), x.device).view(chunk, *x.shape)  # one buffer for every chunk and call
         sse, bound = [], []
         for start in range(0, self.n_candidates, chunk):
             f = factors[start:start + chunk].view(-1, 1)  # (k, 1)
             scale, zp = affine_qparams(lo.reshape(1, -1) * f, hi.reshape(1, -1) * f, bt)  # (k, C)
-            grid = UniformGrid(scale.unsqueeze(1), zp.unsqueeze(1), bt.qmin, bt.qmax)
+            grid = UniformGrid(scale.unsqueeze(1), zp.unsqueeze(1), bt.qmin, bt.qmax, has_zp=True)  # no host read
             y = grid.kernel(x.unsqueeze(0), out=work[:len(f)]).sub_(x).square_()  # (k, R, C)
             if weight is None:
                 sse.append(y.sum(dim=1).double())
