@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitq.data import DataBundle, batches
-from vitq.evaluate import evaluate
+from vitq.evaluate import evaluate, model_device
 
 __all__ = ["PIP", "ModelOptMissing", "effective_bits", "require", "run_modelopt"]
 
@@ -59,7 +59,7 @@ def run_modelopt(model: nn.Module, data: DataBundle, labels: np.ndarray, test_id
     """``auto_quantize`` at each budget (uniform weight bits of vitq → effective bits): the test images' correctness
     (``labels``: the evaluation set's, in order) and the wall time."""
     mtq = require()
-    calib = list(batches(data.calib, batch_size))
+    calib = list(batches(data.calib, batch_size, model_device(model)))  # on the model's device, as evaluate's
     rows = []
     for name, bits in budgets.items():
         target = effective_bits(model, bits)
