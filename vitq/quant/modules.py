@@ -48,13 +48,14 @@ def _sample_index(n: int, device: torch.device) -> Tensor:
 
 class _Profile:
     """Signal and noise energy of sampled FP values and their quantized copies, summed on their device: nothing is
-    read back while a forward runs (on a GPU, no copy to the host per point); :meth:`totals` reads them once."""
+    read back while a forward runs (on a GPU, no copy to the host per point); :func:`profile_rows` reads ``sums``
+    of every point in one copy."""
 
-    __slots__ = ("_sums", "count")
+    __slots__ = ("count", "sums")
 
     def __init__(self) -> None:
         self.count = 0
-        self._sums: Tensor | None = None  # (signal, noise)
+        self.sums: Tensor | None = None  # (signal, noise), None before any add
 
     @staticmethod
     def sample(x: Tensor, copy: bool = True) -> Tensor:
@@ -78,13 +79,8 @@ class _Profile:
         f, g = self.sample(fp, copy=False), self.sample(q, copy=False)
         d = f - g
         sums = torch.stack((torch.dot(f, f), torch.dot(d, d)))
-        self._sums = sums if self._sums is None else self._sums.add_(sums)
+        self.sums = sums if self.sums is None else self.sums.add_(sums)
         self.count += f.numel()
-
-    @property
-    def sums(self) -> Tensor | None:
-        """Signal and noise energy on their device (None before any :meth:`add`)."""
-        return self._sums
 
 
 class _Derived(NamedTuple):
