@@ -6,10 +6,20 @@ import json
 import math
 import sys
 
+import numpy as np
 import pytest
 from _util import run
 
-from vitq.bench import GOALS, MODEL_FIGURES, OBSERVER_FIGURES, SWEEP_FIGURES, flat_figures, format_table, goal_status
+from vitq.bench import (
+    GOALS,
+    MODEL_FIGURES,
+    OBSERVER_FIGURES,
+    SWEEP_FIGURES,
+    flat_figures,
+    format_table,
+    goal_status,
+    pair_quartiles,
+)
 
 pytestmark = pytest.mark.slow
 COUNTS = {"calib_passes_after_first"}  # a count whose goal is 0: finite and >= 0
@@ -26,10 +36,15 @@ def test_bench_quick_reports_every_figure(tmp_path):
         for name in MODEL_FIGURES:
             v = figures[f"{model}.{name}"]
             assert math.isfinite(v) and (v >= 0 if name in COUNTS else v > 0), (model, name, v)
+        for name in ("trial_over_fp_eval", "fakequant_over_fp_forward"):  # the spread of the judged ratios' pairs
+            lo, hi = figures[f"{model}.{name}_pairs_q25"], figures[f"{model}.{name}_pairs_q75"]
+            assert 0 < lo <= hi and math.isfinite(hi), (model, name, lo, hi)
     for mode in ("per_tensor", "per_channel"):
         for name in OBSERVER_FIGURES:
             v = figures[f"observers.{mode}.{name}"]
             assert math.isfinite(v) and v > 0, (mode, name, v)
+        for name in ("omse_over_reference_time", "kl_over_reference_time"):
+            assert 0 < figures[f"observers.{mode}.{name}_pairs_q25"] <= figures[f"observers.{mode}.{name}_pairs_q75"]
     # the sweep section ran a real CLI search: its exit code, trial count and consistent derived figures
     sweep = result["sweep"]
     assert set(SWEEP_FIGURES) <= set(sweep) and sweep["exit_code"] == 0 and sweep["n_trials"] == 8
@@ -66,3 +81,22 @@ def test_goal_status_expands_patterns_and_judges_each_figure():
                                    "b.q": {"goal": ">= 50", "met": False}, "b.n": {"goal": "== 0", "met": True}}
     table = format_table(result)
     assert "goals met: 2 of 4" in table and "NOT MET" in table.split("a.x")[1].splitlines()[0]
+
+
+def test_pair_quartiles_are_numpys_quartiles_of_the_pairwise_ratios():
+    num, den = [3.0, 1.0, 8.0, 2.0, 5.0, 7.0], [1.0, 2.0, 4.0, 1.0, 2.0, 2.0]
+    ratios = np.array(num) / np.array(den)
+    q = pair_quartiles("x", num, den)
+    assert q == {"x_pairs_q25": pytest.approx(np.percentile(ratios, 25)),
+                 "x_pairs_q75": pytest.approx(np.percentile(ratios, 75))}
+
+
+def test_table_shows_the_pairs_beside_their_figure_and_names_a_miss_inside_them():
+    result = {"meta": {"quick": False}, "goals": {"a.x": "<= 1.5", "a.y": "<= 1.5"},
+              "a": {"x": 1.55, "x_pairs_q25": 1.42, "x_pairs_q75": 1.61,  # missed, the bound between the quartiles
+                    "y": 1.7, "y_pairs_q25": 1.6, "y_pairs_q75": 1.8}}  # missed outright
+    table = format_table(result)
+    rows = {line.split()[0]: line for line in table.splitlines() if line.startswith("a.")}
+    assert set(rows) == {"a.x", "a.y"}  # the quartiles are no rows of their own
+    assert "NOT MET  (pairs 1.42-1.61)" in rows["a.x"] and "(pairs 1.6-1.8)" in rows["a.y"]
+    assert table.splitlines()[-1] == "goals met: 0 of 2; not met, with the goal inside their pairs' quartiles: a.x"

@@ -19,6 +19,11 @@ Machine noise cancels in ratios, so every figure is a ratio to a reference measu
   and KL (ranges from the cached statistics) against ``torch.ao``'s HistogramObserver in the same run, per tensor
   and per channel; FQ-ViT's OMSE loop and PerChannelMinMaxObserver are informational rows.
 
+The judged timing ratios also carry ``<ratio>_pairs_q25`` and ``_pairs_q75``: the quartiles of the ratios of the
+measurements taken one right after the other (a trial and the FP pass after it, the two forwards of one repetition,
+one observer repetition). The goal judges the figure; the quartiles show how far this run's machine moved it, and
+the verdict names a missed goal whose bound lies between them.
+
 Model figures run on the digits reference, a ``vit_small_patch16_224``-sized timm model with random weights (no
 download) and a small-image timm ViT on PNG folders (``folder``). ``--quick`` shrinks image counts and repetitions
 for CI and judges no goals.
@@ -73,7 +78,7 @@ GOALS = {"digits.trial_over_fp_eval": "<= 1.5", "{vit_small,folder}.trial_over_f
          "*.peak_memory_over_fp_eval": "<= 1.5", "sweep.marginal_over_compute": "<= 1.5",
          "observers.per_tensor.{omse_over_reference_time,omse_mse_over_reference,kl_over_reference_time}": "<= 1",
          "observers.per_channel.kl_over_reference_time": "<= 1.5"}
-
+PAIRS_Q25, PAIRS_Q75 = "_pairs_q25", "_pairs_q75"  # suffixes of a judged ratio's spread (pair_quartiles)
 
 _CUDA = False  # set by run_bench when the bench runs on a GPU
 
@@ -95,6 +100,15 @@ def _times(fn: Callable[[], Any], reps: int) -> list[float]:
             fn()
             times.append(time.perf_counter() - t0)
     return times
+
+
+def pair_quartiles(name: str, num: list[float], den: list[float]) -> dict[str, float]:
+    """``{name}_pairs_q25``/``_q75``: the quartiles of the ratios of measurements taken one right after the other
+    (``num[i] / den[i]``). The figure itself (a ratio of medians) is what a goal judges; these show how far this
+    run's machine moved it."""
+    r = [a / b for a, b in zip(num, den, strict=True)]
+    q = statistics.quantiles(r, n=4, method="inclusive") if len(r) > 1 else r * 3
+    return {f"{name}{PAIRS_Q25}": q[0], f"{name}{PAIRS_Q75}": q[2]}
 
 
 def host_device_copies(fn: Callable[[], Any]) -> int:
@@ -306,6 +320,7 @@ def bench_model(w: Workload) -> dict[str, float]:
         if i:  # an FP pass beside every timed trial: slow drifts of the machine hit both sides
             fp_times += _times(fp_pass, 1)
     fp_eval, trial = statistics.median(fp_times), statistics.median(times[1:])
+    spread = pair_quartiles("trial_over_fp_eval", times[1:], fp_times[w.reps:])  # each trial, the FP pass after it
 
     int8 = trial_configs(1)[0]
     qm, _ = calibrated_model(w.model, w.data, int8)
@@ -318,6 +333,7 @@ def bench_model(w: Workload) -> dict[str, float]:
             fwd["fp"] += _times(lambda: w.model(x), 1)
             fwd["q"] += _times(lambda: qm(x), 1)
         fp_fwd, q_fwd = statistics.median(fwd["fp"]), statistics.median(fwd["q"])
+        spread |= pair_quartiles("fakequant_over_fp_forward", fwd["q"], fwd["fp"])
     copies = {}
     if _CUDA:  # host<->device copies of a trial, at the batch size and at a quarter of it (4× the eval batches)
         cfg = trial_configs(w.n_trials + 2)[-1]
@@ -339,7 +355,7 @@ def bench_model(w: Workload) -> dict[str, float]:
             "peak_memory_over_fp_eval": trial_peak / fp_peak, "peak_memory_mb": trial_peak / 2**20,
             "stats_memory_over_calib_batch": stats_bytes / calib_bytes, "fp_eval_ms": 1e3 * fp_eval,
             "trial_ms": 1e3 * trial, "first_trial_over_fp_eval": times[0] / fp_eval,
-            "n_eval_images": float(len(w.data.eval)), "stats_mb": stats_bytes / 2**20, **copies}
+            "n_eval_images": float(len(w.data.eval)), "stats_mb": stats_bytes / 2**20, **copies, **spread}
 
 
 # ---------------------------------------------------------------------------------------------- observers
@@ -441,6 +457,7 @@ def bench_observers(quick: bool) -> dict[str, dict[str, float]]:
             fig[f"{short}_over_reference_time"] = fig[f"{short}_ms"] / fig["reference_ms"]
             fig[f"{short}_speedup_vs_fqvit"] = fig["fqvit_loop_ms"] / fig[f"{short}_ms"]
             fig[f"{short}_mse_over_reference"] = fig[f"{short}_mse"] / fig["reference_mse"]
+            fig |= pair_quartiles(f"{short}_over_reference_time", times[f"{m}.{short}"], times["reference"])
         if mode == "channel_wise":
             fig["perchannel_minmax_ms"] = ms["perchannel_minmax"]
             fig["perchannel_minmax_mse"] = _qparams_mse(x, *last["perchannel_minmax"], bt)
@@ -586,15 +603,29 @@ def goal_status(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def format_table(result: dict[str, Any]) -> str:
+    """One row per figure, judged ones with their goal and, where measured, the quartiles of their pairs' ratios;
+    the verdict names the goals missed whose pairs' quartiles straddle the bound (this run's noise)."""
     status = goal_status(result)
-    rows = []
-    for k, v in flat_figures(result).items():
+    figures = flat_figures(result)
+    rows, within = [], []
+    for k, v in figures.items():
+        if k.endswith((PAIRS_Q25, PAIRS_Q75)) and k.removesuffix(PAIRS_Q25).removesuffix(PAIRS_Q75) in figures:
+            continue  # shown beside its figure
         goal = status.get(k)
         mark = "" if goal is None else f"{goal['goal']:>8}  {'met' if goal['met'] else 'NOT MET'}"
+        lo, hi = figures.get(k + PAIRS_Q25), figures.get(k + PAIRS_Q75)
+        if lo is not None and hi is not None:
+            mark += f"  (pairs {lo:.3g}-{hi:.3g})"
+            if goal is not None and not goal["met"]:
+                op, bound = goal["goal"].split()
+                if _COMPARE[op](lo, float(bound)) != _COMPARE[op](hi, float(bound)):  # the bound lies between
+                    within.append(k)
         rows.append(f"{k:<55} {v:>14.4g}  {mark}".rstrip())
     met = sum(g["met"] for g in status.values())
     verdict = (f"goals met: {met} of {len(status)}" if not result.get("meta", {}).get("quick")
                else "goals: not judged in --quick (too few images for the ratios to mean what a full run's do)")
+    if within and status:
+        verdict += f"; not met, with the goal inside their pairs' quartiles: {', '.join(within)}"
     return "\n".join([f"{'figure':<55} {'value':>14}  {'goal':>8}", "-" * 88, *rows, "-" * 88, verdict])
 
 
