@@ -89,6 +89,10 @@ def test_pair_quartiles_are_numpys_quartiles_of_the_pairwise_ratios():
     q = pair_quartiles("x", num, den)
     assert q == {"x_pairs_q25": pytest.approx(np.percentile(ratios, 25)),
                  "x_pairs_q75": pytest.approx(np.percentile(ratios, 75))}
+    assert pair_quartiles("x", [3.0], [2.0]) == {"x_pairs_q25": 1.5, "x_pairs_q75": 1.5}  # one pair: its ratio
+    assert pair_quartiles("x", [], []) == {}  # no pairs, no spread
+    with pytest.raises(ValueError):  # a measurement without its partner
+        pair_quartiles("x", [1.0, 2.0], [1.0])
 
 
 def test_table_shows_the_pairs_beside_their_figure_and_names_a_miss_inside_them():

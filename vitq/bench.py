@@ -107,6 +107,8 @@ def pair_quartiles(name: str, num: list[float], den: list[float]) -> dict[str, f
     (``num[i] / den[i]``). The figure itself (a ratio of medians) is what a goal judges; these show how far this
     run's machine moved it."""
     r = [a / b for a, b in zip(num, den, strict=True)]
+    if not r:
+        return {}
     q = statistics.quantiles(r, n=4, method="inclusive") if len(r) > 1 else r * 3
     return {f"{name}{PAIRS_Q25}": q[0], f"{name}{PAIRS_Q75}": q[2]}
 
