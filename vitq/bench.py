@@ -597,11 +597,16 @@ def goal_status(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
     figures = flat_figures(result)
     status: dict[str, dict[str, Any]] = {}
     for pattern, goal in result.get("goals", GOALS).items():
-        op, bound = goal.split()
         for pat in _expand_braces(pattern):
             for name in fnmatch.filter(figures, pat):
-                status[name] = {"goal": goal, "met": _COMPARE[op](figures[name], float(bound))}
+                status[name] = {"goal": goal, "met": _meets(figures[name], goal)}
     return status
+
+
+def _meets(value: float, goal: str) -> bool:
+    """Whether ``value`` meets ``goal`` (``"<= 1.5"``)."""
+    op, bound = goal.split()
+    return _COMPARE[op](value, float(bound))
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -611,22 +616,20 @@ def format_table(result: dict[str, Any]) -> str:
     figures = flat_figures(result)
     rows, within = [], []
     for k, v in figures.items():
-        if k.endswith((PAIRS_Q25, PAIRS_Q75)) and k.removesuffix(PAIRS_Q25).removesuffix(PAIRS_Q75) in figures:
+        if any(k.endswith(sfx) and k.removesuffix(sfx) in figures for sfx in (PAIRS_Q25, PAIRS_Q75)):
             continue  # shown beside its figure
         goal = status.get(k)
         mark = "" if goal is None else f"{goal['goal']:>8}  {'met' if goal['met'] else 'NOT MET'}"
         lo, hi = figures.get(k + PAIRS_Q25), figures.get(k + PAIRS_Q75)
         if lo is not None and hi is not None:
             mark += f"  (pairs {lo:.3g}-{hi:.3g})"
-            if goal is not None and not goal["met"]:
-                op, bound = goal["goal"].split()
-                if _COMPARE[op](lo, float(bound)) != _COMPARE[op](hi, float(bound)):  # the bound lies between
-                    within.append(k)
+            if goal is not None and not goal["met"] and _meets(lo, goal["goal"]) != _meets(hi, goal["goal"]):
+                within.append(k)  # the bound lies between the quartiles
         rows.append(f"{k:<55} {v:>14.4g}  {mark}".rstrip())
     met = sum(g["met"] for g in status.values())
     verdict = (f"goals met: {met} of {len(status)}" if not result.get("meta", {}).get("quick")
                else "goals: not judged in --quick (too few images for the ratios to mean what a full run's do)")
-    if within and status:
+    if within:
         verdict += f"; not met, with the goal inside their pairs' quartiles: {', '.join(within)}"
     return "\n".join([f"{'figure':<55} {'value':>14}  {'goal':>8}", "-" * 88, *rows, "-" * 88, verdict])
 
