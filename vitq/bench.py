@@ -168,7 +168,7 @@ class Workload:
     batch_size: int
     n_trials: int
     n_search_trials: int
-    reps: int
+    reps: int  # alternated FP / fake-quant forwards of one batch
 
 
 def _session(overrides: list[str], device: str):  # noqa: ANN202
@@ -205,7 +205,7 @@ def vit_small_workload(quick: bool, device: str = "cpu", n_eval: int | None = No
     data = DataBundle("synthetic224", images(n_calib), images(n_eval), 10,
                       meta={"calib_fingerprint": f"synthetic224-{n_calib}",
                             "eval_fingerprint": f"synthetic224-{n_eval}"})
-    return Workload("vit_small", model, data, 64, 3 if quick else 5, 3 if quick else 4, 2)
+    return Workload("vit_small", model, data, 64, 3 if quick else 5, 3 if quick else 4, 2 if quick else 4)
 
 
 def folder_workload(quick: bool, device: str = "cpu", n_eval: int | None = None) -> Workload:
@@ -231,7 +231,7 @@ def folder_workload(quick: bool, device: str = "cpu", n_eval: int | None = None)
     n_eval = n_eval or (64 if quick else 1024)
     data = load_image_folder(model, calib_root=root / "calib", eval_root=root / "eval", n_calib=64 if quick else 256,
                              n_eval=n_eval, num_workers=2)
-    return Workload("folder", model, data, 256, 6 if quick else 12, 6 if quick else 20, 3 if quick else 10)
+    return Workload("folder", model, data, 256, 6 if quick else 12, 6 if quick else 20, 3 if quick else 20)
 
 
 def trial_configs(n: int) -> list[LayerQuantConfig]:
