@@ -18,7 +18,7 @@ from vitq.bench import (
     flat_figures,
     format_table,
     goal_status,
-    pair_quartiles,
+    pair_ratios,
 )
 
 pytestmark = pytest.mark.slow
@@ -36,15 +36,16 @@ def test_bench_quick_reports_every_figure(tmp_path):
         for name in MODEL_FIGURES:
             v = figures[f"{model}.{name}"]
             assert math.isfinite(v) and (v >= 0 if name in COUNTS else v > 0), (model, name, v)
-        for name in ("trial_over_fp_eval", "fakequant_over_fp_forward"):  # the spread of the judged ratios' pairs
+        for name in ("trial_over_fp_eval", "fakequant_over_fp_forward"):  # a median of pairs: inside their quartiles
             lo, hi = figures[f"{model}.{name}_pairs_q25"], figures[f"{model}.{name}_pairs_q75"]
-            assert 0 < lo <= hi and math.isfinite(hi), (model, name, lo, hi)
+            assert 0 < lo <= figures[f"{model}.{name}"] <= hi and math.isfinite(hi), (model, name, lo, hi)
     for mode in ("per_tensor", "per_channel"):
         for name in OBSERVER_FIGURES:
             v = figures[f"observers.{mode}.{name}"]
             assert math.isfinite(v) and v > 0, (mode, name, v)
         for name in ("omse_over_reference_time", "kl_over_reference_time"):
-            assert 0 < figures[f"observers.{mode}.{name}_pairs_q25"] <= figures[f"observers.{mode}.{name}_pairs_q75"]
+            lo, hi = figures[f"observers.{mode}.{name}_pairs_q25"], figures[f"observers.{mode}.{name}_pairs_q75"]
+            assert 0 < lo <= figures[f"observers.{mode}.{name}"] <= hi, (mode, name, lo, hi)
     # the sweep section ran a real CLI search: its exit code, trial count and consistent derived figures
     sweep = result["sweep"]
     assert set(SWEEP_FIGURES) <= set(sweep) and sweep["exit_code"] == 0 and sweep["n_trials"] == 8
@@ -83,16 +84,19 @@ def test_goal_status_expands_patterns_and_judges_each_figure():
     assert "goals met: 2 of 4" in table and "NOT MET" in table.split("a.x")[1].splitlines()[0]
 
 
-def test_pair_quartiles_are_numpys_quartiles_of_the_pairwise_ratios():
+def test_pair_ratios_are_numpys_median_and_quartiles_of_the_pairwise_ratios():
     num, den = [3.0, 1.0, 8.0, 2.0, 5.0, 7.0], [1.0, 2.0, 4.0, 1.0, 2.0, 2.0]
     ratios = np.array(num) / np.array(den)
-    q = pair_quartiles("x", num, den)
-    assert q == {"x_pairs_q25": pytest.approx(np.percentile(ratios, 25)),
+    q = pair_ratios("x", num, den)
+    assert q == {"x": pytest.approx(np.median(ratios)), "x_pairs_q25": pytest.approx(np.percentile(ratios, 25)),
                  "x_pairs_q75": pytest.approx(np.percentile(ratios, 75))}
-    assert pair_quartiles("x", [3.0], [2.0]) == {"x_pairs_q25": 1.5, "x_pairs_q75": 1.5}  # one pair: its ratio
-    assert pair_quartiles("x", [], []) == {}  # no pairs, no spread
+    # the median of the pairs (1, 1.25, 3), not the ratio of the medians (5 / 2): each pair shares its moment
+    assert pair_ratios("x", [1.0, 5.0, 6.0], [1.0, 4.0, 2.0])["x"] == 1.25
+    assert pair_ratios("x", [3.0], [2.0]) == {"x": 1.5, "x_pairs_q25": 1.5, "x_pairs_q75": 1.5}  # one pair: its ratio
+    with pytest.raises(ValueError, match="x: no pairs"):  # a judged figure needs a measurement
+        pair_ratios("x", [], [])
     with pytest.raises(ValueError):  # a measurement without its partner
-        pair_quartiles("x", [1.0, 2.0], [1.0])
+        pair_ratios("x", [1.0, 2.0], [1.0])
 
 
 def test_table_shows_the_pairs_beside_their_figure_and_names_a_miss_inside_them():

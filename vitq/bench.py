@@ -2,11 +2,12 @@
 
 Machine noise cancels in ratios, so every figure is a ratio to a reference measured beside it:
 
-- ``trial_over_fp_eval``: median wall time of a full trial (config → ranges from cached statistics →
-  evaluation → cost), trials 2..N with distinct configs, over the median FP evaluation pass of the same
-  images, each FP pass timed right after a trial (CUDA events on a GPU);
+- ``trial_over_fp_eval``: wall time of a full trial (config → ranges from cached statistics → evaluation →
+  cost) over the FP evaluation pass of the same images timed right after it, median over trials 2..N with
+  distinct configs (CUDA events on a GPU);
 - ``calib_passes_after_first``: calibration forward passes spent by trials 2..N (goal 0);
-- ``fakequant_over_fp_forward``: an int8-everywhere forward over the FP forward of the same batch;
+- ``fakequant_over_fp_forward``: an int8-everywhere forward over the FP forward of the same batch, timed in turn
+  (median of the pairs);
 - ``peak_memory_over_fp_eval``: peak memory of a trial over that of an FP evaluation pass (resident set on the
   CPU, CUDA's peak allocation on a GPU);
 - ``trials_per_hour``: in-process ``run_trial`` calls of the ``mixed_precision`` search with MLflow logging;
@@ -19,10 +20,10 @@ Machine noise cancels in ratios, so every figure is a ratio to a reference measu
   and KL (ranges from the cached statistics) against ``torch.ao``'s HistogramObserver in the same run, per tensor
   and per channel; FQ-ViT's OMSE loop and PerChannelMinMaxObserver are informational rows.
 
-The judged timing ratios also carry ``<ratio>_pairs_q25`` and ``_pairs_q75``: the quartiles of the ratios of the
-measurements taken one right after the other (a trial and the FP pass after it, the two forwards of one repetition,
-one observer repetition). The goal judges the figure; the quartiles show how far this run's machine moved it, and
-the verdict names a missed goal whose bound lies between them.
+Each judged timing ratio is the median of the ratios of measurements taken one right after the other (a trial and
+the FP pass after it, the two forwards of one repetition, one observer repetition), so a drift of the machine cancels
+pair by pair. ``<ratio>_pairs_q25`` and ``_pairs_q75`` are those ratios' quartiles: they show how far this run's
+machine moved the figure, and the verdict names a missed goal whose bound lies between them.
 
 Model figures run on the digits reference, a ``vit_small_patch16_224``-sized timm model with random weights (no
 download) and a small-image timm ViT on PNG folders (``folder``). ``--quick`` shrinks image counts and repetitions
@@ -78,7 +79,7 @@ GOALS = {"digits.trial_over_fp_eval": "<= 1.5", "{vit_small,folder}.trial_over_f
          "*.peak_memory_over_fp_eval": "<= 1.5", "sweep.marginal_over_compute": "<= 1.5",
          "observers.per_tensor.{omse_over_reference_time,omse_mse_over_reference,kl_over_reference_time}": "<= 1",
          "observers.per_channel.kl_over_reference_time": "<= 1.5"}
-PAIRS_Q25, PAIRS_Q75 = "_pairs_q25", "_pairs_q75"  # suffixes of a judged ratio's spread (pair_quartiles)
+PAIRS_Q25, PAIRS_Q75 = "_pairs_q25", "_pairs_q75"  # suffixes of a judged ratio's spread (pair_ratios)
 
 _CUDA = False  # set by run_bench when the bench runs on a GPU
 
@@ -102,15 +103,15 @@ def _times(fn: Callable[[], Any], reps: int) -> list[float]:
     return times
 
 
-def pair_quartiles(name: str, num: list[float], den: list[float]) -> dict[str, float]:
-    """``{name}_pairs_q25``/``_q75``: the quartiles of the ratios of measurements taken one right after the other
-    (``num[i] / den[i]``). The figure itself (a ratio of medians) is what a goal judges; these show how far this
-    run's machine moved it."""
+def pair_ratios(name: str, num: list[float], den: list[float]) -> dict[str, float]:
+    """The ratio ``name`` of measurements taken one right after the other (``num[i] / den[i]``): the median of the
+    pairs' ratios, which a goal judges, and their quartiles ``{name}_pairs_q25``/``_q75``, which show how far this
+    run's machine moved it. A drift of the machine hits both sides of a pair, so it cancels pair by pair."""
     r = [a / b for a, b in zip(num, den, strict=True)]
     if not r:
-        return {}
+        raise ValueError(f"{name}: no pairs measured")
     q = statistics.quantiles(r, n=4, method="inclusive") if len(r) > 1 else r * 3
-    return {f"{name}{PAIRS_Q25}": q[0], f"{name}{PAIRS_Q75}": q[2]}
+    return {name: statistics.median(r), f"{name}{PAIRS_Q25}": q[0], f"{name}{PAIRS_Q75}": q[2]}
 
 
 def host_device_copies(fn: Callable[[], Any]) -> int:
@@ -322,7 +323,7 @@ def bench_model(w: Workload) -> dict[str, float]:
         if i:  # an FP pass right after every timed trial: both sides of the ratio come from the same minutes
             fp_times += _times(fp_pass, 1)
     fp_eval, trial = statistics.median(fp_times), statistics.median(times[1:])
-    spread = pair_quartiles("trial_over_fp_eval", times[1:], fp_times)  # each trial, the FP pass after it
+    ratios = pair_ratios("trial_over_fp_eval", times[1:], fp_times)  # each trial, the FP pass after it
 
     int8 = trial_configs(1)[0]
     qm, _ = calibrated_model(w.model, w.data, int8)
@@ -334,8 +335,7 @@ def bench_model(w: Workload) -> dict[str, float]:
         for _ in range(w.reps):  # in turn, as every ratio here
             fwd["fp"] += _times(lambda: w.model(x), 1)
             fwd["q"] += _times(lambda: qm(x), 1)
-        fp_fwd, q_fwd = statistics.median(fwd["fp"]), statistics.median(fwd["q"])
-        spread |= pair_quartiles("fakequant_over_fp_forward", fwd["q"], fwd["fp"])
+        ratios |= pair_ratios("fakequant_over_fp_forward", fwd["q"], fwd["fp"])
     copies = {}
     if _CUDA:  # host<->device copies of a trial, at the batch size and at a quarter of it (4× the eval batches)
         cfg = trial_configs(w.n_trials + 2)[-1]
@@ -352,12 +352,12 @@ def bench_model(w: Workload) -> dict[str, float]:
     cx, _ = next(batches(w.data.calib, 128, dev))
     act_points = [p for p in points if p.key in ACTIVATION_POINTS]
     calib_bytes = _activation_bytes(qm, act_points, cx)
-    return {"trial_over_fp_eval": trial / fp_eval, "calib_passes_after_first": float(sum(passes[1:])),
-            "fakequant_over_fp_forward": q_fwd / fp_fwd, "trials_per_hour": trials_per_hour(w),
+    return {"trial_over_fp_eval": ratios.pop("trial_over_fp_eval"), "calib_passes_after_first": float(sum(passes[1:])),
+            "fakequant_over_fp_forward": ratios.pop("fakequant_over_fp_forward"), "trials_per_hour": trials_per_hour(w),
             "peak_memory_over_fp_eval": trial_peak / fp_peak, "peak_memory_mb": trial_peak / 2**20,
             "stats_memory_over_calib_batch": stats_bytes / calib_bytes, "fp_eval_ms": 1e3 * fp_eval,
             "trial_ms": 1e3 * trial, "first_trial_over_fp_eval": times[0] / fp_eval,
-            "n_eval_images": float(len(w.data.eval)), "stats_mb": stats_bytes / 2**20, **copies, **spread}
+            "n_eval_images": float(len(w.data.eval)), "stats_mb": stats_bytes / 2**20, **copies, **ratios}
 
 
 # ---------------------------------------------------------------------------------------------- observers
@@ -456,10 +456,9 @@ def bench_observers(quick: bool) -> dict[str, dict[str, float]]:
         for short in ("omse", "kl"):
             fig[f"{short}_ms"] = ms[f"{m}.{short}"]
             fig[f"{short}_mse"] = _fq_mse(x, *last[f"{m}.{short}"], bt, affine=short == "omse")
-            fig[f"{short}_over_reference_time"] = fig[f"{short}_ms"] / fig["reference_ms"]
+            fig |= pair_ratios(f"{short}_over_reference_time", times[f"{m}.{short}"], times["reference"])
             fig[f"{short}_speedup_vs_fqvit"] = fig["fqvit_loop_ms"] / fig[f"{short}_ms"]
             fig[f"{short}_mse_over_reference"] = fig[f"{short}_mse"] / fig["reference_mse"]
-            fig |= pair_quartiles(f"{short}_over_reference_time", times[f"{m}.{short}"], times["reference"])
         if mode == "channel_wise":
             fig["perchannel_minmax_ms"] = ms["perchannel_minmax"]
             fig["perchannel_minmax_mse"] = _qparams_mse(x, *last["perchannel_minmax"], bt)
