@@ -305,23 +305,31 @@ def trials_per_hour(w: Workload, search: str = "mixed_precision") -> float:
     return 3600.0 / statistics.mean(times[1:] or times)
 
 
-def bench_model(w: Workload) -> dict[str, float]:
+def _paired_trials(w: Workload) -> tuple[list[float], list[float], list[float]]:
+    """Trials of ``trial_configs(w.n_trials)`` from a cold cache (the first calibrates), each of trials 2..N followed
+    by an FP evaluation pass of the same images: (trial times, FP times of trials 2..N, calibration passes)."""
     clear_cache()
-    torch.manual_seed(0)
 
     def fp_pass() -> None:
         evaluate(w.model, w.data.eval, w.batch_size)
 
     fp_pass()  # warm-up
+    times: list[float] = []
     fp_times: list[float] = []
-    times, passes = [], []
+    passes: list[float] = []
     for i, cfg in enumerate(trial_configs(w.n_trials)):
         out: list = []
         times += _times(lambda cfg=cfg, out=out: out.append(run_trial(w.model, w.data, cfg, batch_size=w.batch_size)),
                         1)
-        passes.append(out[0].calib_passes)
+        passes.append(float(out[0].calib_passes))
         if i:  # an FP pass right after every timed trial: both sides of the ratio come from the same minutes
             fp_times += _times(fp_pass, 1)
+    return times, fp_times, passes
+
+
+def bench_model(w: Workload) -> dict[str, float]:
+    torch.manual_seed(0)
+    times, fp_times, passes = _paired_trials(w)
     fp_eval, trial = statistics.median(fp_times), statistics.median(times[1:])
     ratios = pair_ratios("trial_over_fp_eval", times[1:], fp_times)  # each trial, the FP pass after it
 
@@ -344,7 +352,7 @@ def bench_model(w: Workload) -> dict[str, float]:
             copies[f"host_device_copies_per_trial{key}"] = float(
                 host_device_copies(lambda bs=bs: run_trial(w.model, w.data, cfg, batch_size=bs)))
             copies[f"eval_batches{key}"] = float(math.ceil(len(w.data.eval) / bs))
-    fp_peak = peak_memory(fp_pass)
+    fp_peak = peak_memory(lambda: evaluate(w.model, w.data.eval, w.batch_size))
     trial_peak = peak_memory(lambda: run_trial(w.model, w.data, trial_configs(w.n_trials + 1)[-1],
                                                batch_size=w.batch_size))
     points = qm.points()
@@ -520,14 +528,9 @@ def bench_scaling(quick: bool, device: str = "cpu") -> dict[str, float]:
 
 
 def _trial_cost(w: Workload) -> dict[str, float]:
-    clear_cache()
-    evaluate(w.model, w.data.eval, w.batch_size)  # warm-up
-    fp = statistics.median(_times(lambda: evaluate(w.model, w.data.eval, w.batch_size), 2))
-    cfgs = trial_configs(w.n_trials)
-    run_trial(w.model, w.data, cfgs[0], batch_size=w.batch_size)  # calibrates once
-    trial = statistics.median([_times(lambda c=c: run_trial(w.model, w.data, c, batch_size=w.batch_size), 1)[0]
-                               for c in cfgs[1:]])
-    return {"trial_ms": 1e3 * trial, "trial_over_fp_eval": trial / fp}
+    times, fp_times, _ = _paired_trials(w)
+    return {"trial_ms": 1e3 * statistics.median(times[1:]),
+            "trial_over_fp_eval": pair_ratios("trial_over_fp_eval", times[1:], fp_times)["trial_over_fp_eval"]}
 
 
 # ---------------------------------------------------------------------------------------------- driver
