@@ -36,7 +36,8 @@ def test_bench_quick_reports_every_figure(tmp_path):
         for name in MODEL_FIGURES:
             v = figures[f"{model}.{name}"]
             assert math.isfinite(v) and (v >= 0 if name in COUNTS else v > 0), (model, name, v)
-        for name in ("trial_over_fp_eval", "fakequant_over_fp_forward"):  # a median of pairs: inside their quartiles
+        for name in ("trial_over_fp_eval", "quant_eval_over_fp_eval", "trial_over_quant_eval",
+                     "fakequant_over_fp_forward"):  # a median of pairs: inside their quartiles
             lo, hi = figures[f"{model}.{name}_pairs_q25"], figures[f"{model}.{name}_pairs_q75"]
             assert 0 < lo <= figures[f"{model}.{name}"] <= hi and math.isfinite(hi), (model, name, lo, hi)
     for mode in ("per_tensor", "per_channel"):

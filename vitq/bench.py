@@ -5,6 +5,9 @@ Machine noise cancels in ratios, so every figure is a ratio to a reference measu
 - ``trial_over_fp_eval``: wall time of a full trial (config → ranges from cached statistics → evaluation →
   cost) over the FP evaluation pass of the same images timed right after it, median over trials 2..N with
   distinct configs (CUDA events on a GPU);
+- what that ratio is made of (informational): ``quant_eval_over_fp_eval``, the trial's quantized model evaluated
+  alone (no profile, no cost; timed after the FP pass) over that FP pass, and ``trial_over_quant_eval``, the trial
+  over that pass (the trial's own work beyond its forward passes: new ranges, the profile, the cost);
 - ``calib_passes_after_first``: calibration forward passes spent by trials 2..N (goal 0);
 - ``fakequant_over_fp_forward``: an int8-everywhere forward over the FP forward of the same batch, timed in turn
   (median of the pairs);
@@ -66,8 +69,9 @@ from vitq.trial import run_trial
 __all__ = ["MODEL_FIGURES", "OBSERVER_FIGURES", "SWEEP_FIGURES", "bench_sweep", "host_device_copies", "main",
            "run_bench"]
 
-MODEL_FIGURES = ("trial_over_fp_eval", "calib_passes_after_first", "fakequant_over_fp_forward", "trials_per_hour",
-                 "stats_memory_over_calib_batch", "fp_eval_ms", "trial_ms", "peak_memory_over_fp_eval")
+MODEL_FIGURES = ("trial_over_fp_eval", "quant_eval_over_fp_eval", "trial_over_quant_eval", "calib_passes_after_first",
+                 "fakequant_over_fp_forward", "trials_per_hour", "stats_memory_over_calib_batch", "fp_eval_ms",
+                 "trial_ms", "peak_memory_over_fp_eval")
 SWEEP_FIGURES = ("n_trials", "marginal_ms", "compute_ms", "compute_median_ms", "marginal_over_compute",
                  "bookkeeping_ms", "trials_per_hour", "exit_code")
 OBSERVER_FIGURES = ("omse_ms", "kl_ms", "omse_mse", "kl_mse", "reference_ms", "reference_mse", "fqvit_loop_ms",
@@ -305,17 +309,23 @@ def trials_per_hour(w: Workload, search: str = "mixed_precision") -> float:
     return 3600.0 / statistics.mean(times[1:] or times)
 
 
-def _paired_trials(w: Workload) -> tuple[list[float], list[float], list[float]]:
-    """Trials of ``trial_configs(w.n_trials)`` from a cold cache (the first calibrates), each of trials 2..N followed
-    by an FP evaluation pass of the same images: (trial times, FP times of trials 2..N, calibration passes)."""
+def _paired_trials(w: Workload) -> tuple[list[float], list[float], list[float], list[float]]:
+    """Trials of ``trial_configs(w.n_trials)`` from a cold cache (the first calibrates); each of trials 2..N is
+    followed by an FP evaluation pass of the same images, then by an evaluation pass of that trial's quantized model
+    alone (no profile, no cost): (trial times, FP times and quantized-eval times of trials 2..N, calibration passes).
+    """
     clear_cache()
 
     def fp_pass() -> None:
         evaluate(w.model, w.data.eval, w.batch_size)
 
+    def quant_pass(cfg: LayerQuantConfig) -> None:
+        evaluate(calibrated_model(w.model, w.data, cfg)[0], w.data.eval, w.batch_size)
+
     fp_pass()  # warm-up
     times: list[float] = []
     fp_times: list[float] = []
+    q_times: list[float] = []
     passes: list[float] = []
     for i, cfg in enumerate(trial_configs(w.n_trials)):
         out: list = []
@@ -324,14 +334,19 @@ def _paired_trials(w: Workload) -> tuple[list[float], list[float], list[float]]:
         passes.append(float(out[0].calib_passes))
         if i:  # an FP pass right after every timed trial: both sides of the ratio come from the same minutes
             fp_times += _times(fp_pass, 1)
-    return times, fp_times, passes
+            calibrated_model(w.model, w.data, cfg)  # (set to cfg outside the timing: the trial paid for that)
+            q_times += _times(lambda cfg=cfg: quant_pass(cfg), 1)
+    return times, fp_times, q_times, passes
 
 
 def bench_model(w: Workload) -> dict[str, float]:
     torch.manual_seed(0)
-    times, fp_times, passes = _paired_trials(w)
+    times, fp_times, q_times, passes = _paired_trials(w)
     fp_eval, trial = statistics.median(fp_times), statistics.median(times[1:])
     ratios = pair_ratios("trial_over_fp_eval", times[1:], fp_times)  # each trial, the FP pass after it
+    # what the ratio is made of: the quantized model's own eval pass against FP's, and the trial against that pass
+    ratios |= pair_ratios("quant_eval_over_fp_eval", q_times, fp_times)
+    ratios |= pair_ratios("trial_over_quant_eval", times[1:], q_times)
 
     int8 = trial_configs(1)[0]
     qm, _ = calibrated_model(w.model, w.data, int8)
@@ -360,7 +375,10 @@ def bench_model(w: Workload) -> dict[str, float]:
     cx, _ = next(batches(w.data.calib, 128, dev))
     act_points = [p for p in points if p.key in ACTIVATION_POINTS]
     calib_bytes = _activation_bytes(qm, act_points, cx)
-    return {"trial_over_fp_eval": ratios.pop("trial_over_fp_eval"), "calib_passes_after_first": float(sum(passes[1:])),
+    return {"trial_over_fp_eval": ratios.pop("trial_over_fp_eval"),
+            "quant_eval_over_fp_eval": ratios.pop("quant_eval_over_fp_eval"),
+            "trial_over_quant_eval": ratios.pop("trial_over_quant_eval"),
+            "calib_passes_after_first": float(sum(passes[1:])),
             "fakequant_over_fp_forward": ratios.pop("fakequant_over_fp_forward"), "trials_per_hour": trials_per_hour(w),
             "peak_memory_over_fp_eval": trial_peak / fp_peak, "peak_memory_mb": trial_peak / 2**20,
             "stats_memory_over_calib_batch": stats_bytes / calib_bytes, "fp_eval_ms": 1e3 * fp_eval,
@@ -528,9 +546,11 @@ def bench_scaling(quick: bool, device: str = "cpu") -> dict[str, float]:
 
 
 def _trial_cost(w: Workload) -> dict[str, float]:
-    times, fp_times, _ = _paired_trials(w)
-    return {"trial_ms": 1e3 * statistics.median(times[1:]),
-            "trial_over_fp_eval": pair_ratios("trial_over_fp_eval", times[1:], fp_times)["trial_over_fp_eval"]}
+    times, fp_times, q_times, _ = _paired_trials(w)
+    ratios = pair_ratios("trial_over_fp_eval", times[1:], fp_times) | pair_ratios("quant_eval_over_fp_eval", q_times,
+                                                                                   fp_times)
+    return {"trial_ms": 1e3 * statistics.median(times[1:]), "trial_over_fp_eval": ratios["trial_over_fp_eval"],
+            "quant_eval_over_fp_eval": ratios["quant_eval_over_fp_eval"]}
 
 
 # ---------------------------------------------------------------------------------------------- driver
