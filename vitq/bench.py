@@ -319,9 +319,6 @@ def _paired_trials(w: Workload) -> tuple[list[float], list[float], list[float], 
     def fp_pass() -> None:
         evaluate(w.model, w.data.eval, w.batch_size)
 
-    def quant_pass(cfg: LayerQuantConfig) -> None:
-        evaluate(calibrated_model(w.model, w.data, cfg)[0], w.data.eval, w.batch_size)
-
     fp_pass()  # warm-up
     times: list[float] = []
     fp_times: list[float] = []
@@ -334,8 +331,8 @@ def _paired_trials(w: Workload) -> tuple[list[float], list[float], list[float], 
         passes.append(float(out[0].calib_passes))
         if i:  # an FP pass right after every timed trial: both sides of the ratio come from the same minutes
             fp_times += _times(fp_pass, 1)
-            calibrated_model(w.model, w.data, cfg)  # (set to cfg outside the timing: the trial paid for that)
-            q_times += _times(lambda cfg=cfg: quant_pass(cfg), 1)
+            qm = calibrated_model(w.model, w.data, cfg)[0]  # set to cfg outside the timing (the trial paid for it)
+            q_times += _times(lambda qm=qm: evaluate(qm, w.data.eval, w.batch_size), 1)
     return times, fp_times, q_times, passes
 
 
