@@ -315,11 +315,7 @@ def _paired_trials(w: Workload) -> tuple[list[float], list[float], list[float], 
     alone (no profile, no cost): (trial times, FP times and quantized-eval times of trials 2..N, calibration passes).
     """
     clear_cache()
-
-    def fp_pass() -> None:
-        evaluate(w.model, w.data.eval, w.batch_size)
-
-    fp_pass()  # warm-up
+    _fp_eval(w)  # warm-up
     times: list[float] = []
     fp_times: list[float] = []
     q_times: list[float] = []
@@ -330,20 +326,29 @@ def _paired_trials(w: Workload) -> tuple[list[float], list[float], list[float], 
                         1)
         passes.append(float(out[0].calib_passes))
         if i:  # an FP pass right after every timed trial: both sides of the ratio come from the same minutes
-            fp_times += _times(fp_pass, 1)
+            fp_times += _times(lambda: _fp_eval(w), 1)
             qm = calibrated_model(w.model, w.data, cfg)[0]  # set to cfg outside the timing (the trial paid for it)
             q_times += _times(lambda qm=qm: evaluate(qm, w.data.eval, w.batch_size), 1)
     return times, fp_times, q_times, passes
+
+
+def _fp_eval(w: Workload) -> None:
+    evaluate(w.model, w.data.eval, w.batch_size)
+
+
+def _trial_ratios(times: list[float], fp_times: list[float], q_times: list[float]) -> dict[str, float]:
+    """``trial_over_fp_eval`` (each trial, the FP pass after it) and what it is made of: the quantized model's own
+    eval pass over FP's, and the trial over that pass; each with its pairs' quartiles (:func:`pair_ratios`)."""
+    return (pair_ratios("trial_over_fp_eval", times[1:], fp_times)
+            | pair_ratios("quant_eval_over_fp_eval", q_times, fp_times)
+            | pair_ratios("trial_over_quant_eval", times[1:], q_times))
 
 
 def bench_model(w: Workload) -> dict[str, float]:
     torch.manual_seed(0)
     times, fp_times, q_times, passes = _paired_trials(w)
     fp_eval, trial = statistics.median(fp_times), statistics.median(times[1:])
-    ratios = pair_ratios("trial_over_fp_eval", times[1:], fp_times)  # each trial, the FP pass after it
-    # what the ratio is made of: the quantized model's own eval pass against FP's, and the trial against that pass
-    ratios |= pair_ratios("quant_eval_over_fp_eval", q_times, fp_times)
-    ratios |= pair_ratios("trial_over_quant_eval", times[1:], q_times)
+    ratios = _trial_ratios(times, fp_times, q_times)
 
     int8 = trial_configs(1)[0]
     qm, _ = calibrated_model(w.model, w.data, int8)
@@ -364,7 +369,7 @@ def bench_model(w: Workload) -> dict[str, float]:
             copies[f"host_device_copies_per_trial{key}"] = float(
                 host_device_copies(lambda bs=bs: run_trial(w.model, w.data, cfg, batch_size=bs)))
             copies[f"eval_batches{key}"] = float(math.ceil(len(w.data.eval) / bs))
-    fp_peak = peak_memory(lambda: evaluate(w.model, w.data.eval, w.batch_size))
+    fp_peak = peak_memory(lambda: _fp_eval(w))
     trial_peak = peak_memory(lambda: run_trial(w.model, w.data, trial_configs(w.n_trials + 1)[-1],
                                                batch_size=w.batch_size))
     points = qm.points()
@@ -544,8 +549,7 @@ def bench_scaling(quick: bool, device: str = "cpu") -> dict[str, float]:
 
 def _trial_cost(w: Workload) -> dict[str, float]:
     times, fp_times, q_times, _ = _paired_trials(w)
-    ratios = pair_ratios("trial_over_fp_eval", times[1:], fp_times) | pair_ratios("quant_eval_over_fp_eval", q_times,
-                                                                                   fp_times)
+    ratios = _trial_ratios(times, fp_times, q_times)
     return {"trial_ms": 1e3 * statistics.median(times[1:]), "trial_over_fp_eval": ratios["trial_over_fp_eval"],
             "quant_eval_over_fp_eval": ratios["quant_eval_over_fp_eval"]}
 
