@@ -44,7 +44,7 @@ def test_bench_quick_reports_every_figure(tmp_path):
         for name in OBSERVER_FIGURES:
             v = figures[f"observers.{mode}.{name}"]
             assert math.isfinite(v) and v > 0, (mode, name, v)
-        for name in ("omse_over_reference_time", "kl_over_reference_time"):
+        for name in ("omse_over_reference_time", "kl_over_reference_time", "kl_parallel_speedup"):
             lo, hi = figures[f"observers.{mode}.{name}_pairs_q25"], figures[f"observers.{mode}.{name}_pairs_q75"]
             assert 0 < lo <= figures[f"observers.{mode}.{name}"] <= hi, (mode, name, lo, hi)
     # the sweep section ran a real CLI search: its exit code, trial count and consistent derived figures
