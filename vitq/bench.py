@@ -21,7 +21,8 @@ Machine noise cancels in ratios, so every figure is a ratio to a reference measu
   calibration batch's activations at every quantization point;
 - observers on one 1M-element activation tensor with an outlier channel: time and fake-quant MSE of vitq's OMSE
   and KL (ranges from the cached statistics) against ``torch.ao``'s HistogramObserver in the same run, per tensor
-  and per channel; FQ-ViT's OMSE loop and PerChannelMinMaxObserver are informational rows.
+  and per channel; FQ-ViT's OMSE loop, PerChannelMinMaxObserver and ``kl_parallel_speedup`` (KL on one thread
+  over KL as it runs: what the other cores gave in this run) are informational rows.
 
 Each judged timing ratio is the median of the ratios of measurements taken one right after the other (a trial and
 the FP pass after it, the two forwards of one repetition, one observer repetition), so a drift of the machine cancels
