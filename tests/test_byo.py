@@ -23,7 +23,7 @@ from PIL import Image
 from vitq.data import labels_of, load_image_folder, stratified_subset
 from vitq.models.factory import ModelError, create_model, load_checkpoint
 from vitq.session import Session, resolve_device
-from vitq.sweep import compose
+from vitq.sweep import compose, layer_config_from
 
 PROVENANCE = ("model.name", "model.kwargs", "model.checkpoint", "model.checkpoint_sha256", "data.calib_root",
               "data.eval_root", "data.fingerprint", "data.n_calib", "data.n_eval", "data.transform", "device",
@@ -237,6 +237,10 @@ def test_bad_inputs_are_one_line_rc2_and_nothing_logged(byo, tmp_path):
         "shape mismatch": (["model.kwargs={img_size:16,patch_size:4,embed_dim:64,depth:2,num_heads:2,"
                             "num_classes:10,init_values:1e-5,global_pool:avg,class_token:false}"],
                            "model.checkpoint: " + str(byo.checkpoint) + ": shape mismatch at"),
+        "unsupported block": ([kwargs.replace("init_values:1e-5,global_pool:avg,class_token:false", "qkv_bias:true"),
+                               "model.name=vit_base_patch16_rpn_224"],
+                              "model.name: vit_base_patch16_rpn_224 cannot be quantized by vitq: blocks.0: "
+                              "ResPostBlock is not a timm Block"),
     }
     if not torch.cuda.is_available():
         cases["cuda without a GPU"] = ([kwargs, "device=cuda"], "vitq: device: cuda: no CUDA device is available")
@@ -244,7 +248,51 @@ def test_bad_inputs_are_one_line_rc2_and_nothing_logged(byo, tmp_path):
         r = run_sweep(tmp_path, *base, *extra, f"tracking.uri={uri}", timeout=300)
         line = _one_line_error(r)
         assert expect in line, (name, line)
+    # the default data (digits, 1×8×8) with a timm model built for 3×16×16 images
+    r = run_sweep(tmp_path, "model=timm", f"model.name={byo_case.MODEL_NAME}", kwargs,
+                  f"model.checkpoint={byo.checkpoint}", f"tracking.uri={uri}", timeout=300)
+    assert "vitq: data: data=digits gives 1×8×8 images, but model vit_tiny_patch16_224 takes 3×16×16; use " \
+           "data=folder" in _one_line_error(r)
     assert not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.slow
+def test_a_gated_mlp_vit_runs_end_to_end(byo, tmp_path):
+    """aimv2's architecture, unlike the byo model: SwiGLU MLPs (fc1_g, fc1_x), RmsNorm, no biases, no class token;
+    trained briefly, through the CLI on the PNG folders, against plain timm."""
+    import timm
+
+    from vitq.cost import model_cost
+
+    name = "aimv2_large_patch14_224"
+    kw = {"img_size": 16, "patch_size": 4, "embed_dim": 48, "depth": 2, "num_heads": 2, "num_classes": 10}
+    torch.manual_seed(0)
+    model = timm.create_model(name, **kw)
+    x, y, _ = byo_case.folder_tensors(byo.calib, byo_case.plain_timm_transform(model))
+    byo_case.train(model, x, y, epochs=8)
+    ckpt = tmp_path / "aimv2.pth"
+    torch.save(model.state_dict(), ckpt)
+    xe, ye, _ = byo_case.folder_tensors(byo.eval, byo_case.plain_timm_transform(model))
+    with torch.inference_mode():
+        fp_top1 = int((model(xe).argmax(-1) == ye).sum()) / len(ye)
+    cli = ["model=timm", f"model.name={name}", "model.kwargs={" + ",".join(f"{k}:{v}" for k, v in kw.items()) + "}",
+           f"model.checkpoint={ckpt}", "data=folder", f"data.calib_root={byo.calib}", f"data.eval_root={byo.eval}"]
+    r = run_sweep(tmp_path, *cli, "tracking=none")
+    assert r.returncode == 0, r.stderr[-3000:]
+    (metrics_file,) = tmp_path.glob("outputs/*/*/metrics.json")
+    metrics = json.loads(metrics_file.read_text())
+    assert metrics["fp_top1"] == fp_top1 > 0.5  # same images, transforms and weights as plain timm
+    assert metrics["top1"] >= fp_top1 - 0.05 and metrics["agreement"] > 0.9  # int8
+    assert metrics["weight_bytes"] == model_cost(model, layer_config_from(compose(cli))).weight_bytes
+    # FQ-ViT's integer LayerNorm cannot run on RmsNorm: one line naming the key, rc 2
+    r = run_sweep(tmp_path, *cli, "tracking=none", "quant=fqvit")
+    assert "vitq: residual_layer.residual1.calibration_mode: ptf feeds an integer LayerNorm, but norm2 is " \
+           "RmsNorm" in _one_line_error(r)
+    # the gradient score reads the packed fc1 weight's gradient
+    r = run([sys.executable, "-m", "vitq.search.sensitivity", "--granularity", "block", "--score", "grad_score",
+             "--metric", "bops", "--budgets", "1e12", *cli], tmp_path, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "(grad_score, per block: 28 items)" in r.stdout
 
 
 # ------------------------------------------------------------------------------------------------ sweeps

@@ -234,3 +234,68 @@ def test_profile_mse_and_sqnr_against_numpy_on_the_same_sampled_values(layout):
     assert row["mse"] == pytest.approx(noise / fp.size, rel=1e-5)
     assert row["sqnr_db"] == pytest.approx(10 * np.log10(np.sum(fp**2) / noise), abs=1e-4)
     assert 10 < row["sqnr_db"] < 25  # 4 bits over ~4 sigma: not a degenerate row
+
+
+def test_integer_layernorm_takes_the_norms_eps_where_a_row_is_constant():
+    """A row whose codes are all equal (a class or register token on a coarse grid): FQ-ViT's formula divides by a
+    zero standard deviation; with the LayerNorm's eps it gives the LayerNorm's output (the bias), as float does."""
+    x = _outlier_tensor().view(8, 64, 48)[0].clone()
+    cfg = QuantConfig(calibration_mode="ptf", bit_type=BitTypeConfig(bits=8, signed=False),
+                      observer_type="MinmaxObserver")
+    q = _calibrated("residual1", cfg, x.unsqueeze(0), axis=2)
+    xq = q(x.unsqueeze(0).clone())[0]
+    xq[5] = 0.0  # a constant row (on the grid: code 0 times every channel's scale)
+    ln = torch.nn.LayerNorm(48, eps=1e-6)
+    with torch.no_grad():
+        ln.weight.copy_(torch.linspace(0.5, 1.5, 48))
+        ln.bias.copy_(torch.linspace(-0.2, 0.2, 48))
+        out_scale = torch.tensor(0.03)
+        bare = int_layernorm(xq, q.fq.scale, ln.weight, ln.bias, out_scale)
+        got = int_layernorm(xq, q.fq.scale, ln.weight, ln.bias, out_scale, eps=ln.eps)
+        fp = ln(xq)
+    assert not torch.isfinite(bare[5]).all()  # FQ-ViT's published formula: NaN on that row
+    assert torch.equal(got[5], torch.round(ln.bias / out_scale) * out_scale)  # the bias, on the output grid
+    others = torch.arange(64) != 5
+    assert (got[others] - fp[others]).abs().max() <= 3 * 0.03
+    codes_bare, codes_got = torch.round(bare[others] / out_scale), torch.round(got[others] / out_scale)
+    assert (codes_bare - codes_got).abs().max() <= 1 and (codes_bare == codes_got).float().mean() > 0.995
+
+
+def test_fqvit_on_a_timm_vit_with_register_tokens_is_finite():
+    """Register tokens and a class token without position embedding start near zero: on the PTF grid every code
+    of such a token is equal, which used to turn the integer LayerNorm NaN and the integer softmax's lookup into
+    an IndexError."""
+    import timm
+
+    from vitq.models.vit import quantize_vit
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_small_patch14_reg4_dinov2", img_size=32, patch_size=8, depth=2, embed_dim=64,
+                              num_heads=2, num_classes=5).eval()
+    assert model.num_prefix_tokens == 5 and model.no_embed_class
+    x = torch.randn(48, 3, 32, 32)
+    q = quantize_vit(model, load_config_from_yaml(PRESETS / "fqvit.yaml"))
+    with torch.inference_mode():
+        with q.calibration():
+            q(x[:16])
+        assert q.qblocks[1].softmax.integer(q.qblocks[1].quantizers["kv_act"])
+        out, ref_out = q(x[16:]), model(x[16:])
+    assert torch.isfinite(out).all() and out.shape == ref_out.shape
+
+
+def test_integer_softmax_passes_nan_scores_through_as_nan():
+    """NaN scores (a broken FP model) give NaN rows, as the float softmax does, not an index error."""
+    cfg = QuantConfig(bit_type=BitTypeConfig(bits=8, signed=False), observer_type="MinmaxObserver")
+    scores = torch.randn(2, 3, 5, 5)
+    kv = _calibrated("kv_act", cfg, scores)
+    out_q = _calibrated("intSoft", cfg, scores.softmax(-1))
+    sm = QIntSoftmax(out_q)
+    bad = scores.clone()
+    bad[1, 2, 3, 1] = float("nan")
+    with torch.inference_mode():
+        good = sm(scores.clone(), kv)
+        got = sm(bad.clone(), kv)
+    assert torch.isnan(got[1, 2, 3]).all() and torch.isfinite(got[0]).all()
+    mask = torch.ones_like(got, dtype=torch.bool)
+    mask[1, 2, 3] = False
+    assert torch.equal(got[mask], good[mask])

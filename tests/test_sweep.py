@@ -178,6 +178,20 @@ def test_failing_trial_is_recorded_and_sweep_continues(tmp_path):
     assert {"pareto/pareto_front.csv", "pareto/pareto_front.png", "pareto/all_trials.csv"} <= arts
 
 
+def test_grid_without_mlflow_exits_1_when_a_trial_fails(tmp_path):
+    r = _sweep(tmp_path, "-m", "layers.attn_qkv.bit_type.bits=4,8", "tracking=none",
+               env={"VITQ_FAULTS": "nan@0"})  # job 0 evaluates NaN images
+    assert r.returncode == 1, r.stderr[-3000:]
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("vitq: ")]
+    assert lines[0].startswith("vitq: trial 0 failed: NonFiniteOutputError")  # as it happens; the grid goes on
+    assert lines[-1].startswith("vitq: 1 trial(s) of the grid failed (first: trial 0 failed: NonFiniteOutputError")
+    assert lines[-1].endswith("MLflow is off (tracking=none)") and len(lines) == 2
+    assert len(trial_lines(r.stdout + r.stderr)) == 1  # job 1 ran
+    assert not list(tmp_path.rglob(".vitq_failed")) and not (tmp_path / "mlflow.db").exists()
+    r = _sweep(tmp_path, "-m", "layers.attn_qkv.bit_type.bits=4,8", "tracking=none")
+    assert r.returncode == 0 and "vitq: " not in r.stderr, r.stderr[-3000:]
+
+
 def test_kill_and_resume(tmp_path):
     args = [sys.executable, "-m", "vitq.sweep", "-m", "hydra/sweeper=vitq_optuna", "hydra.sweeper.n_trials=6",
             "hydra.sweeper.study_name=resume", "hydra.sweeper.search=bits_only"]

@@ -122,6 +122,25 @@ def test_cost_hand_computed():
     assert c.macs == n * (192 + 64 + 128 + 128) + 2 * 2 * n * n * 4
 
 
+def test_cost_of_a_swiglu_counts_both_fc1_weights():
+    from timm.layers import SwiGLU
+
+    m = VisionTransformer(img_size=4, patch_size=2, in_chans=1, num_classes=3, embed_dim=8, depth=1, num_heads=2,
+                          mlp_ratio=2.0, mlp_layer=SwiGLU, act_layer=torch.nn.SiLU)
+    cfg = LayerQuantConfig.from_dict({
+        "default": {"bit_type": {"bits": 8}, "calibration_mode": "layer_wise"},
+        "layers": {"mlp_fc1": {"bit_type": {"bits": 4}, "calibration_mode": "channel_wise"}}})
+    c = model_cost(m, cfg)
+    n_params = sum(p.numel() for p in m.parameters())
+    # qkv 8x24 @8b + 1 scale; proj 8x8 @8b + 1; fc1_g and fc1_x 2 x 16x8 @4b + 32 scales; fc2 16x8 @8b + 1
+    q_bits = 192 * 8 + 32 + 64 * 8 + 32 + 256 * 4 + 32 * 32 + 128 * 8 + 32
+    assert c.weight_bytes == (q_bits + (n_params - 192 - 64 - 256 - 128) * 32) / 8
+    assert c.mean_weight_bits == pytest.approx((192 * 8 + 64 * 8 + 256 * 4 + 128 * 8) / 640)
+    n = 5  # 4 patches + cls
+    assert c.macs == n * (192 + 64 + 256 + 128) + 2 * 2 * n * n * 4
+    assert c.bops == n * (192 * 64 + 64 * 64 + 256 * 32 + 128 * 64) + 2 * n * n * 4 * 64 * 2
+
+
 class _Evil:
     def __reduce__(self):
         return (print, ("pwned",))

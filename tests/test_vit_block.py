@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import copy
+import functools
 
 import pandas as pd
 import pytest
 import torch
 from conftest import PRESETS
-from timm.models.vision_transformer import Block, VisionTransformer
+from timm.layers import GluMlp, Mlp, SwiGLU, SwiGLUPacked
+from timm.models.vision_transformer import Block, ParallelScalingBlock, ResPostBlock, VisionTransformer
+from torch.ao.quantization import MinMaxObserver, PerChannelMinMaxObserver
 
 from vitq import BitTypeConfig, LayerQuantConfig, QuantConfig, load_config_from_yaml
 from vitq.models.vit import quantize_vit
@@ -28,19 +31,79 @@ def _sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
     return float(10 * torch.log10(ref.pow(2).sum() / (out - ref).pow(2).sum()))
 
 
+GATED = {"swiglu": {"mlp_layer": SwiGLU, "act_layer": torch.nn.SiLU},  # fc1_g and fc1_x (aimv2)
+         "swiglu_packed": {"mlp_layer": SwiGLUPacked, "act_layer": torch.nn.SiLU},  # GluMlp (dinov2 giant)
+         "glu_gate_first": {"mlp_layer": functools.partial(GluMlp, gate_last=False)}}
+VARIANTS = {"plain": {}, "layerscale": {"init_values": 0.1}, "qk_norm": {"qk_norm": True},
+            "drop_path": {"drop_path": 0.2}, "mlp_norm": {"scale_mlp_norm": True}, **GATED}
+
+
 @pytest.mark.parametrize("fused", [True, False])
-@pytest.mark.parametrize("variant", ["plain", "layerscale", "qk_norm", "drop_path"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
 def test_disabled_block_equals_timm_block(fused, variant):
     torch.manual_seed(0)
-    kw = {"layerscale": {"init_values": 0.1}, "qk_norm": {"qk_norm": True}, "drop_path": {"drop_path": 0.2}}
-    block = Block(dim=48, num_heads=4, qkv_bias=True, **kw.get(variant, {})).eval()
+    block = Block(dim=48, num_heads=4, qkv_bias=True, **VARIANTS[variant]).eval()
     block.attn.fused_attn = fused
     x = torch.randn(4, 17, 48)
     q = QuantTimmVitBlock(copy.deepcopy(block), OFF)
     with torch.no_grad():
         with q.calibration():
             q(x)
-        assert torch.allclose(q(x), block(x), atol=1e-6, rtol=0)
+        assert torch.equal(q(x), block(x))
+
+
+@pytest.mark.parametrize("variant", list(GATED))
+@pytest.mark.parametrize("mode", ["channel_wise", "layer_wise"])
+def test_gated_mlp_fc1_is_one_point_and_equals_torch_ao(variant, mode):
+    """A gated MLP's fc1 (SwiGLU: fc1_g and fc1_x) is the mlp_fc1 point: its weights are quantized as one packed
+    weight, as torch.ao's observer on that weight quantizes it, and the block computes timm's gated MLP."""
+    torch.manual_seed(0)
+    block = Block(dim=48, num_heads=4, mlp_ratio=2.0, **GATED[variant]).eval()
+    mlp = block.mlp
+    parts = [mlp.fc1_g, mlp.fc1_x] if variant == "swiglu" else [mlp.fc1]
+    with torch.no_grad():
+        for lin in parts:
+            lin.weight.normal_(0, 0.05)  # timm initializes the gate near zero
+    only_fc1 = OFF.with_overrides({"layers.mlp_fc1.enabled": True, "layers.mlp_fc1.calibration_mode": mode,
+                                   "layers.mlp_fc1.observer_type": "MinmaxObserver"})
+    q = QuantTimmVitBlock(copy.deepcopy(block), only_fc1)
+    x = torch.randn(4, 17, 48)
+    with torch.no_grad():
+        with q.calibration():
+            q(x)
+        w = torch.cat([lin.weight for lin in parts])
+        if mode == "channel_wise":
+            ao = PerChannelMinMaxObserver(ch_axis=0, dtype=torch.qint8, qscheme=torch.per_channel_symmetric,
+                                          quant_min=-128, quant_max=127)
+            ao(w)
+            s, z = ao.calculate_qparams()
+            ref_w = torch.fake_quantize_per_channel_affine(w, s, z.int(), 0, -128, 127)
+        else:
+            ao = MinMaxObserver(dtype=torch.qint8, qscheme=torch.per_tensor_symmetric, quant_min=-128, quant_max=127)
+            ao(w)
+            s, z = ao.calculate_qparams()
+            ref_w = torch.fake_quantize_per_tensor_affine(w, float(s), int(z), -128, 127)
+        assert torch.equal(q.fc1.quantized_weight(), ref_w)
+        assert q.quantizers["mlp_fc1"].scale.numel() == (w.shape[0] if mode == "channel_wise" else 1)
+        ref_block = copy.deepcopy(block)  # plain timm, its fc1 weights replaced by torch.ao's
+        ref_parts = [ref_block.mlp.fc1_g, ref_block.mlp.fc1_x] if variant == "swiglu" else [ref_block.mlp.fc1]
+        for lin, wq in zip(ref_parts, ref_w.split([p.out_features for p in ref_parts]), strict=True):
+            lin.weight.copy_(wq)
+        assert torch.allclose(q(x), ref_block(x), atol=1e-5, rtol=0)
+        assert not torch.allclose(q(x), block(x), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(("block_fn", "kw", "says"), [
+    (ResPostBlock, {}, "ResPostBlock is not a timm Block"),
+    (ParallelScalingBlock, {}, "ParallelScalingBlock is not a timm Block"),
+    (Block, {"attn_layer": "diff"}, "Block.attn is DiffAttention"),
+    (Block, {"mlp_layer": functools.partial(Mlp, use_conv=True)}, "Block: mlp_fc1 is Conv2d, not a torch Linear"),
+])
+def test_unsupported_blocks_are_named(block_fn, kw, says):
+    model = VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, block_fn=block_fn,
+                              **kw)
+    with pytest.raises(TypeError, match=f"^blocks.0: {says}"):
+        quantize_vit(model, OFF)
 
 
 def _reference_block_io(reference, digits, index=1):
@@ -165,14 +228,14 @@ def test_quantized_weights_kept_while_their_quantizer_and_tensor_are(reference, 
         kept, prof = fc1.quantized_weight(), fc1.wq.prof
         q.set_config(q.layer_config.with_overrides({"layers.attn_qkv.bit_type.bits": 4}))
         assert fc1.quantized_weight() is kept and fc1.wq.prof is prof and prof.count > 0
-        assert q.qkv.quantized_weight().unique().numel() <= 16 * q.qkv.linear.out_features
+        assert q.qkv.quantized_weight().unique().numel() <= 16 * q.qkv.out_features
         q.set_config(q.layer_config.with_overrides({"layers.mlp_fc1.bit_type.bits": 4}))
         w4 = fc1.quantized_weight()
         assert w4 is not kept and not torch.equal(w4, kept)
-        fc1.linear.weight.mul_(2.0)  # the statistics are stale now, but the cache must not hide the edit
+        fc1.parts[0].weight.mul_(2.0)  # the statistics are stale now, but the cache must not hide the edit
         fc1.refresh()
         assert not torch.equal(fc1.quantized_weight(), w4)
-        fc1.linear.weight.div_(2.0)
+        fc1.parts[0].weight.div_(2.0)
         fc1.refresh()
         assert torch.equal(fc1.quantized_weight(), w4)
     fresh = QuantTimmVitBlock(copy.deepcopy(block), q.layer_config)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from vitq.models.vit_block import block_linears
 from vitq.quant.config import ACTIVATION_POINTS, WEIGHT_POINTS, LayerQuantConfig, QuantConfig
 from vitq.quant.points import POINT_TABLE
 
@@ -42,12 +43,6 @@ def _fp_model(model: nn.Module) -> nn.Module:
     return getattr(model, "model", model)
 
 
-def _linear(block: nn.Module, key: str) -> nn.Linear:
-    inner = getattr(block, "block", block)
-    return {"attn_qkv": inner.attn.qkv, "attn_proj": inner.attn.proj, "mlp_fc1": inner.mlp.fc1,
-            "mlp_fc2": inner.mlp.fc2}[key]
-
-
 def model_cost(model: nn.Module, cfg: LayerQuantConfig) -> CostReport:
     """Cost of ``model`` (a timm ViT or a QuantViT) under ``cfg``; needs no calibration."""
     return resolved_cost(model, [cfg.resolved(b) for b in range(len(_fp_model(model).blocks))])
@@ -66,17 +61,17 @@ def resolved_cost(model: nn.Module, per_block: list[dict[str, QuantConfig]]) -> 
     act_bits: list[int] = []
     macs = bops = 0.0
     for block, res in zip(vit.blocks, per_block, strict=True):
+        lins = block_linears(getattr(block, "block", block))
         for key in WEIGHT_POINTS:
-            lin = _linear(block, key)
             c = res[key]
-            n = lin.weight.numel()
+            n = sum(lin.weight.numel() for lin in lins[key])
             w_elems += n
             w_bits_sum += n * _bits(c)
             if c.enabled:
-                quantized.add(id(lin.weight))
-                n_scales = lin.weight.shape[0] if c.calibration_mode == "channel_wise" else 1
+                quantized.update(id(lin.weight) for lin in lins[key])
+                n_scales = sum(lin.out_features for lin in lins[key]) if c.calibration_mode == "channel_wise" else 1
                 weight_bits += n * c.bit_type.bits + n_scales * FP_BITS * (1 if c.bit_type.signed else 2)
-            m = n_tokens * lin.in_features * lin.out_features
+            m = n_tokens * n
             macs += m
             bops += m * _bits(c) * _bits(res[_INPUT_OF[key]])
         act_bits += [_bits(res[k]) for k in ACTIVATION_POINTS]

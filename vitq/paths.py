@@ -63,3 +63,8 @@ def file_lock(path: str | Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def grid_failures_dir(sweep_dir: str | Path, token: str) -> Path:
+    """Where a Hydra grid's failed jobs leave one line each (``token``: this multirun's own), read at its end."""
+    return Path(sweep_dir) / ".vitq_failed" / token

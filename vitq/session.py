@@ -21,7 +21,15 @@ from torch import nn
 
 import vitq
 from vitq.allocator import retain_freed_memory
-from vitq.data import TRANSFORM_KEYS, DataBundle, DataError, load_digits, load_image_folder
+from vitq.data import (
+    TRANSFORM_KEYS,
+    DataBundle,
+    DataError,
+    load_digits,
+    load_image_folder,
+    model_channels,
+    model_img_size,
+)
 from vitq.evaluate import EvalResult
 from vitq.models.factory import REFERENCE_NAME, ModelError, create_model, file_sha256
 from vitq.models.reference import REFERENCES
@@ -200,6 +208,7 @@ class Session:
                 if d.root or d.calib_root or d.eval_root:
                     raise DataError("data.root: data=digits takes no folders (use data=folder)")
                 n_train, img_size = self._digits_split()
+                self._check_digits_fit(img_size)
                 n_calib = n_train if d.n_calib is None else d.n_calib  # null: every training image
                 self._data = load_digits(seed=d.seed, n_train=n_train, n_calib=n_calib, n_eval=d.n_eval,
                                          img_size=img_size)
@@ -227,6 +236,15 @@ class Session:
                                     f"digits of seed {spec.data_seed}; another split would evaluate it on images it "
                                     f"was trained on (leave data.{key} unset)")
         return (spec.n_train if d.n_train is None else d.n_train), spec.img_size
+
+    def _check_digits_fit(self, img_size: int) -> None:
+        """DataError when the model does not take digits' 1×S×S images (a timm model built for other inputs)."""
+        chans, fixed = model_channels(self.model), model_img_size(self.model)
+        if chans not in (None, 1) or fixed not in (None, (img_size, img_size)):
+            takes = "×".join(str(v) for v in (chans or "?", *(fixed or ("any", "any"))))
+            raise DataError(f"data: data=digits gives 1×{img_size}×{img_size} images, but model {self.model_spec.name} "
+                            f"takes {takes}; use data=folder with your images (or build the model for digits: "
+                            f"'model.kwargs={{img_size:{img_size},in_chans:1,patch_size:2,...}}')")
 
     @property
     def num_classes(self) -> int:

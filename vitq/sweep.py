@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from vitq.faults import fault, maybe_kill, maybe_meet
 from vitq.logs import progress_enabled, quiet_libraries
 from vitq.paths import CONF_DIR as PATHS_CONF_DIR
+from vitq.paths import grid_failures_dir
 from vitq.quant.config import SECTIONS, LayerQuantConfig
 from vitq.redact import fail, install_log_redaction, redact, redact_tree, say
 from vitq.schema import register
@@ -32,6 +33,7 @@ register()
 log = logging.getLogger("vitq")
 
 QUANT_SECTIONS = ("default", *SECTIONS, "blocks")
+GRID_FAILURES_ENV = "VITQ_GRID_FAILURES"  # a Hydra grid's folder of failed-job lines (set for its jobs)
 
 
 def _clean(node: Any) -> Any:
@@ -152,6 +154,40 @@ class CheckInputs(Callback):
             fail(e)
 
 
+class GridFailures(Callback):
+    """Exit 1 after a Hydra grid whose jobs failed, also without MLflow (with it, the parent's children count).
+
+    Each failed job leaves one line in a folder of this multirun (any launcher, any process); the end reads them.
+    """
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if is_vitq_sweeper(config):
+            return
+        import uuid
+
+        os.environ[GRID_FAILURES_ENV] = str(grid_failures_dir(config.hydra.sweep.dir, uuid.uuid4().hex))
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        folder = os.environ.pop(GRID_FAILURES_ENV, None)
+        if folder is None:
+            return
+        import shutil
+
+        lines = sorted((p for p in Path(folder).glob("*.txt")), key=lambda p: int(p.stem))
+        first = lines[0].read_text().strip() if lines else ""
+        shutil.rmtree(Path(folder).parent, ignore_errors=True)
+        if lines and not config.tracking.enabled:  # (with MLflow, MlflowSweepCallback reports them)
+            fail(f"{len(lines)} trial(s) of the grid failed (first: {first}); MLflow is off (tracking=none)",
+                 code=1)
+
+
+def _note_grid_failure(number: int | None, message: str) -> None:
+    folder = os.environ.get(GRID_FAILURES_ENV)
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / f"{number or 0}.txt").write_text(redact(message) + "\n")
+
+
 def is_vitq_sweeper(config: DictConfig) -> bool:
     target = str(config.hydra.sweeper.get("_target_", ""))
     return "vitq" in target.lower()
@@ -231,7 +267,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
             fail(e if bad_input else f"{type(e).__name__}: {e}", code=2 if bad_input else 1)
         if not grid:
             raise
-        say(f"trial {number} failed: {type(e).__name__}: {e}")  # the grid goes on; its end reports the count
+        message = f"trial {number} failed: {type(e).__name__}: {e}"
+        say(message)  # the grid goes on; its end reports the count
+        _note_grid_failure(number, message.splitlines()[0])
         return {}
 
 

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from vitq.models.reference import REFERENCES, build_reference
+from vitq.models.vit import check_quantizable
 
 __all__ = ["REFERENCE_NAME", "ModelError", "create_model", "file_sha256", "load_checkpoint", "read_state_dict"]
 
@@ -118,6 +119,10 @@ def create_model(name: str = REFERENCE_NAME, pretrained: bool = False, checkpoin
                              f"(no model hub reachable? use model.checkpoint=PATH) [{type(e).__name__}]") from None
         raise ModelError(f"model.kwargs: timm.create_model({name!r}) failed: {type(e).__name__}: "
                          f"{str(e).splitlines()[0][:200] if str(e) else ''}") from None
+    try:
+        check_quantizable(model)
+    except TypeError as e:
+        raise ModelError(f"model.name: {name} cannot be quantized by vitq: {e}") from None
     if checkpoint is not None:
         load_checkpoint(model, checkpoint, use_ema)
     return model.eval()

@@ -13,11 +13,11 @@ from contextlib import contextmanager
 import pandas as pd
 from torch import Tensor, nn
 
-from vitq.models.vit_block import QuantConfigLike, QuantTimmVitBlock, as_layer_config
+from vitq.models.vit_block import QuantConfigLike, QuantTimmVitBlock, as_layer_config, block_linears
 from vitq.quant.config import ConfigError, LayerQuantConfig
 from vitq.quant.modules import STATS_MAX_ELEMENTS, QLinear, QPoint, calibration_of, profile_rows
 
-__all__ = ["QuantViT", "check_block_indices", "quantize_vit"]
+__all__ = ["QuantViT", "check_block_indices", "check_quantizable", "quantize_vit"]
 
 
 class QuantViT(nn.Module):
@@ -29,9 +29,8 @@ class QuantViT(nn.Module):
     def __init__(self, model: nn.Module, quant_config: QuantConfigLike, enable_profiling: bool = False,
                  max_sample_elements: int | None = STATS_MAX_ELEMENTS) -> None:
         super().__init__()
-        blocks = getattr(model, "blocks", None)
-        if not isinstance(blocks, nn.Sequential):
-            raise TypeError(f"quantize_vit needs a timm VisionTransformer (with .blocks), got {type(model).__name__}")
+        check_quantizable(model)
+        blocks = model.blocks
         cfg = as_layer_config(quant_config)
         check_block_indices(cfg, len(blocks))
         self.layer_config = cfg
@@ -79,6 +78,19 @@ class QuantViT(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
+
+
+def check_quantizable(model: nn.Module) -> None:
+    """TypeError naming the first block (and what in it) that vitq cannot quantize; see :func:`block_linears`."""
+    blocks = getattr(model, "blocks", None)
+    if not isinstance(blocks, nn.Sequential) or not hasattr(model, "patch_embed"):
+        raise TypeError(f"{type(model).__name__} is not a timm VisionTransformer (patch_embed + blocks): "
+                        f"vitq quantizes timm VisionTransformers")
+    for i, blk in enumerate(blocks):
+        try:
+            block_linears(getattr(blk, "block", blk) if isinstance(blk, QuantTimmVitBlock) else blk)
+        except TypeError as e:
+            raise TypeError(f"blocks.{i}: {e}") from None
 
 
 def check_block_indices(cfg: LayerQuantConfig, depth: int) -> None:

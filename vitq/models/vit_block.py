@@ -9,8 +9,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from timm.layers import Mlp
+from timm.layers import GluMlp, Mlp, SwiGLU
 from timm.layers.attention import Attention, maybe_add_mask, resolve_self_attn_mask
+from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from vitq.quant.chunks import chunked
@@ -36,12 +37,40 @@ from vitq.quant.modules import (
 )
 from vitq.quant.points import POINT_TABLE
 
-__all__ = ["QuantTimmVitBlock", "as_layer_config"]
+__all__ = ["MLPS", "QuantTimmVitBlock", "as_layer_config", "block_linears"]
 
 QuantConfigLike = str | Path | LayerQuantConfig | QuantConfig
 ATTN_CHUNK_BYTES = 1 << 21  # attention maps made per chunk of images without gradients (fits L2/L3 cache)
 
 _GEOMETRY: dict[str, tuple[int, int]] = {p.name: (p.axis, p.ndim) for p in POINT_TABLE}  # (channel axis, ndim)
+MLPS = (Mlp, GluMlp, SwiGLU)  # the timm MLPs a block may have: plain, or gated (fc1 packed, or fc1_g and fc1_x)
+
+
+def block_linears(block: nn.Module) -> dict[str, tuple[nn.Linear, ...]]:
+    """The Linears behind each weight point of a timm ``Block`` (a SwiGLU's ``mlp_fc1`` is ``fc1_g`` and ``fc1_x``).
+
+    TypeError naming what differs when the block is not one vitq quantizes: a timm ``Block`` (or subclass with its
+    forward) whose ``attn`` is a plain timm ``Attention`` and whose ``mlp`` is a timm Mlp, GluMlp or SwiGLU.
+    """
+    kind = type(block).__name__
+    if not isinstance(block, Block) or type(block).forward is not Block.forward:
+        raise TypeError(f"{kind} is not a timm Block (pre-norm attention + MLP): vitq quantizes timm Blocks only")
+    attn, mlp = block.attn, block.mlp
+    plain = isinstance(attn, Attention) and type(attn).forward is Attention.forward
+    if not plain or getattr(attn, "gate", None) is not None:
+        raise TypeError(f"{kind}.attn is {type(attn).__name__}{' with a gate' if plain else ''}: "
+                        f"vitq quantizes a plain timm Attention")
+    known = next((c for c in MLPS if isinstance(mlp, c) and type(mlp).forward is c.forward), None)
+    if known is None or getattr(mlp, "chunk_dim", -1) != -1:
+        raise TypeError(f"{kind}.mlp is {type(mlp).__name__}{' (use_conv)' if known else ''}: "
+                        f"vitq quantizes timm's {', '.join(c.__name__ for c in MLPS)} on Linear layers")
+    fc1 = (mlp.fc1_g, mlp.fc1_x) if isinstance(mlp, SwiGLU) else (mlp.fc1,)
+    lins = {"attn_qkv": (attn.qkv,), "attn_proj": (attn.proj,), "mlp_fc1": fc1, "mlp_fc2": (mlp.fc2,)}
+    for key, parts in lins.items():
+        for lin in parts:
+            if type(lin) is not nn.Linear:
+                raise TypeError(f"{kind}: {key} is {type(lin).__name__}, not a torch Linear")
+    return lins
 
 
 def as_layer_config(quant_config: QuantConfigLike) -> LayerQuantConfig:
@@ -62,12 +91,7 @@ class QuantTimmVitBlock(nn.Module):
     def __init__(self, block: nn.Module, quant_config: QuantConfigLike, enable_profiling: bool = False,
                  block_index: int | None = None, max_sample_elements: int | None = STATS_MAX_ELEMENTS) -> None:
         super().__init__()
-        attn, mlp = getattr(block, "attn", None), getattr(block, "mlp", None)
-        if not isinstance(attn, Attention) or getattr(attn, "gate", None) is not None:
-            raise TypeError(f"QuantTimmVitBlock needs a timm Block with a plain timm Attention, "
-                            f"got attn={type(attn).__name__}")
-        if not isinstance(mlp, Mlp):
-            raise TypeError(f"QuantTimmVitBlock needs a timm Block with a timm Mlp, got mlp={type(mlp).__name__}")
+        lins = block_linears(block)
         self.block = block
         self.block_index = block_index
         self.layer_config = as_layer_config(quant_config)
@@ -82,10 +106,10 @@ class QuantTimmVitBlock(nn.Module):
         fresh_norm = {k: not isinstance(getattr(block, k), nn.Identity) for k in ("norm1", "norm2")}
         for k in ACTIVATION_POINTS:  # each activation point sees a fresh intermediate: quantize it in place
             q[k].inplace = fresh_norm.get(k, True)
-        self.qkv = QLinear(attn.qkv, q["attn_qkv"])
-        self.proj = QLinear(attn.proj, q["attn_proj"])
-        self.fc1 = QLinear(mlp.fc1, q["mlp_fc1"])
-        self.fc2 = QLinear(mlp.fc2, q["mlp_fc2"])
+        self.qkv = QLinear(lins["attn_qkv"], q["attn_qkv"])
+        self.proj = QLinear(lins["attn_proj"], q["attn_proj"])
+        self.fc1 = QLinear(lins["mlp_fc1"], q["mlp_fc1"])
+        self.fc2 = QLinear(lins["mlp_fc2"], q["mlp_fc2"])
         self.softmax = QIntSoftmax(q["intSoft"])
 
     # ------------------------------------------------------------------ lifecycle
@@ -162,10 +186,18 @@ class QuantTimmVitBlock(nn.Module):
         return torch.matmul(a.attn_drop(attn), v, out=out)
 
     def _mlp(self, x: Tensor) -> Tensor:
-        m: Mlp = self.block.mlp
+        m: Mlp | GluMlp | SwiGLU = self.block.mlp
         q_ = self.quantizers
-        x = m.norm(m.drop1(m.act(self.fc1(x))))
-        x = self.fc2(q_["mlp_act"](x))
+        h = self.fc1(x)
+        if isinstance(m, SwiGLU):  # fc1 = [fc1_g, fc1_x]
+            gate, h = h.split(m.fc1_g.out_features, dim=-1)
+            h = m.act(gate) * h
+        elif isinstance(m, GluMlp):
+            x1, x2 = h.chunk(2, dim=-1)
+            h = x1 * m.act(x2) if m.gate_last else m.act(x1) * x2
+        else:
+            h = m.act(h)
+        x = self.fc2(q_["mlp_act"](m.norm(m.drop1(h))))
         return m.drop2(q_["mlp_act2"](x))
 
     def set_input_point(self, point: QAct | None) -> None:
@@ -182,7 +214,7 @@ class QuantTimmVitBlock(nn.Module):
         if not isinstance(norm, nn.LayerNorm) or not norm.elementwise_affine:
             raise ConfigError(f"residual_layer.{in_point.key}.calibration_mode",
                               f"ptf feeds an integer LayerNorm, but {key} is {type(norm).__name__}")
-        y = int_layernorm(x, in_point.fq.scale, norm.weight, norm.bias, out_q.fq.scale)
+        y = int_layernorm(x, in_point.fq.scale, norm.weight, norm.bias, out_q.fq.scale, norm.eps)
         if not out_q.profiling:
             return out_q(y)
         out_q.profiling = False  # profile against the float LayerNorm, not the integer one (already on the grid)

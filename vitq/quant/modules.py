@@ -306,31 +306,70 @@ class QWeight(QPoint):
 class QLinear(nn.Module):
     """A Linear whose weight is fake-quantized by the point ``wq`` (per output feature when channel_wise).
 
+    Several Linears that read the same input (a SwiGLU's ``fc1_g`` and ``fc1_x``) form one point: their weights
+    are observed and quantized as one packed (sum of outs, in) weight, and the output is their outputs side by
+    side, as timm's packed ``GluMlp.fc1`` gives. With the point off, each Linear runs as timm runs it.
+
     Under inference/no-grad the quantized weight is computed once per config and reused; a config that derives
-    the same weight quantizer (another point's bits changed) keeps it, unless the weight tensor changed.
+    the same weight quantizer (another point's bits changed) keeps it, unless a weight tensor changed.
     """
 
-    def __init__(self, linear: nn.Linear, wq: QWeight) -> None:
+    def __init__(self, linear: nn.Linear | Sequence[nn.Linear], wq: QWeight) -> None:
         super().__init__()
-        self.linear = linear
+        self.parts = nn.ModuleList([linear] if isinstance(linear, nn.Linear) else linear)
         self.wq = wq
         self._cached: Tensor | None = None
-        self._cached_key: tuple | None = None  # (derived quantizer, weight storage, weight version)
+        self._cached_key: tuple | None = None  # (derived quantizer, each weight's (storage, version))
         self._cached_prof = _Profile()
+
+    @property
+    def in_features(self) -> int:
+        return self.parts[0].in_features
+
+    @property
+    def out_features(self) -> int:
+        return sum(lin.out_features for lin in self.parts)
+
+    @property
+    def weight(self) -> Tensor:
+        """The (packed) FP weight, (out_features, in_features)."""
+        if len(self.parts) == 1:
+            return self.parts[0].weight
+        return torch.cat([lin.weight for lin in self.parts])
+
+    @property
+    def bias(self) -> Tensor | None:
+        biases = [lin.bias for lin in self.parts]
+        if all(b is None for b in biases):
+            return None
+        if len(biases) == 1:
+            return biases[0]
+        return torch.cat([torch.zeros(lin.out_features, dtype=lin.weight.dtype, device=lin.weight.device)
+                          if lin.bias is None else lin.bias for lin in self.parts])
+
+    def weight_grad(self) -> Tensor | None:
+        """The (packed) weight's gradient, None until every part has one."""
+        grads = [lin.weight.grad for lin in self.parts]
+        return None if any(g is None for g in grads) else torch.cat(grads)
 
     def weight_stats(self) -> None:
         """Weights are static: their 'calibration' is one exact look at the tensor."""
-        self.wq.observe(self.linear.weight.detach())
+        with torch.no_grad():
+            self.wq.observe(self.weight.detach())
+
+    def _weight_key(self) -> tuple:
+        return tuple((w.data_ptr(), None if w.is_inference() else w._version)  # inference tensors: no version
+                     for w in (lin.weight.detach() for lin in self.parts))
 
     def refresh(self) -> None:
         if self.wq.state != "quant" or not self.wq.cfg.enabled:
             self._cached = self._cached_key = None
             return
-        w = self.linear.weight.detach()
-        key = (self.wq._d, w.data_ptr(), None if w.is_inference() else w._version)  # inference tensors: no version
+        key = (self.wq._d, self._weight_key())
         old = self._cached_key
-        if old is None or old[0] is not key[0] or old[1:] != key[1:]:  # (the key is None iff nothing is cached)
+        if old is None or old[0] is not key[0] or old[1] != key[1]:  # (the key is None iff nothing is cached)
             with torch.no_grad():
+                w = self.weight.detach()
                 self._cached = self.wq.quantize(w)
             self._cached_key = key
             self._cached_prof = _Profile()
@@ -338,18 +377,21 @@ class QLinear(nn.Module):
         self.wq.prof = self._cached_prof
 
     def quantized_weight(self) -> Tensor:
-        w = self.linear.weight
         if self.wq.state != "quant" or not self.wq.cfg.enabled:
-            return w
-        if torch.is_grad_enabled() and w.requires_grad:
-            return self.wq.quantize(w)
+            return self.weight
+        if torch.is_grad_enabled() and any(lin.weight.requires_grad for lin in self.parts):
+            return self.wq.quantize(self.weight)
         if self._cached is None:
             self.refresh()
         assert self._cached is not None
         return self._cached
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.quantized_weight(), self.linear.bias)
+        if self.wq.state != "quant" or not self.wq.cfg.enabled:
+            if len(self.parts) == 1:
+                return self.parts[0](x)
+            return torch.cat([lin(x) for lin in self.parts], dim=-1)
+        return F.linear(x, self.quantized_weight(), self.bias)
 
 
 _IEXP_COEF = (0.35815147, 0.96963238, 1.0)
@@ -470,7 +512,16 @@ class QIntSoftmax(nn.Module):
         idx = torch.sub(x_int.amax(dim=-1, keepdim=True), x_int, out=x_int).to(torch.int32)  # max - x in [0, n)
         if self._lut_offsets is not None:
             idx += self._lut_offsets
-        e = lut.index_select(0, idx.reshape(-1)).view(x_int.shape)
+        flat = idx.reshape(-1)
+        if flat.is_cuda:  # an index out of the table is a device-side assert there: clamp, and mark NaN rows below
+            e = lut.index_select(0, flat.clamp(0, lut.numel() - 1)).view(x_int.shape)
+            e = torch.where(torch.isnan(x_int), x_int, e)
+        else:
+            try:
+                e = lut.index_select(0, flat).view(x_int.shape)
+            except IndexError:  # NaN scores (codes NaN: no index): NaN out, as the float softmax gives
+                e = lut.index_select(0, flat.clamp(0, lut.numel() - 1)).view(x_int.shape)
+                e = torch.where(torch.isnan(x_int), x_int, e)
         return e.div_(e.sum(dim=-1, keepdim=True))
 
 
@@ -481,9 +532,14 @@ def _mn(a: Tensor, bits: int = 7) -> tuple[Tensor, Tensor]:
     return m, n
 
 
-def int_layernorm(x: Tensor, in_scale: Tensor, weight: Tensor, bias: Tensor, out_scale: Tensor) -> Tensor:
+def int_layernorm(x: Tensor, in_scale: Tensor, weight: Tensor, bias: Tensor, out_scale: Tensor,
+                  eps: float = 0.0) -> Tensor:
     """FQ-ViT's integer LayerNorm over the last axis of ``x``, which lies on a PTF grid (``in_scale`` per channel,
     powers of two apart): integer mean and variance, then ``(sign·M·x_q + B) >> N`` on the output grid.
+
+    ``eps`` is added to the variance, as the float LayerNorm adds it (pass the norm's ``eps``). FQ-ViT adds none:
+    a token whose codes are all equal (a class or register token on a coarse grid) then divides by a zero
+    standard deviation and turns the whole model NaN. Where the variance is far above ``eps`` it changes nothing.
 
     Returns the output on the grid ``out_scale`` (dequantized); the output point then clamps it to its range.
     """
@@ -492,7 +548,8 @@ def int_layernorm(x: Tensor, in_scale: Tensor, weight: Tensor, bias: Tensor, out
     x_q = x_q * torch.round(in_scale / s1)  # integers in units of the smallest channel scale
     c = x.shape[-1]
     mean = x_q.mean(dim=-1) * s1
-    std = (s1 / c) * torch.sqrt(c * x_q.square().sum(dim=-1) - x_q.sum(dim=-1).square())
+    var = c * x_q.square().sum(dim=-1) - x_q.sum(dim=-1).square()  # c² · variance, in units of s1²
+    std = (s1 / c) * torch.sqrt(var + eps * (c / s1) ** 2 if eps else var)
     a = (s1 / std).unsqueeze(-1) * weight / out_scale
     m, n = _mn(a.abs())
     b = torch.round((bias - (mean / std).unsqueeze(-1) * weight) / out_scale * torch.pow(2, n))

@@ -189,7 +189,7 @@ def _grad_scores(qm: nn.Module, data: DataBundle, base: LayerQuantConfig, candid
                         p.set_config(at_bits(base.resolve(p.key, p.block_index), b))
                         if p.key in WEIGHT_POINTS:
                             lin = linear_of[id(p)]
-                            w, g = lin.linear.weight.detach(), lin.linear.weight.grad
+                            w, g = lin.weight.detach(), lin.weight_grad()
                             err = p.quantize(w) - w
                         else:
                             got = captured.get(id(p))
