@@ -317,14 +317,12 @@ class QLinear(nn.Module):
     def __init__(self, linear: nn.Linear | Sequence[nn.Linear], wq: QWeight) -> None:
         super().__init__()
         self.parts = nn.ModuleList([linear] if isinstance(linear, nn.Linear) else linear)
+        if len({lin.bias is None for lin in self.parts}) > 1 or len({lin.in_features for lin in self.parts}) > 1:
+            raise ValueError("QLinear: the Linears of one point need the same input size, and biases on all or none")
         self.wq = wq
         self._cached: Tensor | None = None
         self._cached_key: tuple | None = None  # (derived quantizer, each weight's (storage, version))
         self._cached_prof = _Profile()
-
-    @property
-    def in_features(self) -> int:
-        return self.parts[0].in_features
 
     @property
     def out_features(self) -> int:
@@ -339,13 +337,9 @@ class QLinear(nn.Module):
 
     @property
     def bias(self) -> Tensor | None:
-        biases = [lin.bias for lin in self.parts]
-        if all(b is None for b in biases):
-            return None
-        if len(biases) == 1:
-            return biases[0]
-        return torch.cat([torch.zeros(lin.out_features, dtype=lin.weight.dtype, device=lin.weight.device)
-                          if lin.bias is None else lin.bias for lin in self.parts])
+        if len(self.parts) == 1 or self.parts[0].bias is None:
+            return self.parts[0].bias
+        return torch.cat([lin.bias for lin in self.parts])
 
     def weight_grad(self) -> Tensor | None:
         """The (packed) weight's gradient, None until every part has one."""
