@@ -98,6 +98,22 @@ def test_grayscale_and_rgba_images_become_the_models_channels(byo, tmp_path):
     assert torch.equal(x[i, 0], x[i, 1]) and torch.equal(x[i, 1], x[i, 2])  # gray in, RGB out
 
 
+@pytest.mark.parametrize("in_chans", [3, 1])
+def test_a_hybrid_vit_reads_images_not_backbone_features(byo, in_chans):
+    """A hybrid ViT's patch embedding is a ResNet: its proj reads 64 feature channels, the model reads images."""
+    cli = ["model=timm", "model.name=vit_tiny_r_s16_p8_224",
+           f"model.kwargs={{img_size:64,depth:2,num_classes:10,in_chans:{in_chans}}}", "data=folder",
+           f"data.calib_root={byo.calib}", f"data.eval_root={byo.eval}", "data.n_calib=64", "data.n_eval=100"]
+    if in_chans == 1:  # timm's mean and std have 3 values: one channel needs its own
+        cli += ["data.mean=0.5", "data.std=0.25"]
+    cfg = compose(cli)
+    session = Session.from_config(cfg)
+    assert session.model.patch_embed.proj.in_channels == 64
+    assert json.loads(session.provenance()["data.transform"])["input_size"] == [in_chans, 64, 64]
+    res = session.run_trial(layer_config_from(cfg), profile=False)
+    assert res.n_eval == 100 and res.weight_bytes < res.fp32_bytes and np.isfinite(res.loss)
+
+
 def test_decoded_images_are_cached_by_content(byo, tmp_path, monkeypatch):
     import vitq.data as vd
 

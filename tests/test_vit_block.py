@@ -328,36 +328,40 @@ def test_whole_work_equals_chunked_work(monkeypatch, observer):
 
 
 def test_every_timm_vit_quantizes_or_is_refused_by_name():
-    """Every architecture in timm's vision_transformer module, built small: int8 (and fqvit where its norms are
-    LayerNorms) gives finite outputs and, with every point off, exactly timm's; the rest are refused before anything
-    runs, naming the block and what differs. (timm 1.0.31: 153 quantize, 10 are refused.)"""
+    """Every architecture in timm's vision_transformer, deit and vision_transformer_hybrid modules, built small:
+    int8 (and fqvit where its norms are LayerNorms) gives finite outputs and, with every point off, exactly timm's;
+    the rest are refused before anything runs, naming the block and what differs. (timm 1.0.31: 183 quantize, the
+    10 refused are all in vision_transformer.)"""
     import timm
 
     from vitq.models.factory import ModelError, create_model
 
     presets = {n: load_config_from_yaml(PRESETS / f"{n}.yaml") for n in ("int8", "fqvit")}
-    kw = {"img_size": 32, "patch_size": 8, "depth": 2, "num_classes": 5, "embed_dim": 96, "num_heads": 2}
-    x = torch.randn(24, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    small = {"img_size": 32, "patch_size": 8, "depth": 2, "num_classes": 5, "embed_dim": 96, "num_heads": 2}
+    hybrid = {"img_size": 64, "depth": 2, "num_classes": 5}  # (the ResNet sets the patch grid and width)
     done, refused = [], []
-    for name in timm.list_models(module="vision_transformer"):
-        try:
-            model = create_model(name, kwargs=kw)
-        except ModelError as e:
-            assert re.search(rf"^model\.name: {name} cannot be quantized by vitq: blocks\.0: (\w+ is not a timm Block"
-                             r"|Block\.attn is \w+|Block\.mlp is \w+)", str(e)), str(e)
-            refused.append(name)
-            continue
-        layernorm = isinstance(model.blocks[0].norm1, torch.nn.LayerNorm)
-        with torch.inference_mode():
-            ref = model(x[16:])
-            for preset in ("int8", "fqvit") if layernorm else ("int8",):
-                q = quantize_vit(model, presets[preset])
-                with q.calibration():
-                    q(x[:16])
-                assert torch.isfinite(q(x[16:])).all(), (name, preset)
-                q.set_config(OFF)
-                assert torch.equal(q(x[16:]), ref), name
-        done.append(name)
+    for module, kw in (("vision_transformer", small), ("deit", small), ("vision_transformer_hybrid", hybrid)):
+        x = torch.randn(24, 3, kw["img_size"], kw["img_size"], generator=torch.Generator().manual_seed(0))
+        for name in timm.list_models(module=module):
+            try:
+                model = create_model(name, kwargs=kw)
+            except ModelError as e:
+                assert re.search(rf"^model\.name: {name} cannot be quantized by vitq: blocks\.0: (\w+ is not a timm "
+                                 r"Block|Block\.attn is \w+|Block\.mlp is \w+)", str(e)), str(e)
+                refused.append(name)
+                continue
+            layernorm = isinstance(model.blocks[0].norm1, torch.nn.LayerNorm)
+            with torch.inference_mode():
+                ref = model(x[16:])
+                for preset in ("int8", "fqvit") if layernorm else ("int8",):
+                    q = quantize_vit(model, presets[preset])
+                    with q.calibration():
+                        q(x[:16])
+                    assert torch.isfinite(q(x[16:])).all(), (name, preset)
+                    q.set_config(OFF)
+                    assert torch.equal(q(x[16:]), ref), name
+            done.append(name)
     print(f"{len(done)} quantize, {len(refused)} refused: {refused}")
-    assert len(done) >= 150 and {"vit_base_patch16_rpn_224", "vit_base_patch16_xp_224"} <= set(refused)
-    assert {"aimv2_large_patch14_224", "vit_giant_patch14_dinov2", "vit_small_patch14_reg4_dinov2"} <= set(done)
+    assert len(done) >= 180 and {"vit_base_patch16_rpn_224", "vit_base_patch16_xp_224"} <= set(refused)
+    assert {"aimv2_large_patch14_224", "vit_giant_patch14_dinov2", "vit_small_patch14_reg4_dinov2",
+            "deit_tiny_distilled_patch16_224", "vit_small_r26_s32_224"} <= set(done)

@@ -211,8 +211,13 @@ def load_digits(seed: int = 0, n_train: int = 1400, n_calib: int = 256, n_eval: 
 
 # ------------------------------------------------------------------------------------------------ folders
 def model_channels(model: torch.nn.Module) -> int | None:
-    proj = getattr(getattr(model, "patch_embed", None), "proj", None)
-    return getattr(proj, "in_channels", None)
+    """The image channels a timm ViT takes: a hybrid's patch embedding states them (its ``proj`` reads the CNN
+    backbone's features), a plain one's ``proj`` reads the image."""
+    pe = getattr(model, "patch_embed", None)
+    chans = getattr(pe, "in_chans", None)
+    if chans is None:
+        chans = getattr(getattr(pe, "proj", None), "in_channels", None)
+    return chans
 
 
 def model_img_size(model: torch.nn.Module) -> tuple[int, int] | None:
