@@ -293,7 +293,8 @@ def _list_folder(root: Path, key: str) -> tuple[list[str], list[tuple[str, int]]
     return classes, samples
 
 
-def _decode_one(path: str, mode: str, transform: Any) -> tuple[Tensor, bytes]:
+def _decode_one(path: str, mode: str, transform: Any) -> tuple[np.ndarray, bytes]:
+    """One file's uint8 image and the SHA-256 of its bytes (the bytes themselves are not kept)."""
     from PIL import Image
 
     try:
@@ -304,27 +305,38 @@ def _decode_one(path: str, mode: str, transform: Any) -> tuple[Tensor, bytes]:
     except Exception as e:  # noqa: BLE001 - truncated, corrupt or unreadable file: name it
         raise DataError(f"data: cannot read image {path}: {type(e).__name__}: {str(e).splitlines()[0][:160]}") \
             from None
-    return torch.as_tensor(np.asarray(x)).clone(), raw
+    return np.asarray(x), hashlib.sha256(raw).digest()
 
 
 def _decode(samples: list[tuple[str, int]], tcfg: dict[str, Any], num_workers: int) -> tuple[Tensor, Tensor, str]:
-    """Decode and transform every file once: uint8 (N, C, H, W), labels and a content hash of files + labels."""
+    """Decode and transform every file once: uint8 (N, C, H, W), labels and a content hash of files + labels.
+
+    Each image is copied into one preallocated tensor as it comes, so the peak memory is about the result's size
+    (an ImageNet-sized folder would otherwise hold every file's bytes and every image twice)."""
     from timm.data import create_transform
 
     transform = create_transform(**tcfg, is_training=False, use_prefetcher=True)  # no ToTensor/Normalize: uint8
     mode = "L" if tcfg["input_size"][0] == 1 else "RGB"
     paths = [p for p, _ in samples]
-    if num_workers > 1:
-        with ThreadPoolExecutor(num_workers) as pool:
-            out = list(pool.map(lambda p: _decode_one(p, mode, transform), paths))
-    else:
-        out = [_decode_one(p, mode, transform) for p in paths]
     h = hashlib.sha256()
-    for (_, raw), (_, label) in zip(out, samples, strict=True):
-        h.update(hashlib.sha256(raw).digest())
-        h.update(int(label).to_bytes(8, "little"))
-    x = torch.stack([t if t.ndim == 3 else t.unsqueeze(0) for t, _ in out])
-    return x, torch.tensor([lab for _, lab in samples], dtype=torch.int64), h.hexdigest()[:16]
+    x: np.ndarray | None = None  # (filled with NumPy: a torch copy would wake its OpenMP threads for every image)
+    pool = ThreadPoolExecutor(num_workers) if num_workers > 1 else None
+    decoded = pool.map(lambda p: _decode_one(p, mode, transform), paths) if pool else \
+        (_decode_one(p, mode, transform) for p in paths)
+    try:
+        for i, ((img, digest), (_, label)) in enumerate(zip(decoded, samples, strict=True)):
+            img = img if img.ndim == 3 else img[None]
+            if x is None:
+                x = np.empty((len(samples), *img.shape), dtype=img.dtype)
+            x[i] = img
+            h.update(digest)
+            h.update(int(label).to_bytes(8, "little"))
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)  # a bad file stops the decoding of the rest
+    if x is None:
+        raise DataError("data: no images to decode")
+    return torch.from_numpy(x), torch.tensor([lab for _, lab in samples], dtype=torch.int64), h.hexdigest()[:16]
 
 
 def _cached_images(samples: list[tuple[str, int]], tcfg: dict[str, Any], num_workers: int,
@@ -335,7 +347,7 @@ def _cached_images(samples: list[tuple[str, int]], tcfg: dict[str, Any], num_wor
     path = cache_root("images") / f"images_v{IMAGE_CACHE_VERSION}_{key}.pt"
     if cache and path.is_file():
         try:
-            blob = torch.load(path, weights_only=True)
+            blob = torch.load(path, weights_only=True, mmap=True)  # file-backed pages: read as batches need them
             return blob["x"], blob["y"], blob["content"]
         except Exception as e:  # noqa: BLE001 - a torn or foreign file: rebuild it
             log.warning("image cache %s is unreadable (%s); rebuilding it", path, type(e).__name__)
