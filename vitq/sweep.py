@@ -171,11 +171,14 @@ class GridFailures(Callback):
         folder = os.environ.pop(GRID_FAILURES_ENV, None)
         if folder is None:
             return
+        import contextlib
         import shutil
 
         lines = sorted((p for p in Path(folder).glob("*.txt")), key=lambda p: int(p.stem))
         first = lines[0].read_text().strip() if lines else ""
-        shutil.rmtree(Path(folder).parent, ignore_errors=True)
+        shutil.rmtree(folder, ignore_errors=True)
+        with contextlib.suppress(OSError):  # (another multirun of this sweep folder may still use it)
+            Path(folder).parent.rmdir()
         if lines and not config.tracking.enabled:  # (with MLflow, MlflowSweepCallback reports them)
             fail(f"{len(lines)} trial(s) of the grid failed (first: {first}); MLflow is off (tracking=none)",
                  code=1)

@@ -37,7 +37,7 @@ from vitq.quant.modules import (
 )
 from vitq.quant.points import POINT_TABLE
 
-__all__ = ["MLPS", "QuantTimmVitBlock", "as_layer_config", "block_linears"]
+__all__ = ["QuantTimmVitBlock", "as_layer_config", "block_linears"]
 
 QuantConfigLike = str | Path | LayerQuantConfig | QuantConfig
 ATTN_CHUNK_BYTES = 1 << 21  # attention maps made per chunk of images without gradients (fits L2/L3 cache)
