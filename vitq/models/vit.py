@@ -88,7 +88,7 @@ def check_quantizable(model: nn.Module) -> None:
                         f"vitq quantizes timm VisionTransformers")
     for i, blk in enumerate(blocks):
         try:
-            block_linears(getattr(blk, "block", blk) if isinstance(blk, QuantTimmVitBlock) else blk)
+            block_linears(getattr(blk, "block", blk))  # (a QuantTimmVitBlock wraps its timm Block)
         except TypeError as e:
             raise TypeError(f"blocks.{i}: {e}") from None
 

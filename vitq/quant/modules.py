@@ -10,6 +10,7 @@ config (observer, bits, alpha, ...) without another forward pass. Ranges are mem
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import zlib
@@ -507,15 +508,13 @@ class QIntSoftmax(nn.Module):
         if self._lut_offsets is not None:
             idx += self._lut_offsets
         flat = idx.reshape(-1)
-        if flat.is_cuda:  # an index out of the table is a device-side assert there: clamp, and mark NaN rows below
+        e = None
+        if not flat.is_cuda:  # (on CUDA an index out of the table is a device-side assert: no try there)
+            with contextlib.suppress(IndexError):
+                e = lut.index_select(0, flat).view(x_int.shape)
+        if e is None:  # NaN scores have NaN codes, no index: NaN rows out, as the float softmax gives
             e = lut.index_select(0, flat.clamp(0, lut.numel() - 1)).view(x_int.shape)
             e = torch.where(torch.isnan(x_int), x_int, e)
-        else:
-            try:
-                e = lut.index_select(0, flat).view(x_int.shape)
-            except IndexError:  # NaN scores (codes NaN: no index): NaN out, as the float softmax gives
-                e = lut.index_select(0, flat.clamp(0, lut.numel() - 1)).view(x_int.shape)
-                e = torch.where(torch.isnan(x_int), x_int, e)
         return e.div_(e.sum(dim=-1, keepdim=True))
 
 
