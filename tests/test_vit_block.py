@@ -36,7 +36,8 @@ GATED = {"swiglu": {"mlp_layer": SwiGLU, "act_layer": torch.nn.SiLU},  # fc1_g a
          "swiglu_packed": {"mlp_layer": SwiGLUPacked, "act_layer": torch.nn.SiLU},  # GluMlp (dinov2 giant)
          "glu_gate_first": {"mlp_layer": functools.partial(GluMlp, gate_last=False)}}
 VARIANTS = {"plain": {}, "layerscale": {"init_values": 0.1}, "qk_norm": {"qk_norm": True},
-            "drop_path": {"drop_path": 0.2}, "mlp_norm": {"scale_mlp_norm": True}, **GATED}
+            "drop_path": {"drop_path": 0.2}, "dropout": {"attn_drop": 0.2, "proj_drop": 0.2},  # (eval: identity)
+            "mlp_norm": {"scale_mlp_norm": True}, **GATED}
 
 
 @pytest.mark.parametrize("fused", [True, False])
@@ -299,6 +300,22 @@ def test_quantize_vit_wraps_every_block():
         assert torch.allclose(qm(x), m(x), atol=1e-6)
 
 
+@pytest.mark.parametrize("training", [False, True])
+def test_wrapper_keeps_the_models_mode(training):
+    """The wrappers take the model's train/eval mode (a new Module starts in training mode): an eval model with
+    attention dropout, its softmax points off (the fused-attention path), gives timm's eval output every call."""
+    m = VisionTransformer(img_size=16, patch_size=4, num_classes=5, embed_dim=32, depth=2, num_heads=2,
+                          attn_drop_rate=0.5).train(training)
+    qm = quantize_vit(m, OFF)
+    assert {mod.training for mod in qm.modules()} == {training}
+    if not training:
+        x = torch.randn(2, 3, 16, 16)
+        with torch.no_grad():
+            with qm.calibration():
+                qm(x)
+            assert torch.equal(qm(x), m(x)) and torch.equal(qm(x), m(x))
+
+
 @pytest.mark.parametrize("observer", ["KLObserver", "OmseObserver"])
 def test_whole_work_equals_chunked_work(monkeypatch, observer):
     """What a GPU runs whole (``vitq.quant.chunks``) gives what a CPU runs in cache-sized chunks: KL's thresholds
@@ -337,8 +354,9 @@ def test_every_timm_vit_quantizes_or_is_refused_by_name():
     from vitq.models.factory import ModelError, create_model
 
     presets = {n: load_config_from_yaml(PRESETS / f"{n}.yaml") for n in ("int8", "fqvit")}
-    small = {"img_size": 32, "patch_size": 8, "depth": 2, "num_classes": 5, "embed_dim": 96, "num_heads": 2}
-    hybrid = {"img_size": 64, "depth": 2, "num_classes": 5}  # (the ResNet sets the patch grid and width)
+    drop = {"attn_drop_rate": 0.1, "proj_drop_rate": 0.1, "drop_path_rate": 0.1}  # a training config's kwargs
+    small = {"img_size": 32, "patch_size": 8, "depth": 2, "num_classes": 5, "embed_dim": 96, "num_heads": 2, **drop}
+    hybrid = {"img_size": 64, "depth": 2, "num_classes": 5, **drop}  # (the ResNet sets the patch grid and width)
     done, refused = [], []
     for module, kw in (("vision_transformer", small), ("deit", small), ("vision_transformer_hybrid", hybrid)):
         x = torch.randn(24, 3, kw["img_size"], kw["img_size"], generator=torch.Generator().manual_seed(0))

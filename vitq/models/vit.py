@@ -41,6 +41,7 @@ class QuantViT(nn.Module):
         for prev, blk in zip(blocks[:-1], blocks[1:], strict=True):  # block i's norm1 reads block i-1's residual2
             blk.set_input_point(prev.quantizers["residual2"])
         self.model = model
+        self.training = model.training  # (a new Module starts in training mode; its blocks took theirs)
 
     @property
     def qblocks(self) -> list[QuantTimmVitBlock]:

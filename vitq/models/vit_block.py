@@ -111,6 +111,7 @@ class QuantTimmVitBlock(nn.Module):
         self.fc1 = QLinear(lins["mlp_fc1"], q["mlp_fc1"])
         self.fc2 = QLinear(lins["mlp_fc2"], q["mlp_fc2"])
         self.softmax = QIntSoftmax(q["intSoft"])
+        self.train(block.training)  # a new Module starts in training mode; the wrapper takes the block's
 
     # ------------------------------------------------------------------ lifecycle
     def points(self) -> list[QPoint]:
@@ -151,7 +152,7 @@ class QuantTimmVitBlock(nn.Module):
         q, k = a.q_norm(q), a.k_norm(k)
         if a.fused_attn and not (q_["kv_act"].active or q_["intSoft"].active):
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
-                                               dropout_p=a.attn_drop.p if self.training else 0.0)
+                                               dropout_p=a.attn_drop.p if a.training else 0.0)  # as timm
         else:
             x = self._attention_maps(q, k, v, attn_mask, is_causal)
         x = x.transpose(1, 2).reshape(B, N, a.attn_dim)
