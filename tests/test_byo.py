@@ -83,6 +83,68 @@ def test_stratified_subsets_are_seeded_and_cover_every_class(byo):
         assert set(np.bincount(labels_of(ds), minlength=10)) <= {3, 4, 5, 6}  # every class, proportionally
 
 
+def test_imagenet_synset_folders_are_scored_at_their_own_index(byo, tmp_path):
+    """Ten ImageNet classes of a 1000-class model: folders named by synsets are scored at timm's index of each
+    synset, so the FP top-1 is plain timm's on the digit folders (the trained 10-class head copied into those 10
+    rows of a 1000-class head), not the ~0 % that folder i = output i gives."""
+    from timm.data import ImageNetInfo
+
+    from vitq.data import DataError
+    from vitq.evaluate import evaluate
+
+    synsets = ImageNetInfo("imagenet-1k").label_names()
+    rows = [7, 51, 100, 230, 300, 420, 555, 640, 808, 999]
+    for split, src in (("calib", byo.calib), ("eval", byo.eval)):
+        for digit, row in enumerate(rows):
+            shutil.copytree(src / f"digit_{digit}", tmp_path / split / synsets[row])
+    ten = create_model(byo_case.MODEL_NAME, checkpoint=str(byo.checkpoint), kwargs=byo_case.KWARGS)
+    big = create_model(byo_case.MODEL_NAME, kwargs={**byo_case.KWARGS, "num_classes": 1000})
+    big.load_state_dict({k: v for k, v in ten.state_dict().items() if not k.startswith("head.")}, strict=False)
+    with torch.no_grad():
+        big.head.weight.zero_()
+        big.head.bias.fill_(-1e4)  # the other 990 classes never win
+        big.head.weight[rows] = ten.head.weight
+        big.head.bias[rows] = ten.head.bias
+    data = load_image_folder(big, calib_root=tmp_path / "calib", eval_root=tmp_path / "eval", n_eval=None,
+                             cache=False)
+    assert data.num_classes == 1000 and data.meta["label_space"] == "imagenet-1k"
+    assert [synsets[lab] for lab in labels_of(data.eval)] == [Path(p).parent.name for p in data.meta["eval_files"]]
+    pred, y, _ = byo_case.plain_timm_predictions(byo)
+    plain = int((pred == y).sum()) / len(y)
+    assert plain > 0.5 and evaluate(big, data.eval).top1 == pytest.approx(plain, abs=1e-12)
+    (tmp_path / "eval" / synsets[999]).rename(tmp_path / "eval" / "n00000000")
+    (tmp_path / "calib" / synsets[999]).rename(tmp_path / "calib" / "n00000000")
+    with pytest.raises(DataError, match="data.calib_root: class folders n00000000 are not among the 1000 "
+                                        "imagenet-1k synsets of the model's outputs"):
+        load_image_folder(big, calib_root=tmp_path / "calib", eval_root=tmp_path / "eval", cache=False)
+
+
+def test_a_class_map_scores_a_few_classes_of_a_model_at_their_outputs(byo, tmp_path):
+    """Two of the ten classes, with timm's class-map file (names in output order): labels are the model's outputs
+    3 and 7, and the FP top-1 is plain timm's on those images; without the map the folders are refused."""
+    from vitq.data import DataError
+    from vitq.evaluate import evaluate
+
+    for split, src in (("calib", byo.calib), ("eval", byo.eval)):
+        for c in ("digit_3", "digit_7"):
+            shutil.copytree(src / c, tmp_path / split / c)
+    (tmp_path / "classes.txt").write_text("".join(f"digit_{k}\n" for k in range(10)))
+    model = create_model(byo_case.MODEL_NAME, checkpoint=str(byo.checkpoint), kwargs=byo_case.KWARGS)
+    roots = {"calib_root": tmp_path / "calib", "eval_root": tmp_path / "eval", "n_eval": None, "cache": False}
+    data = load_image_folder(model, **roots, class_map=str(tmp_path / "classes.txt"))
+    assert data.num_classes == 10 and set(labels_of(data.eval)) == {3, 7}
+    pred, y, _ = byo_case.plain_timm_predictions(byo)
+    mask = (y == 3) | (y == 7)
+    assert evaluate(model, data.eval).top1 == pytest.approx(int((pred[mask] == y[mask]).sum()) / int(mask.sum()),
+                                                            abs=1e-12)
+    with pytest.raises(DataError, match="data.calib_root: 2 class folders for a model with 10 outputs"):
+        load_image_folder(model, **roots)
+    with pytest.raises(DataError, match="data.calib_root: class folders digit_7 are not among data.class_map"):
+        load_image_folder(model, **roots, class_map={"digit_3": 3})
+    with pytest.raises(DataError, match="data.class_map: it maps folders to outputs 3..12"):
+        load_image_folder(model, **roots, class_map={"digit_3": 3, "digit_7": 12})
+
+
 def test_grayscale_and_rgba_images_become_the_models_channels(byo, tmp_path):
     for split in ("calib", "eval"):
         shutil.copytree(byo.calib / "digit_0", tmp_path / split / "digit_0")
@@ -91,7 +153,7 @@ def test_grayscale_and_rgba_images_become_the_models_channels(byo, tmp_path):
     Image.open(rgba).convert("RGBA").save(rgba)
     model = create_model(byo_case.MODEL_NAME, checkpoint=str(byo.checkpoint), kwargs=byo_case.KWARGS)
     data = load_image_folder(model, calib_root=tmp_path / "calib", eval_root=tmp_path / "eval", n_eval=None,
-                             cache=False)
+                             cache=False, class_map={"digit_0": 0, "digit_1": 1})
     x, _ = next(iter(torch.utils.data.DataLoader(data.eval, batch_size=len(data.eval))))
     assert x.shape[1:] == (3, 16, 16)
     i = data.meta["eval_files"].index(str(rgba))
@@ -292,6 +354,12 @@ def test_bad_inputs_are_one_line_rc2_and_nothing_logged(byo, tmp_path):
                                "model.name=vit_base_patch16_rpn_224"],
                               "model.name: vit_base_patch16_rpn_224 cannot be quantized by vitq: blocks.0: "
                               "ResPostBlock is not a timm Block"),
+        "token outputs": ([kwargs.replace("global_pool:avg", "global_pool:''"), "model.checkpoint=null"],
+                          "vitq: model: it returns (1, 16, 10) for 1 image(s), not (1, 10) logits"),
+        "more outputs than folders": ([kwargs.replace("num_classes:10", "num_classes:1000"), "model.checkpoint=null"],
+                                      "data.calib_root: 10 class folders for a model with 1000 outputs"),
+        "class map missing": ([kwargs, f"data.class_map={tmp_path / 'nope.txt'}"],
+                              f"data.class_map: cannot read {tmp_path / 'nope.txt'}"),
     }
     if not torch.cuda.is_available():
         cases["cuda without a GPU"] = ([kwargs, "device=cuda"], "vitq: device: cuda: no CUDA device is available")

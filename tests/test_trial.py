@@ -93,7 +93,7 @@ def test_data_errors(tmp_path, reference):
         load_digits(n_calib=0)
     big = load_digits()
     big.num_classes = 20
-    with pytest.raises(DataError, match="outside the model's classes"):
+    with pytest.raises(DataError, match="20 classes but the model has 10 outputs"):
         run_trial(model, big, LayerQuantConfig())
 
 

@@ -16,6 +16,8 @@ import io
 import json
 import logging
 import os
+import pickle
+import re
 import tempfile
 import weakref
 from collections.abc import Iterator, Sequence
@@ -32,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from vitq.paths import cache_root
 
 __all__ = ["DIGITS_MEAN", "DIGITS_STD", "RESIDENT_FRACTION", "DataBundle", "DataError", "ImageSet", "batches",
-           "digits_pixels", "labels_of", "load_digits", "load_image_folder", "normalize", "resident",
+           "class_indices", "digits_pixels", "labels_of", "load_digits", "load_image_folder", "normalize", "resident",
            "resolve_transform", "stratified_subset", "subset"]
 
 log = logging.getLogger(__name__)
@@ -43,6 +45,7 @@ RESIDENT_FRACTION = 0.25  # a CUDA device keeps a set whose tensors take at most
 SPLIT_NAMES = frozenset({"train", "training", "val", "valid", "validation", "calib", "calibration", "eval",
                          "evaluation", "test", "testing"})
 TRANSFORM_KEYS = ("input_size", "mean", "std", "crop_pct", "interpolation", "crop_mode")
+SYNSET = re.compile(r"n\d{8}")  # a WordNet id, as ImageNet's class folders are named
 
 
 class DataError(ValueError):
@@ -87,9 +90,11 @@ class DataBundle:
                                                        self.meta.get("eval_fingerprint"))
 
     def check_classes(self, model_classes: int) -> None:
-        if self.num_classes > model_classes:
-            raise DataError(f"data '{self.name}' has {self.num_classes} classes but the model predicts only "
-                            f"{model_classes}: labels would fall outside the model's classes")
+        """DataError unless the labels index the model's outputs one to one (a label space of their size)."""
+        if self.num_classes != model_classes:
+            raise DataError(f"data '{self.name}' has {self.num_classes} classes but the model has {model_classes} "
+                            f"outputs: labels would be scored against the wrong classes (build the model with "
+                            f"num_classes={self.num_classes})")
 
 
 def _digest(*parts: Any) -> str:
@@ -293,6 +298,52 @@ def _list_folder(root: Path, key: str) -> tuple[list[str], list[tuple[str, int]]
     return classes, samples
 
 
+def class_indices(model: torch.nn.Module, classes: list[str], key: str,
+                  class_map: str | dict[str, int] | None = None) -> tuple[np.ndarray, int, str | None]:
+    """The model's output index of each class folder, the number of outputs and where the indices come from.
+
+    - ``class_map`` (``data.class_map``): timm's class map, a ``.txt`` file of class names in output order (or a
+      ``.pkl``), or a ``{name: output}`` mapping; every folder must be in it.
+    - Folders named by ImageNet synsets (``n01440764`` ...) for a model with the outputs of an ImageNet subset
+      (timm's ``infer_imagenet_subset``: 1000, 11821, 21843 ...) are scored at timm's index of their synset, so a
+      few classes of ImageNet evaluate an ImageNet model.
+    - Otherwise folder i (sorted) is output i, which needs as many folders as outputs: anything else would score
+      images against the wrong classes.
+    """
+    n = int(getattr(model, "num_classes", 0) or 0)
+    index: dict[str, int] | None = None
+    if class_map is not None:
+        from timm.data.readers.class_map import load_class_map
+
+        try:
+            source = dict(class_map) if isinstance(class_map, dict) else str(Path(class_map).expanduser())
+            index = load_class_map(source)
+        except (AssertionError, OSError, ValueError, pickle.UnpicklingError) as e:
+            raise DataError(f"data.class_map: cannot read {class_map}: {type(e).__name__}: {e}") from None
+        space = "data.class_map"
+    elif n and classes and all(SYNSET.fullmatch(c) for c in classes):
+        from timm.data import ImageNetInfo, infer_imagenet_subset
+
+        space = infer_imagenet_subset(model)
+        names = ImageNetInfo(space).label_names() if space else []
+        index = {name: i for i, name in enumerate(names)} if len(names) == n else None
+    if index is not None:
+        missing = [c for c in classes if c not in index]
+        if missing:
+            where = "data.class_map" if class_map is not None else f"the {n} {space} synsets of the model's outputs"
+            raise DataError(f"{key}: class folders {', '.join(missing[:5])} are not among {where}")
+        out = np.array([index[c] for c in classes], dtype=np.int64)
+        if n and not (out.min() >= 0 and out.max() < n):
+            raise DataError(f"data.class_map: it maps folders to outputs {out.min()}..{out.max()}, but the model "
+                            f"has {n} outputs")
+        return out, n or int(out.max()) + 1, space
+    if n and n != len(classes):
+        raise DataError(f"{key}: {len(classes)} class folders for a model with {n} outputs; folder i (sorted) is "
+                        f"scored as output i, so the counts must match, or set data.class_map (folders named by "
+                        f"ImageNet synsets, n01440764 ..., are scored at their own index by an ImageNet model)")
+    return np.arange(len(classes), dtype=np.int64), len(classes), None
+
+
 def _decode_one(path: str, mode: str, transform: Any) -> tuple[np.ndarray, bytes]:
     """One file's uint8 image and the SHA-256 of its bytes (the bytes themselves are not kept)."""
     from PIL import Image
@@ -367,12 +418,13 @@ def _cached_images(samples: list[tuple[str, int]], tcfg: dict[str, Any], num_wor
 def load_image_folder(model: torch.nn.Module, *, root: str | Path | None = None,
                       calib_root: str | Path | None = None, eval_root: str | Path | None = None,
                       n_calib: int | None = 256, n_eval: int | None = None, seed: int = 0,
-                      transform: dict[str, Any] | None = None, num_workers: int = 4, cache: bool = True) -> DataBundle:
+                      transform: dict[str, Any] | None = None, num_workers: int = 4, cache: bool = True,
+                      class_map: str | dict[str, int] | None = None) -> DataBundle:
     """Class folders with the model's timm eval transform (``transform`` overrides timm's fields).
 
     Either two folders, ``calib_root`` and ``eval_root`` (e.g. train and val, with the same class names), or one
     ``root`` split into disjoint calibration and evaluation sets. Subsets of ``n_calib`` / ``n_eval`` images
-    (None = all) are class-stratified and seeded.
+    (None = all) are class-stratified and seeded. Labels are the model's outputs (:func:`class_indices`).
     """
     if root is not None and (calib_root is not None or eval_root is not None):
         raise DataError("data.root: set either data.root (one folder, split) or data.calib_root and data.eval_root")
@@ -386,6 +438,8 @@ def load_image_folder(model: torch.nn.Module, *, root: str | Path | None = None,
     if root is not None:
         root = Path(root).expanduser()
         classes, samples = _list_folder(root, "data.root")
+        outputs, n_out, space = class_indices(model, classes, "data.root", class_map)
+        samples = [(p, int(outputs[lab])) for p, lab in samples]
         labels = np.array([lab for _, lab in samples])
         if n_calib is None or (n_calib >= len(samples)):
             raise DataError(f"data.n_calib: {root} has {len(samples)} images; splitting one folder needs "
@@ -405,6 +459,8 @@ def load_image_folder(model: torch.nn.Module, *, root: str | Path | None = None,
             only_c, only_e = sorted(set(classes) - set(e_classes)), sorted(set(e_classes) - set(classes))
             raise DataError(f"data.eval_root: class folders differ from data.calib_root: only in calib_root "
                             f"{only_c[:8]}, only in eval_root {only_e[:8]}")
+        outputs, n_out, space = class_indices(model, classes, "data.calib_root", class_map)
+        c_samples, e_samples = ([(p, int(outputs[lab])) for p, lab in ss] for ss in (c_samples, e_samples))
         cal = stratified_subset(np.array([lab for _, lab in c_samples]), n_calib, seed)
         ev = stratified_subset(np.array([lab for _, lab in e_samples]), n_eval, seed + 1)
         cal_samples, ev_samples = [c_samples[i] for i in cal], [e_samples[i] for i in ev]
@@ -414,8 +470,8 @@ def load_image_folder(model: torch.nn.Module, *, root: str | Path | None = None,
     tmeta = {k: list(v) if isinstance(v, tuple) else v for k, v in tcfg.items()}
     name = "folder:" + Path(roots.get("root") or roots["eval_root"]).name
     return DataBundle(name, calib=ImageSet(xc, yc, tcfg["mean"], tcfg["std"]),
-                      eval=ImageSet(xe, ye, tcfg["mean"], tcfg["std"]), num_classes=len(classes),
-                      meta={**roots, "seed": seed, "classes": classes, "transform": tmeta,
+                      eval=ImageSet(xe, ye, tcfg["mean"], tcfg["std"]), num_classes=n_out,
+                      meta={**roots, "seed": seed, "classes": classes, "label_space": space, "transform": tmeta,
                             "calib_files": [p for p, _ in cal_samples], "eval_files": [p for p, _ in ev_samples],
                             "calib_fingerprint": _digest(fc, tmeta), "eval_fingerprint": _digest(fe, tmeta),
                             "n_calib": len(cal_samples), "n_eval": len(ev_samples)})

@@ -11,8 +11,9 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from vitq.data import batches
+from vitq.models.factory import ModelError
 
-__all__ = ["EvalResult", "NonFiniteOutputError", "evaluate", "model_device"]
+__all__ = ["EvalResult", "NonFiniteOutputError", "check_logits", "evaluate", "model_device"]
 
 
 class NonFiniteOutputError(ValueError):
@@ -28,6 +29,14 @@ class EvalResult:
     seconds: float
     predictions: Tensor
     agreement: float | None = None
+
+
+def check_logits(logits: Tensor, n_images: int, n_classes: int | None = None) -> None:
+    """ModelError unless ``logits`` are (images, classes), with ``n_classes`` classes when given."""
+    if logits.ndim != 2 or len(logits) != n_images or (n_classes is not None and logits.shape[1] != n_classes):
+        want = f"({n_images}, {n_classes if n_classes is not None else 'classes'})"
+        raise ModelError(f"model: it returns {tuple(logits.shape)} for {n_images} image(s), not {want} logits; vitq "
+                         "evaluates classifiers (model.kwargs global_pool='' returns every token)")
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -55,8 +64,10 @@ def evaluate(model: nn.Module, dataset, batch_size: int = 512, fp_predictions: T
             if i == 0 and on_first_batch is not None:
                 on_first_batch(True)
             logits = model(x)
-            if i == 0 and on_first_batch is not None:
-                on_first_batch(False)
+            if i == 0:
+                if on_first_batch is not None:
+                    on_first_batch(False)
+                check_logits(logits, len(x))
             finite.append(torch.isfinite(logits).all())
             k = min(5, logits.shape[-1])
             top = logits.topk(k, dim=-1).indices

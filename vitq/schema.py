@@ -64,6 +64,7 @@ class DataSchema:
     crop_pct: float | None = None
     interpolation: str | None = None
     crop_mode: str | None = None
+    class_map: Any = None  # a class-map file (names in output order) or {name: output}; null: folder i = output i
     num_workers: int = 4  # threads for the first decode
     cache: bool = True  # decoded images cached under $VITQ_CACHE/images
 

@@ -30,7 +30,7 @@ from vitq.data import (
     model_channels,
     model_img_size,
 )
-from vitq.evaluate import EvalResult
+from vitq.evaluate import EvalResult, check_logits
 from vitq.models.factory import REFERENCE_NAME, ModelError, create_model, file_sha256
 from vitq.models.reference import REFERENCES
 from vitq.paths import REPO_ROOT
@@ -102,6 +102,7 @@ class DataSpec:
     transform: str = "{}"  # JSON of the data.* transform overrides that are set
     num_workers: int = 4
     cache: bool = True
+    class_map: str = "null"  # JSON of data.class_map: a file of class names or a {name: output} mapping
 
 
 @functools.cache
@@ -148,6 +149,7 @@ class Session:
     checkpoint_sha: str | None = None
     _model: nn.Module | None = field(default=None, repr=False)
     _data: DataBundle | None = field(default=None, repr=False)
+    _outputs_checked: bool = field(default=False, repr=False)
 
     @classmethod
     def from_config(cls, cfg: Any) -> Session:
@@ -169,7 +171,7 @@ class Session:
                          int(d.get("seed") or 0), None if d.get("n_train") is None else int(d["n_train"]),
                          d.get("n_calib", 256),
                          d.get("n_eval"), json.dumps(transform, sort_keys=True), int(d.get("num_workers") or 0),
-                         bool(d.get("cache", True)))
+                         bool(d.get("cache", True)), json.dumps(d.get("class_map"), sort_keys=True))
         sizes = {"eval_batch_size": cfg.get("eval_batch_size"), "calib_batch_size": cfg.get("calib_batch_size")}
         for key, v in sizes.items():
             if v is not None and int(v) < 1:
@@ -207,6 +209,8 @@ class Session:
             if d.name == "digits":
                 if d.root or d.calib_root or d.eval_root:
                     raise DataError("data.root: data=digits takes no folders (use data=folder)")
+                if json.loads(d.class_map) is not None:
+                    raise DataError("data.class_map: data=digits takes no class map (use data=folder)")
                 n_train, img_size = self._digits_split()
                 self._check_digits_fit(img_size)
                 n_calib = n_train if d.n_calib is None else d.n_calib  # null: every training image
@@ -216,7 +220,8 @@ class Session:
                 self._data = load_image_folder(self.model, root=d.root, calib_root=d.calib_root,
                                                eval_root=d.eval_root, n_calib=d.n_calib, n_eval=d.n_eval,
                                                seed=d.seed, transform=json.loads(d.transform),
-                                               num_workers=d.num_workers, cache=d.cache)
+                                               num_workers=d.num_workers, cache=d.cache,
+                                               class_map=json.loads(d.class_map))
             else:
                 raise DataError(f"data.name: unknown dataset {d.name!r}; valid: digits, folder")
             self._data.check_classes(self.num_classes)
@@ -251,8 +256,12 @@ class Session:
         return int(getattr(self.model, "num_classes", 0) or self.data.num_classes)
 
     def build(self) -> Session:
-        """Build model and data now (so a bad config fails before any trial)."""
-        _ = self.data
+        """Build model and data now, and run the model on one image (so a bad config fails before any trial)."""
+        if not self._outputs_checked:
+            x, _ = self.data.eval[0]
+            with torch.inference_mode():
+                check_logits(self.model(x[None].to(self.device)), 1, self.data.num_classes)
+            self._outputs_checked = True
         return self
 
     @property
