@@ -137,6 +137,15 @@ def test_a_class_map_scores_a_few_classes_of_a_model_at_their_outputs(byo, tmp_p
     mask = (y == 3) | (y == 7)
     assert evaluate(model, data.eval).top1 == pytest.approx(int((pred[mask] == y[mask]).sum()) / int(mask.sum()),
                                                             abs=1e-12)
+    cli = [a for a in byo.cli() if not a.startswith(("data.calib_root=", "data.eval_root="))]
+    r = run_sweep(tmp_path, *cli, f"data.calib_root={tmp_path / 'calib'}", f"data.eval_root={tmp_path / 'eval'}",
+                  f"data.class_map={tmp_path / 'classes.txt'}", "tracking=none")
+    assert r.returncode == 0, r.stderr[-3000:]
+    (metrics_file,) = tmp_path.glob("outputs/*/*/metrics.json")
+    metrics = json.loads(metrics_file.read_text())
+    assert metrics["fp_top1"] == evaluate(model, data.eval).top1
+    assert metrics["provenance"]["data.class_map"] == json.dumps(str(tmp_path / "classes.txt"))
+    assert metrics["provenance"]["data.label_space"] == "data.class_map"
     with pytest.raises(DataError, match="data.calib_root: 2 class folders for a model with 10 outputs"):
         load_image_folder(model, **roots)
     with pytest.raises(DataError, match="data.calib_root: class folders digit_7 are not among data.class_map"):

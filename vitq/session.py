@@ -305,6 +305,10 @@ class Session:
                 out[f"data.{k}"] = meta[k]
         if meta.get("transform"):
             out["data.transform"] = json.dumps(meta["transform"], sort_keys=True)
+        if meta.get("label_space"):  # where the labels' output indices come from (folder i = output i otherwise)
+            out["data.label_space"] = meta["label_space"]
+        if json.loads(self.data_spec.class_map) is not None:
+            out["data.class_map"] = self.data_spec.class_map
         return out
 
 
