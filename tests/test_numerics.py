@@ -114,6 +114,29 @@ def test_ptf_through_qact_and_integer_layernorm_match_the_reference():
     assert (got - fp).abs().max() <= 3 * 0.03  # the integer LayerNorm is the LayerNorm, to a few output steps
 
 
+@pytest.mark.parametrize("kind", ["timm", "torch"])
+def test_integer_rmsnorm_is_the_rmsnorm_to_a_few_output_steps(kind):
+    """The integer LayerNorm without centering (its mean square for the variance) on a PTF grid is timm's and
+    torch's RMSNorm to a few output steps, and not the LayerNorm (the rows' means are far from 0)."""
+    from timm.layers import RmsNorm
+
+    x = _outlier_tensor().view(8, 64, 48) + 0.5
+    cfg = QuantConfig(calibration_mode="ptf", bit_type=BitTypeConfig(bits=8, signed=False),
+                      observer_type="MinmaxObserver")
+    q = _calibrated("residual1", cfg, x, axis=2)
+    xq = q(x.clone())
+    norm = RmsNorm(48, eps=1e-6) if kind == "timm" else torch.nn.RMSNorm(48, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(0.5, 1.5, 48))
+        out_scale = torch.tensor(0.03)
+        got = int_layernorm(xq, q.fq.scale, norm.weight, None, out_scale, norm.eps, center=False)
+        fp = norm(xq)
+        centered = torch.nn.functional.layer_norm(xq, (48,), norm.weight, None, 1e-6)
+    assert (got - fp).abs().max() <= 3 * 0.03
+    assert (torch.round(got / out_scale) == torch.round(fp / out_scale)).float().mean() > 0.9
+    assert (centered - fp).abs().max() > 10 * 0.03
+
+
 def test_fqvit_preset_runs_integer_softmax_and_integer_layernorm(reference, digits, monkeypatch):
     import vitq.models.vit_block as vb
     from vitq.trial import run_trial

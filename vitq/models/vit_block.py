@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from timm.layers import GluMlp, Mlp, SwiGLU
+from timm.layers import GluMlp, Mlp, RmsNorm, SwiGLU
 from timm.layers.attention import Attention, maybe_add_mask, resolve_self_attn_mask
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
@@ -40,6 +40,7 @@ from vitq.quant.points import POINT_TABLE
 __all__ = ["QuantTimmVitBlock", "as_layer_config", "block_linears"]
 
 QuantConfigLike = str | Path | LayerQuantConfig | QuantConfig
+RMS_NORMS = (RmsNorm, nn.RMSNorm)  # normalized by the integer LayerNorm without centering (FQ-ViT's, for RMSNorm)
 ATTN_CHUNK_BYTES = 1 << 21  # attention maps made per chunk of images without gradients (fits L2/L3 cache)
 
 _GEOMETRY: dict[str, tuple[int, int]] = {p.name: (p.axis, p.ndim) for p in POINT_TABLE}  # (channel axis, ndim)
@@ -212,10 +213,14 @@ class QuantTimmVitBlock(nn.Module):
                and in_point.cfg.calibration_mode == "ptf" and out_q.state == "quant" and out_q.cfg.enabled)
         if not ptf or (torch.is_grad_enabled() and x.requires_grad):
             return out_q(norm(x))
-        if not isinstance(norm, nn.LayerNorm) or not norm.elementwise_affine:
+        center = isinstance(norm, nn.LayerNorm)
+        known = center or isinstance(norm, RMS_NORMS)
+        if not known or norm.weight is None:
             raise ConfigError(f"residual_layer.{in_point.key}.calibration_mode",
-                              f"ptf feeds an integer LayerNorm, but {key} is {type(norm).__name__}")
-        y = int_layernorm(x, in_point.fq.scale, norm.weight, norm.bias, out_q.fq.scale, norm.eps)
+                              f"ptf feeds an integer LayerNorm, but {key} is {type(norm).__name__}"
+                              f"{' without a weight' if known else ''}")
+        eps = norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps  # (torch's RMSNorm: None = that)
+        y = int_layernorm(x, in_point.fq.scale, norm.weight, getattr(norm, "bias", None), out_q.fq.scale, eps, center)
         if not out_q.profiling:
             return out_q(y)
         out_q.profiling = False  # profile against the float LayerNorm, not the integer one (already on the grid)

@@ -525,10 +525,13 @@ def _mn(a: Tensor, bits: int = 7) -> tuple[Tensor, Tensor]:
     return m, n
 
 
-def int_layernorm(x: Tensor, in_scale: Tensor, weight: Tensor, bias: Tensor, out_scale: Tensor,
-                  eps: float = 0.0) -> Tensor:
+def int_layernorm(x: Tensor, in_scale: Tensor, weight: Tensor, bias: Tensor | None, out_scale: Tensor,
+                  eps: float = 0.0, center: bool = True) -> Tensor:
     """FQ-ViT's integer LayerNorm over the last axis of ``x``, which lies on a PTF grid (``in_scale`` per channel,
     powers of two apart): integer mean and variance, then ``(sign·M·x_q + B) >> N`` on the output grid.
+
+    ``center=False`` is the same algorithm for an RMSNorm: the integer mean square in place of the variance, no mean
+    subtracted (``bias`` None: no shift).
 
     ``eps`` is added to the variance, as the float LayerNorm adds it (pass the norm's ``eps``). FQ-ViT adds none:
     a token whose codes are all equal (a class or register token on a coarse grid) then divides by a zero
@@ -540,12 +543,16 @@ def int_layernorm(x: Tensor, in_scale: Tensor, weight: Tensor, bias: Tensor, out
     s1 = in_scale.min()
     x_q = x_q * torch.round(in_scale / s1)  # integers in units of the smallest channel scale
     c = x.shape[-1]
-    mean = x_q.mean(dim=-1) * s1
-    var = c * x_q.square().sum(dim=-1) - x_q.sum(dim=-1).square()  # c² · variance, in units of s1²
+    var = c * x_q.square().sum(dim=-1)  # c² · the mean square (center: the variance), in units of s1²
+    if center:
+        var = var - x_q.sum(dim=-1).square()
     std = (s1 / c) * torch.sqrt(var + eps * (c / s1) ** 2 if eps else var)
     a = (s1 / std).unsqueeze(-1) * weight / out_scale
     m, n = _mn(a.abs())
-    b = torch.round((bias - (mean / std).unsqueeze(-1) * weight) / out_scale * torch.pow(2, n))
+    shift = bias if bias is not None else torch.zeros_like(weight)
+    if center:
+        shift = shift - (x_q.mean(dim=-1) * s1 / std).unsqueeze(-1) * weight
+    b = torch.round(shift / out_scale * torch.pow(2, n))
     return torch.round((a.sign() * m * x_q + b) / torch.pow(2, n)) * out_scale
 
 
