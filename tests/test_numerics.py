@@ -114,10 +114,11 @@ def test_ptf_through_qact_and_integer_layernorm_match_the_reference():
     assert (got - fp).abs().max() <= 3 * 0.03  # the integer LayerNorm is the LayerNorm, to a few output steps
 
 
-@pytest.mark.parametrize("kind", ["timm", "torch"])
+@pytest.mark.parametrize("kind", ["timm", "torch", "layernorm_without_bias"])
 def test_integer_rmsnorm_is_the_rmsnorm_to_a_few_output_steps(kind):
     """The integer LayerNorm without centering (its mean square for the variance) on a PTF grid is timm's and
-    torch's RMSNorm to a few output steps, and not the LayerNorm (the rows' means are far from 0)."""
+    torch's RMSNorm to a few output steps, and not the LayerNorm (the rows' means are far from 0); a LayerNorm
+    without a bias takes none."""
     from timm.layers import RmsNorm
 
     x = _outlier_tensor().view(8, 64, 48) + 0.5
@@ -125,16 +126,19 @@ def test_integer_rmsnorm_is_the_rmsnorm_to_a_few_output_steps(kind):
                       observer_type="MinmaxObserver")
     q = _calibrated("residual1", cfg, x, axis=2)
     xq = q(x.clone())
-    norm = RmsNorm(48, eps=1e-6) if kind == "timm" else torch.nn.RMSNorm(48, eps=1e-6)
+    norm = {"timm": lambda: RmsNorm(48, eps=1e-6), "torch": lambda: torch.nn.RMSNorm(48, eps=1e-6),
+            "layernorm_without_bias": lambda: torch.nn.LayerNorm(48, eps=1e-6, bias=False)}[kind]()
+    center = kind == "layernorm_without_bias"
     with torch.no_grad():
         norm.weight.copy_(torch.linspace(0.5, 1.5, 48))
         out_scale = torch.tensor(0.03)
-        got = int_layernorm(xq, q.fq.scale, norm.weight, None, out_scale, norm.eps, center=False)
+        got = int_layernorm(xq, q.fq.scale, norm.weight, None, out_scale, norm.eps, center=center)
         fp = norm(xq)
-        centered = torch.nn.functional.layer_norm(xq, (48,), norm.weight, None, 1e-6)
+        other = torch.nn.functional.layer_norm(xq, (48,), norm.weight, None, 1e-6) if not center else \
+            torch.nn.functional.rms_norm(xq, (48,), norm.weight, 1e-6)
     assert (got - fp).abs().max() <= 3 * 0.03
     assert (torch.round(got / out_scale) == torch.round(fp / out_scale)).float().mean() > 0.9
-    assert (centered - fp).abs().max() > 10 * 0.03
+    assert (other - fp).abs().max() > 10 * 0.03
 
 
 def test_fqvit_preset_runs_integer_softmax_and_integer_layernorm(reference, digits, monkeypatch):
