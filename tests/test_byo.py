@@ -154,6 +154,47 @@ def test_a_class_map_scores_a_few_classes_of_a_model_at_their_outputs(byo, tmp_p
         load_image_folder(model, **roots, class_map={"digit_3": 3, "digit_7": 12})
 
 
+def test_class_folders_numbered_as_timm_or_torchvision_trained_the_model(tmp_path):
+    """Folders 0..11: timm's train script (its ImageDataset) counts them 0, 1, 2, ..., 11, torchvision's ImageFolder
+    0, 1, 10, 11, 2, ...; vitq takes the order it is told, file for file as each library labels it, and refuses to
+    guess (also through the CLI)."""
+    from timm.data import ImageDataset
+    from torchvision.datasets import ImageFolder
+
+    from vitq.data import DataError
+
+    rng = np.random.default_rng(0)
+    for split in ("calib", "eval"):
+        for c in range(12):
+            folder = tmp_path / split / str(c)
+            folder.mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(rng.integers(0, 255, (16, 16), dtype=np.uint8)).save(folder / f"{i}.png")
+    model = create_model(byo_case.MODEL_NAME, kwargs={**byo_case.KWARGS, "num_classes": 12})
+    roots = {"calib_root": tmp_path / "calib", "eval_root": tmp_path / "eval", "n_eval": None, "cache": False}
+    for order, ds in (("timm", ImageDataset(str(tmp_path / "eval"))),
+                      ("torchvision", ImageFolder(str(tmp_path / "eval")))):
+        theirs = {str(Path(p)): int(y) for p, y in (ds.reader.samples if order == "timm" else ds.samples)}
+        data = load_image_folder(model, **roots, class_order=order)
+        assert dict(zip(data.meta["eval_files"], labels_of(data.eval).tolist(), strict=True)) == theirs
+    assert theirs[str(tmp_path / "eval" / "10" / "0.png")] == 2  # (torchvision: the orders do differ)
+    with pytest.raises(DataError, match=r"data.calib_root: timm's train script numbers these class folders in "
+                                        r"natural order \(2 is class 2\), torchvision's ImageFolder in plain order "
+                                        r"\(10 is class 2\); set data.class_order=timm"):
+        load_image_folder(model, **roots)
+    kwargs = byo_case.KWARGS_CLI.replace("num_classes:10", "num_classes:12")
+    r = run_sweep(tmp_path, "model=timm", f"model.name={byo_case.MODEL_NAME}", kwargs, "data=folder",
+                  f"data.calib_root={tmp_path / 'calib'}", f"data.eval_root={tmp_path / 'eval'}", "tracking=none")
+    assert "set data.class_order=timm or data.class_order=torchvision" in _one_line_error(r)
+    r = run_sweep(tmp_path, "model=timm", f"model.name={byo_case.MODEL_NAME}", kwargs, "data=folder",
+                  f"data.calib_root={tmp_path / 'calib'}", f"data.eval_root={tmp_path / 'eval'}", "tracking=none",
+                  "data.class_order=timm")
+    assert r.returncode == 0, r.stderr[-3000:]
+    (metrics_file,) = tmp_path.glob("outputs/*/*/metrics.json")
+    prov = json.loads(metrics_file.read_text())["provenance"]
+    assert prov["data.class_order"] == "timm" and prov["data.label_space"] == "timm natural order"
+
+
 def test_grayscale_and_rgba_images_become_the_models_channels(byo, tmp_path):
     for split in ("calib", "eval"):
         shutil.copytree(byo.calib / "digit_0", tmp_path / split / "digit_0")

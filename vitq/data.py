@@ -33,9 +33,9 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from vitq.paths import cache_root
 
-__all__ = ["DIGITS_MEAN", "DIGITS_STD", "RESIDENT_FRACTION", "DataBundle", "DataError", "ImageSet", "batches",
-           "class_indices", "digits_pixels", "labels_of", "load_digits", "load_image_folder", "normalize", "resident",
-           "resolve_transform", "stratified_subset", "subset"]
+__all__ = ["CLASS_ORDERS", "DIGITS_MEAN", "DIGITS_STD", "RESIDENT_FRACTION", "DataBundle", "DataError", "ImageSet",
+           "batches", "class_indices", "digits_pixels", "labels_of", "load_digits", "load_image_folder", "normalize",
+           "resident", "resolve_transform", "stratified_subset", "subset"]
 
 log = logging.getLogger(__name__)
 DIGITS_MEAN, DIGITS_STD = 0.5, 0.5  # applied after ToTensor-style scaling to [0, 1]
@@ -298,18 +298,28 @@ def _list_folder(root: Path, key: str) -> tuple[list[str], list[tuple[str, int]]
     return classes, samples
 
 
-def class_indices(model: torch.nn.Module, classes: list[str], key: str,
-                  class_map: str | dict[str, int] | None = None) -> tuple[np.ndarray, int, str | None]:
-    """The model's output index of each class folder, the number of outputs and where the indices come from.
+CLASS_ORDERS = ("timm", "torchvision")  # how a training script numbered the class folders (data.class_order)
+
+
+def class_indices(model: torch.nn.Module, classes: list[str], key: str, class_map: str | dict[str, int] | None = None,
+                  class_order: str | None = None) -> tuple[np.ndarray, int, str | None]:
+    """The model's output index of each class folder (``classes``, sorted by name), the number of outputs and where
+    the indices come from.
 
     - ``class_map`` (``data.class_map``): timm's class map, a ``.txt`` file of class names in output order (or a
       ``.pkl``), or a ``{name: output}`` mapping; every folder must be in it.
     - Folders named by ImageNet synsets (``n01440764`` ...) for a model with the outputs of an ImageNet subset
       (timm's ``infer_imagenet_subset``: 1000, 11821, 21843 ...) are scored at timm's index of their synset, so a
       few classes of ImageNet evaluate an ImageNet model.
-    - Otherwise folder i (sorted) is output i, which needs as many folders as outputs: anything else would score
-      images against the wrong classes.
+    - Otherwise the i-th folder is output i, which needs as many folders as outputs: anything else would score
+      images against the wrong classes. timm's train script counts folders in natural order (``2`` before ``10``,
+      case-insensitive), torchvision's ImageFolder in plain order (``10`` before ``2``); where the two differ,
+      ``class_order`` (``data.class_order``) must say which trained the model.
     """
+    if class_order is not None and class_order not in CLASS_ORDERS:
+        raise DataError(f"data.class_order={class_order!r}: valid: {', '.join(CLASS_ORDERS)} (or null)")
+    if class_order is not None and class_map is not None:
+        raise DataError("data.class_order: data.class_map already numbers the folders; set one of the two")
     n = int(getattr(model, "num_classes", 0) or 0)
     index: dict[str, int] | None = None
     if class_map is not None:
@@ -341,6 +351,18 @@ def class_indices(model: torch.nn.Module, classes: list[str], key: str,
         raise DataError(f"{key}: {len(classes)} class folders for a model with {n} outputs; folder i (sorted) is "
                         f"scored as output i, so the counts must match, or set data.class_map (folders named by "
                         f"ImageNet synsets, n01440764 ..., are scored at their own index by an ImageNet model)")
+    from timm.utils import natural_key
+
+    natural = sorted(classes, key=natural_key)
+    if natural != classes and class_order is None:
+        first = next(i for i, (a, b) in enumerate(zip(natural, classes, strict=True)) if a != b)
+        raise DataError(f"{key}: timm's train script numbers these class folders in natural order ({natural[first]} "
+                        f"is class {first}), torchvision's ImageFolder in plain order ({classes[first]} is class "
+                        f"{first}); set data.class_order=timm or data.class_order=torchvision, as the model was "
+                        "trained")
+    if class_order == "timm":
+        at = {c: i for i, c in enumerate(natural)}
+        return np.array([at[c] for c in classes], dtype=np.int64), len(classes), "timm natural order"
     return np.arange(len(classes), dtype=np.int64), len(classes), None
 
 
@@ -419,7 +441,7 @@ def load_image_folder(model: torch.nn.Module, *, root: str | Path | None = None,
                       calib_root: str | Path | None = None, eval_root: str | Path | None = None,
                       n_calib: int | None = 256, n_eval: int | None = None, seed: int = 0,
                       transform: dict[str, Any] | None = None, num_workers: int = 4, cache: bool = True,
-                      class_map: str | dict[str, int] | None = None) -> DataBundle:
+                      class_map: str | dict[str, int] | None = None, class_order: str | None = None) -> DataBundle:
     """Class folders with the model's timm eval transform (``transform`` overrides timm's fields).
 
     Either two folders, ``calib_root`` and ``eval_root`` (e.g. train and val, with the same class names), or one
@@ -438,7 +460,7 @@ def load_image_folder(model: torch.nn.Module, *, root: str | Path | None = None,
     if root is not None:
         root = Path(root).expanduser()
         classes, samples = _list_folder(root, "data.root")
-        outputs, n_out, space = class_indices(model, classes, "data.root", class_map)
+        outputs, n_out, space = class_indices(model, classes, "data.root", class_map, class_order)
         samples = [(p, int(outputs[lab])) for p, lab in samples]
         labels = np.array([lab for _, lab in samples])
         if n_calib is None or (n_calib >= len(samples)):
@@ -459,7 +481,7 @@ def load_image_folder(model: torch.nn.Module, *, root: str | Path | None = None,
             only_c, only_e = sorted(set(classes) - set(e_classes)), sorted(set(e_classes) - set(classes))
             raise DataError(f"data.eval_root: class folders differ from data.calib_root: only in calib_root "
                             f"{only_c[:8]}, only in eval_root {only_e[:8]}")
-        outputs, n_out, space = class_indices(model, classes, "data.calib_root", class_map)
+        outputs, n_out, space = class_indices(model, classes, "data.calib_root", class_map, class_order)
         c_samples, e_samples = ([(p, int(outputs[lab])) for p, lab in ss] for ss in (c_samples, e_samples))
         cal = stratified_subset(np.array([lab for _, lab in c_samples]), n_calib, seed)
         ev = stratified_subset(np.array([lab for _, lab in e_samples]), n_eval, seed + 1)

@@ -103,6 +103,7 @@ class DataSpec:
     num_workers: int = 4
     cache: bool = True
     class_map: str = "null"  # JSON of data.class_map: a file of class names or a {name: output} mapping
+    class_order: str | None = None  # timm | torchvision: how the training script numbered the class folders
 
 
 @functools.cache
@@ -171,7 +172,8 @@ class Session:
                          int(d.get("seed") or 0), None if d.get("n_train") is None else int(d["n_train"]),
                          d.get("n_calib", 256),
                          d.get("n_eval"), json.dumps(transform, sort_keys=True), int(d.get("num_workers") or 0),
-                         bool(d.get("cache", True)), json.dumps(d.get("class_map"), sort_keys=True))
+                         bool(d.get("cache", True)), json.dumps(d.get("class_map"), sort_keys=True),
+                         d.get("class_order"))
         sizes = {"eval_batch_size": cfg.get("eval_batch_size"), "calib_batch_size": cfg.get("calib_batch_size")}
         for key, v in sizes.items():
             if v is not None and int(v) < 1:
@@ -209,8 +211,9 @@ class Session:
             if d.name == "digits":
                 if d.root or d.calib_root or d.eval_root:
                     raise DataError("data.root: data=digits takes no folders (use data=folder)")
-                if json.loads(d.class_map) is not None:
-                    raise DataError("data.class_map: data=digits takes no class map (use data=folder)")
+                for k, v in (("class_map", json.loads(d.class_map)), ("class_order", d.class_order)):
+                    if v is not None:
+                        raise DataError(f"data.{k}: data=digits takes no {k} (use data=folder)")
                 n_train, img_size = self._digits_split()
                 self._check_digits_fit(img_size)
                 n_calib = n_train if d.n_calib is None else d.n_calib  # null: every training image
@@ -221,7 +224,7 @@ class Session:
                                                eval_root=d.eval_root, n_calib=d.n_calib, n_eval=d.n_eval,
                                                seed=d.seed, transform=json.loads(d.transform),
                                                num_workers=d.num_workers, cache=d.cache,
-                                               class_map=json.loads(d.class_map))
+                                               class_map=json.loads(d.class_map), class_order=d.class_order)
             else:
                 raise DataError(f"data.name: unknown dataset {d.name!r}; valid: digits, folder")
             self._data.check_classes(self.num_classes)
@@ -309,6 +312,8 @@ class Session:
             out["data.label_space"] = meta["label_space"]
         if json.loads(self.data_spec.class_map) is not None:
             out["data.class_map"] = self.data_spec.class_map
+        if self.data_spec.class_order is not None:
+            out["data.class_order"] = self.data_spec.class_order
         return out
 
 
