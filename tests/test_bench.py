@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,6 +32,9 @@ def test_bench_quick_reports_every_figure(tmp_path):
              "--out", str(out)], tmp_path, timeout=1200)  # (vit_small and scaling: minutes on CI's 2 cores)
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads(out.read_text())
+    cpu = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+               if ln.startswith("model name"))
+    assert result["meta"]["cpu"] == cpu and f"on {cpu}, {result['meta']['threads']} threads" in r.stdout
     figures = flat_figures(result)
     for model in ("digits", "folder"):
         for name in MODEL_FIGURES:

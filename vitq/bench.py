@@ -572,6 +572,18 @@ def _trial_cost(w: Workload) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------------------------- driver
+def cpu_name() -> str:
+    """The CPU's model name: the judged ratios depend on it (a 2-core AVX-512 Xeon ran timm's FP GEMMs 1.8x faster
+    than the AMD EPYC of earlier runs, and vitq's elementwise passes hardly faster; docs/performance.md)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def run_bench(quick: bool = False, models: tuple[str, ...] = ("digits", "vit_small", "folder"),
               log: Callable[[str], None] = print, device: str = "cpu", overrides: tuple[str, ...] = (),
               sections: tuple[str, ...] = ("sweep", "scaling")) -> dict[str, Any]:
@@ -581,7 +593,8 @@ def run_bench(quick: bool = False, models: tuple[str, ...] = ("digits", "vit_sma
 
     dev = str(resolve_device(device))
     result: dict[str, Any] = {"meta": {"quick": quick, "torch": torch.__version__, "threads": torch.get_num_threads(),
-                                       "machine": platform.machine(), "python": platform.python_version(),
+                                       "machine": platform.machine(), "cpu": cpu_name(),
+                                       "python": platform.python_version(),
                                        "device": dev,
                                        "gpu": torch.cuda.get_device_name(dev) if dev.startswith("cuda") else None},
                               "goals": GOALS}
@@ -671,7 +684,9 @@ def format_table(result: dict[str, Any]) -> str:
                else "goals: not judged in --quick (too few images for the ratios to mean what a full run's do)")
     if within:
         verdict += f"; not met, with the goal inside their pairs' quartiles: {', '.join(within)}"
-    return "\n".join([f"{'figure':<55} {'value':>14}  {'goal':>8}", "-" * 88, *rows, "-" * 88, verdict])
+    meta = result.get("meta", {})
+    where = f"on {meta.get('cpu', '?')}, {meta.get('threads', '?')} threads, device {meta.get('device', '?')}"
+    return "\n".join([where, f"{'figure':<55} {'value':>14}  {'goal':>8}", "-" * 88, *rows, "-" * 88, verdict])
 
 
 def main(argv: list[str] | None = None) -> int:
