@@ -342,6 +342,9 @@ def class_indices(model: torch.nn.Module, classes: list[str], key: str, class_ma
         if missing:
             where = "data.class_map" if class_map is not None else f"the {n} {space} synsets of the model's outputs"
             raise DataError(f"{key}: class folders {', '.join(missing[:5])} are not among {where}")
+        bad = [c for c in classes if isinstance(index[c], bool) or not isinstance(index[c], int)]
+        if bad:
+            raise DataError(f"data.class_map: the output of class {bad[0]} is {index[bad[0]]!r}, not an integer")
         out = np.array([index[c] for c in classes], dtype=np.int64)
         if n and not (out.min() >= 0 and out.max() < n):
             raise DataError(f"data.class_map: it maps folders to outputs {out.min()}..{out.max()}, but the model "
