@@ -55,11 +55,11 @@ def write_folders(root: Path, n_calib: int = 1000) -> tuple[Path, Path]:
     return root / "calib", root / "eval"
 
 
-def plain_timm_transform(model: torch.nn.Module):  # noqa: ANN201
+def plain_timm_transform(model: torch.nn.Module, size: int = 16):  # noqa: ANN201
     """timm's own eval transform for the model at its built size (ToTensor + Normalize included)."""
     from timm.data import create_transform, resolve_data_config
 
-    cfg = resolve_data_config({"input_size": (3, 16, 16)}, model=model)
+    cfg = resolve_data_config({"input_size": (3, size, size)}, model=model)
     return create_transform(**cfg, is_training=False)
 
 
@@ -117,3 +117,31 @@ def plain_timm_predictions(case: Case) -> tuple[torch.Tensor, torch.Tensor, list
     x, y, paths = folder_tensors(case.eval, plain_timm_transform(model))
     with torch.inference_mode():
         return model(x).argmax(-1), y, paths
+
+
+def jax_npz(model: torch.nn.Module, path: Path) -> None:
+    """``model``'s weights in the original JAX ViT layout (``Transformer/encoderblock_i/...``, HWIO kernels, heads
+    split), as Google's ``.npz`` checkpoints hold them; for a timm ViT without layer scale."""
+    t = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    c, h = model.embed_dim, model.blocks[0].attn.num_heads
+    w = {"embedding/kernel": t["patch_embed.proj.weight"].transpose(2, 3, 1, 0), "embedding/bias":
+         t["patch_embed.proj.bias"], "Transformer/posembed_input/pos_embedding": t["pos_embed"],
+         "Transformer/encoder_norm/scale": t["norm.weight"], "Transformer/encoder_norm/bias": t["norm.bias"],
+         "head/kernel": t["head.weight"].T, "head/bias": t["head.bias"]}
+    if "cls_token" in t:
+        w["cls"] = t["cls_token"]
+    for i in range(len(model.blocks)):
+        b, j = f"blocks.{i}.", f"Transformer/encoderblock_{i}/"
+        for ln, norm in (("LayerNorm_0", "norm1"), ("LayerNorm_2", "norm2")):
+            w[f"{j}{ln}/scale"], w[f"{j}{ln}/bias"] = t[f"{b}{norm}.weight"], t[f"{b}{norm}.bias"]
+        qkv_w, qkv_b = t[f"{b}attn.qkv.weight"].reshape(3, c, c), t[f"{b}attn.qkv.bias"].reshape(3, c)
+        for n, name in enumerate(("query", "key", "value")):
+            w[f"{j}MultiHeadDotProductAttention_1/{name}/kernel"] = qkv_w[n].T.reshape(c, h, c // h)
+            w[f"{j}MultiHeadDotProductAttention_1/{name}/bias"] = qkv_b[n].reshape(h, c // h)
+        w[f"{j}MultiHeadDotProductAttention_1/out/kernel"] = t[f"{b}attn.proj.weight"].reshape(c, h, c // h) \
+            .transpose(1, 2, 0)
+        w[f"{j}MultiHeadDotProductAttention_1/out/bias"] = t[f"{b}attn.proj.bias"]
+        for r in range(2):
+            w[f"{j}MlpBlock_3/Dense_{r}/kernel"] = t[f"{b}mlp.fc{r + 1}.weight"].T
+            w[f"{j}MlpBlock_3/Dense_{r}/bias"] = t[f"{b}mlp.fc{r + 1}.bias"]
+    np.savez(path, **w)

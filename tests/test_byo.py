@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import mlflow
 import numpy as np
 import optuna
 import pytest
+import timm
 import torch
 from _util import run, run_sweep
 from mlflow.tracking import MlflowClient
@@ -309,6 +311,111 @@ def test_timm_names_with_tags_and_checkpoint_formats(byo, tmp_path):
         load_checkpoint(wrong, byo.checkpoint)
 
 
+def _plain_state(byo) -> dict[str, torch.Tensor]:  # noqa: ANN001
+    sd = torch.load(byo.checkpoint, weights_only=True)["state_dict_ema"]
+    return {k.removeprefix("module."): v for k, v in sd.items()}
+
+
+def test_foreign_checkpoint_layouts_load_through_timms_conversion(byo, tmp_path):
+    """Layouts timm converts when it loads pretrained weights (DINOv2's mask token, DeiT-3's gamma_N, OpenCLIP's
+    visual.trunk. prefix) load to exactly the trained weights and say so; a file that fits is loaded as it is."""
+    plain = _plain_state(byo)
+    layouts = {"dinov2": {**plain, "mask_token": torch.zeros(1, 48)},
+               "deit3": {re.sub(r"ls([12])\.gamma$", r"gamma_\1", k): v for k, v in plain.items()},
+               "open_clip": {f"visual.trunk.{k}": v for k, v in plain.items()}}
+    for name, state in layouts.items():
+        assert set(state) != set(plain)
+        torch.save(state, tmp_path / f"{name}.pth")
+        model = timm.create_model(byo_case.MODEL_NAME, **byo_case.KWARGS)
+        assert load_checkpoint(model, tmp_path / f"{name}.pth") == "timm checkpoint_filter_fn", name
+        assert model.state_dict().keys() == plain.keys()
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in plain.items()), name
+    assert load_checkpoint(timm.create_model(byo_case.MODEL_NAME, **byo_case.KWARGS), byo.checkpoint) == ""
+
+
+def test_a_checkpoint_at_another_size_is_interpolated_only_when_asked(byo):
+    """A model built at 24 px takes the 16 px checkpoint only with model.resample_checkpoint: its position
+    embedding is then timm's bicubic resampling of the 4×4 grid to 6×6, and every other weight is the file's."""
+    from timm.layers import resample_abs_pos_embed
+
+    kwargs = {**byo_case.KWARGS, "img_size": 24}
+    with pytest.raises(ModelError, match=r"fits the model only with its weights interpolated \(Resized position "
+                                         r"embedding: \(4, 4\) to \(6, 6\)\); set model.resample_checkpoint=true"):
+        create_model(byo_case.MODEL_NAME, checkpoint=str(byo.checkpoint), kwargs=kwargs)
+    model = create_model(byo_case.MODEL_NAME, checkpoint=str(byo.checkpoint), kwargs=kwargs, resample_checkpoint=True)
+    plain = _plain_state(byo)
+    want = resample_abs_pos_embed(plain["pos_embed"], new_size=(6, 6), old_size=(4, 4), num_prefix_tokens=0,
+                                  interpolation="bicubic", antialias=True)
+    assert model.pos_embed.shape == (1, 36, 48) and torch.equal(model.pos_embed.detach(), want)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in plain.items() if k != "pos_embed")
+
+
+NPZ_KWARGS = {"img_size": 16, "patch_size": 4, "embed_dim": 36, "depth": 3, "num_heads": 3, "num_classes": 10}
+
+
+def test_a_jax_npz_checkpoint_loads_every_weight_or_names_what_it_lacks(tmp_path):
+    """Google's JAX layout (.npz) is read by timm's load_pretrained, to exactly the weights written (and plain timm's
+    result); what timm's reader would leave unset (another head size, layer scale, fc_norm) is named, not run."""
+    torch.manual_seed(3)
+    src = timm.create_model(byo_case.MODEL_NAME, **NPZ_KWARGS)
+    path = tmp_path / "vit.npz"
+    byo_case.jax_npz(src, path)
+    plain = timm.create_model(byo_case.MODEL_NAME, **NPZ_KWARGS)
+    plain.load_pretrained(str(path))
+    mine = create_model(byo_case.MODEL_NAME, checkpoint=str(path), kwargs=NPZ_KWARGS)
+    for k, v in src.state_dict().items():
+        assert torch.equal(mine.state_dict()[k], v) and torch.equal(plain.state_dict()[k], v), k
+    cases = {"num_classes": (5, "does not set head.weight, head.bias (a head of another class count"),
+             "init_values": (1e-5, "does not set blocks.0.ls1.gamma, blocks.0.ls2.gamma, blocks.1.ls1.gamma"),
+             "global_pool": ("avg", "does not set fc_norm.weight, fc_norm.bias"),
+             "depth": (4, "Transformer/encoderblock_3/LayerNorm_0/scale is not a file in the archive"),
+             "img_size": (24, "fits the model only with its weights interpolated (Resized position embedding")}
+    for key, (value, expect) in cases.items():
+        with pytest.raises(ModelError, match=re.escape(expect)):
+            create_model(byo_case.MODEL_NAME, checkpoint=str(path), kwargs={**NPZ_KWARGS, key: value})
+    np.savez(tmp_path / "other.npz", weights=np.zeros(3))
+    with pytest.raises(ModelError, match="other.npz is not a JAX/big_vision checkpoint of this model"):
+        create_model(byo_case.MODEL_NAME, checkpoint=str(tmp_path / "other.npz"), kwargs=NPZ_KWARGS)
+
+
+def test_converted_checkpoints_through_the_cli(byo, tmp_path):
+    """Through the CLI: a JAX .npz, and the 16 px checkpoint on a 24 px model with model.resample_checkpoint=true
+    (without it: the bad-inputs test). FP top-1 equals plain timm's on the same weights and images; the conversion is
+    recorded with the run."""
+    from timm.layers import resample_abs_pos_embed
+
+    torch.manual_seed(3)
+    src = timm.create_model(byo_case.MODEL_NAME, **NPZ_KWARGS)
+    byo_case.jax_npz(src, tmp_path / "vit.npz")
+    kw24 = {**byo_case.KWARGS, "img_size": 24}
+    resampled = timm.create_model(byo_case.MODEL_NAME, **kw24)
+    plain = _plain_state(byo)
+    plain["pos_embed"] = resample_abs_pos_embed(plain["pos_embed"], new_size=(6, 6), old_size=(4, 4),
+                                                num_prefix_tokens=0, interpolation="bicubic", antialias=True)
+    resampled.load_state_dict(plain)
+    kwargs_cli = next(a for a in byo.cli() if a.startswith("model.kwargs="))
+    runs = {"npz": ([f"model.checkpoint={tmp_path / 'vit.npz'}",
+                     "model.kwargs={" + ",".join(f"{k}:{v}" for k, v in NPZ_KWARGS.items()) + "}"], src, 16,
+                    "timm load_pretrained (JAX .npz)"),
+            "24px": ([kwargs_cli.replace("img_size:16", "img_size:24"), "model.resample_checkpoint=true"], resampled,
+                     24, "timm checkpoint_filter_fn; Resized position embedding: (4, 4) to (6, 6)")}
+    base = [a for a in byo.cli() if not a.startswith(("model.kwargs=", "model.checkpoint="))]
+    for name, (extra, model, size, conversion) in runs.items():
+        out = tmp_path / name
+        out.mkdir()
+        args = [*base, *([f"model.checkpoint={byo.checkpoint}"] if name == "24px" else []), *extra, "tracking=none"]
+        r = run_sweep(out, *args, "data.n_calib=200")
+        assert r.returncode == 0, r.stderr[-3000:]
+        (metrics_file,) = out.glob("outputs/*/*/metrics.json")
+        metrics = json.loads(metrics_file.read_text())
+        assert metrics["provenance"]["model.checkpoint_conversion"] == conversion
+        model.eval()
+        x, y, _ = byo_case.folder_tensors(byo.eval, byo_case.plain_timm_transform(model, size))
+        with torch.inference_mode():
+            assert metrics["fp_top1"] == int((model(x).argmax(-1) == y).sum()) / len(y), name
+    assert metrics["fp_top1"] > 0.5  # the trained weights, interpolated, still classify the digits
+
+
 def test_device_resolution():
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -410,6 +517,8 @@ def test_bad_inputs_are_one_line_rc2_and_nothing_logged(byo, tmp_path):
                           "vitq: model: it returns (1, 16, 10) for 1 image(s), not (1, 10) logits"),
         "more outputs than folders": ([kwargs.replace("num_classes:10", "num_classes:1000"), "model.checkpoint=null"],
                                       "data.calib_root: 10 class folders for a model with 1000 outputs"),
+        "another image size": ([kwargs.replace("img_size:16", "img_size:24")],
+                               "(Resized position embedding: (4, 4) to (6, 6)); set model.resample_checkpoint=true"),
         "class map missing": ([kwargs, f"data.class_map={tmp_path / 'nope.txt'}"],
                               f"data.class_map: cannot read {tmp_path / 'nope.txt'}"),
     }

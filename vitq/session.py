@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,7 @@ from vitq.data import (
     model_img_size,
 )
 from vitq.evaluate import EvalResult, check_logits
-from vitq.models.factory import REFERENCE_NAME, ModelError, create_model, file_sha256
+from vitq.models.factory import REFERENCE_NAME, ModelError, create_model, file_sha256, load_checkpoint
 from vitq.models.reference import REFERENCES
 from vitq.paths import REPO_ROOT
 from vitq.quant.config import ConfigError, LayerQuantConfig
@@ -41,6 +42,7 @@ from vitq.trial import TrialResult, fp_reference, run_trial
 __all__ = ["DataSpec", "ModelSpec", "Session", "SessionError", "git_commit", "resolve_device"]
 
 SessionError = (ConfigError, DataError, ModelError)  # what a bad model/data/device config raises
+log = logging.getLogger(__name__)
 
 
 def resolve_device(spec: str | None) -> torch.device:
@@ -83,6 +85,7 @@ class ModelSpec:
     checkpoint: str | None = None
     kwargs: str = "{}"  # JSON, sorted keys: hashable
     use_ema: bool = True
+    resample_checkpoint: bool = False  # permits interpolating the checkpoint's position/patch embeddings
 
     @property
     def kwargs_dict(self) -> dict[str, Any]:
@@ -151,6 +154,7 @@ class Session:
     _model: nn.Module | None = field(default=None, repr=False)
     _data: DataBundle | None = field(default=None, repr=False)
     _outputs_checked: bool = field(default=False, repr=False)
+    _conversion: str = field(default="", repr=False)  # how the checkpoint was converted ("" as it is)
 
     @classmethod
     def from_config(cls, cfg: Any) -> Session:
@@ -166,7 +170,7 @@ class Session:
             raise ModelError(f"model.kwargs: expected a mapping of timm.create_model arguments, got {kwargs!r}")
         mspec = ModelSpec(str(m.get("name") or REFERENCE_NAME), bool(m.get("pretrained", False)),
                           m.get("checkpoint"), json.dumps(kwargs, sort_keys=True, default=str),
-                          bool(m.get("use_ema", True)))
+                          bool(m.get("use_ema", True)), bool(m.get("resample_checkpoint", False)))
         transform = {k: d.get(k) for k in TRANSFORM_KEYS if d.get(k) is not None}
         dspec = DataSpec(str(d.get("name") or "digits"), d.get("root"), d.get("calib_root"), d.get("eval_root"),
                          int(d.get("seed") or 0), None if d.get("n_train") is None else int(d["n_train"]),
@@ -199,7 +203,11 @@ class Session:
 
                 model, _ = load_reference(REFERENCES[m.name])
             else:
-                model = create_model(m.name, m.pretrained, m.checkpoint, m.kwargs_dict, m.use_ema)
+                model = create_model(m.name, m.pretrained and m.checkpoint is None, None, m.kwargs_dict)
+                if m.checkpoint is not None:
+                    self._conversion = load_checkpoint(model, m.checkpoint, m.use_ema, m.resample_checkpoint)
+                    if self._conversion:
+                        log.info("model.checkpoint: %s loaded through %s", m.checkpoint, self._conversion)
             self._model = model.float().to(self.device).eval()
         return self._model
 
@@ -303,6 +311,8 @@ class Session:
                "data.fingerprint": self.data.fingerprint, "data.n_calib": str(meta.get("n_calib")),
                "data.n_eval": str(meta.get("n_eval")), "device": str(self.device), "vitq.version": vitq.__version__,
                "vitq.git_commit": git_commit()}
+        if self._conversion:  # timm converted the checkpoint (and what it interpolated)
+            out["model.checkpoint_conversion"] = self._conversion
         for k in ("root", "calib_root", "eval_root"):
             if meta.get(k):
                 out[f"data.{k}"] = meta[k]

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import logging
 import pickle
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -67,25 +70,135 @@ def read_state_dict(path: str | Path, use_ema: bool = True) -> dict[str, torch.T
     return clean_state_dict(state)
 
 
-def load_checkpoint(model: nn.Module, path: str | Path, use_ema: bool = True) -> nn.Module:
-    """Load a local checkpoint into ``model``; a misfit names the first mismatching key (and both shapes)."""
-    state = read_state_dict(path, use_ema)
+def _misfit(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> str | None:
+    """Why ``state`` does not load into ``model`` strictly (the first mismatching shape, else the missing and
+    unexpected keys), or None when it fits."""
     own = model.state_dict()
     for k in own:  # in the model's order, so "first" means the first layer that does not fit
         if k in state and tuple(state[k].shape) != tuple(own[k].shape):
-            raise ModelError(f"model.checkpoint: {path}: shape mismatch at {k}: checkpoint "
-                             f"{tuple(state[k].shape)}, model {tuple(own[k].shape)} (check model.kwargs)")
+            return (f"model.checkpoint: {path}: shape mismatch at {k}: checkpoint {tuple(state[k].shape)}, model "
+                    f"{tuple(own[k].shape)} (check model.kwargs)")
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    if missing or unexpected:
-        parts = []
-        for label, keys in (("missing", missing), ("unexpected", unexpected)):
-            if keys:
-                more = f" (+{len(keys) - 8} more)" if len(keys) > 8 else ""
-                parts.append(f"{label} keys: {', '.join(keys[:8])}{more}")
-        raise ModelError(f"model.checkpoint: {path} does not fit {type(model).__name__}: " + "; ".join(parts))
+    if not missing and not unexpected:
+        return None
+    parts = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected)):
+        if keys:
+            more = f" (+{len(keys) - 8} more)" if len(keys) > 8 else ""
+            parts.append(f"{label} keys: {', '.join(keys[:8])}{more}")
+    return f"model.checkpoint: {path} does not fit {type(model).__name__}: " + "; ".join(parts)
+
+
+class _Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage().rstrip("."))
+
+
+RESAMPLE_LOGGERS = ("timm.layers.pos_embed", "timm.layers.patch_embed")
+
+
+@contextmanager
+def _resamples() -> Iterator[list[str]]:
+    """The lines timm logs when it interpolates a position or patch embedding inside the block."""
+    handler = _Lines()
+    loggers = [logging.getLogger(n) for n in RESAMPLE_LOGGERS]
+    saved = [(lg.level, lg.propagate) for lg in loggers]
+    for lg in loggers:
+        lg.addHandler(handler)
+        lg.setLevel(logging.INFO)
+        lg.propagate = False
+    try:
+        yield handler.lines
+    finally:
+        for lg, (level, propagate) in zip(loggers, saved, strict=True):
+            lg.removeHandler(handler)
+            lg.setLevel(level)
+            lg.propagate = propagate
+
+
+def _check_resampled(lines: list[str], path: Path, resample: bool) -> None:
+    if lines and not resample:
+        raise ModelError(f"model.checkpoint: {path} fits the model only with its weights interpolated "
+                         f"({'; '.join(lines)}); set model.resample_checkpoint=true to accept that, or build the "
+                         "model at the checkpoint's size (model.kwargs img_size, patch_size)")
+
+
+def _load_numpy(model: nn.Module, path: Path, resample: bool) -> str:
+    """A JAX/big_vision ``.npz`` read by timm's ``load_pretrained``; every parameter must come from the file."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    if not isinstance(model, VisionTransformer):
+        raise ModelError(f"model.checkpoint: {path}: {type(model).__name__} cannot read NumPy checkpoints")
+    with torch.no_grad():
+        for p in model.parameters():  # what the file does not set stays NaN, and is named below
+            p.fill_(float("nan"))
+    try:
+        with _resamples() as lines:
+            model.load_pretrained(str(path))
+    except KeyError as e:  # numpy: "X is not a file in the archive"
+        raise ModelError(f"model.checkpoint: {path}: {e.args[0] if e.args else e}, which timm's load_pretrained "
+                         "reads for this model (check model.kwargs)") from None
+    except Exception as e:  # noqa: BLE001 - not an npz, another layout, shapes that differ
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise ModelError(f"model.checkpoint: {path} is not a JAX/big_vision checkpoint of this model "
+                         f"({type(e).__name__}: {first})") from None
+    unset = [n for n, p in model.named_parameters() if bool(torch.isnan(p).any())]
+    if unset:
+        more = f" (+{len(unset) - 8} more)" if len(unset) > 8 else ""
+        why = (" (a head of another class count is not loaded: check model.kwargs num_classes)"
+               if any(n.startswith("head.") for n in unset) else " (check model.kwargs)")
+        raise ModelError(f"model.checkpoint: {path} does not set {', '.join(unset[:8])}{more}{why}")
+    _check_resampled(lines, path, resample)
+    return "; ".join(["timm load_pretrained (JAX .npz)", *lines])
+
+
+def _convert(model: nn.Module, state: dict[str, torch.Tensor], path: Path,
+             resample: bool) -> tuple[dict[str, torch.Tensor], str] | None:
+    """``state`` through timm's ``checkpoint_filter_fn`` (the conversion timm applies to pretrained weights:
+    OpenAI CLIP, OpenCLIP, DINOv2, DeiT-3, ... layouts; position and patch embeddings resampled to the model), with
+    what it did; None when the result does not fit either."""
+    from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+
+    if not isinstance(model, VisionTransformer):
+        return None
+    try:
+        with _resamples() as lines:
+            converted = checkpoint_filter_fn(dict(state), model, adapt_layer_scale=True)
+    except Exception:  # noqa: BLE001 - not a layout timm knows: the misfit of the file as it is is reported
+        return None
+    if not isinstance(converted, dict) or _misfit(model, converted, path) is not None:
+        return None
+    _check_resampled(lines, path, resample)
+    return converted, "; ".join(["timm checkpoint_filter_fn", *lines])
+
+
+def load_checkpoint(model: nn.Module, path: str | Path, use_ema: bool = True, resample: bool = False) -> str:
+    """Load a local checkpoint into ``model``; returns how it was converted ("" when loaded as it is).
+
+    A state dict that fits the model is loaded as it is. One that does not goes through timm's conversion of
+    pretrained weights (``checkpoint_filter_fn``); a JAX/big_vision ``.npz`` is read by timm's ``load_pretrained``.
+    Interpolating a position or patch embedding changes the weights, so it needs ``resample``. A misfit names the
+    first mismatching key (and both shapes)."""
+    path = Path(path).expanduser()
+    if path.suffix.lower() == ".npz":
+        if not path.is_file():
+            raise ModelError(f"model.checkpoint: file not found: {path}")
+        return _load_numpy(model, path, resample)
+    state = read_state_dict(path, use_ema)
+    how = ""
+    misfit = _misfit(model, state, path)
+    if misfit is not None:
+        converted = _convert(model, state, path, resample)
+        if converted is None:
+            raise ModelError(misfit)
+        state, how = converted
     model.load_state_dict(state)
-    return model
+    return how
 
 
 def _check_name(name: str) -> None:
@@ -97,7 +210,8 @@ def _check_name(name: str) -> None:
 
 
 def create_model(name: str = REFERENCE_NAME, pretrained: bool = False, checkpoint: str | None = None,
-                 kwargs: dict[str, Any] | None = None, use_ema: bool = True) -> nn.Module:
+                 kwargs: dict[str, Any] | None = None, use_ema: bool = True,
+                 resample_checkpoint: bool = False) -> nn.Module:
     """The digits reference's architecture by default (its trained weights: ``checkpoint``, or the Session, which
     trains it once through ``vitq.reference``), else ``timm.create_model(name, **kwargs)``; always in eval mode."""
     kwargs = dict(kwargs or {})
@@ -106,7 +220,9 @@ def create_model(name: str = REFERENCE_NAME, pretrained: bool = False, checkpoin
             raise ModelError(f"model.kwargs: the digits reference has a fixed architecture; got {sorted(kwargs)} "
                              "(use model=timm for a timm model with kwargs)")
         model = build_reference(REFERENCES[name])
-        return (load_checkpoint(model, checkpoint, use_ema) if checkpoint is not None else model).eval()
+        if checkpoint is not None:
+            load_checkpoint(model, checkpoint, use_ema, resample_checkpoint)
+        return model.eval()
     _check_name(name)
     try:
         model = timm.create_model(name, pretrained=pretrained and checkpoint is None, **kwargs)
@@ -124,5 +240,5 @@ def create_model(name: str = REFERENCE_NAME, pretrained: bool = False, checkpoin
     except TypeError as e:
         raise ModelError(f"model.name: {name} cannot be quantized by vitq: {e}") from None
     if checkpoint is not None:
-        load_checkpoint(model, checkpoint, use_ema)
+        load_checkpoint(model, checkpoint, use_ema, resample_checkpoint)
     return model.eval()
