@@ -23,7 +23,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from vitq.data import labels_of, load_image_folder, stratified_subset
-from vitq.models.factory import ModelError, create_model, load_checkpoint
+from vitq.models.factory import ModelError, build_model, create_model, load_checkpoint
 from vitq.session import Session, resolve_device
 from vitq.sweep import compose, layer_config_from
 
@@ -334,20 +334,52 @@ def test_foreign_checkpoint_layouts_load_through_timms_conversion(byo, tmp_path)
 
 
 def test_a_checkpoint_at_another_size_is_interpolated_only_when_asked(byo):
-    """A model built at 24 px takes the 16 px checkpoint only with model.resample_checkpoint: its position
+    """A model built at 24 px takes the 16 px checkpoint only with model.resample_weights: its position
     embedding is then timm's bicubic resampling of the 4×4 grid to 6×6, and every other weight is the file's."""
     from timm.layers import resample_abs_pos_embed
 
     kwargs = {**byo_case.KWARGS, "img_size": 24}
-    with pytest.raises(ModelError, match=r"fits the model only with its weights interpolated \(Resized position "
-                                         r"embedding: \(4, 4\) to \(6, 6\)\); set model.resample_checkpoint=true"):
+    expect = "its weights fit the model only after timm interpolates them (Resized position embedding: (4, 4) to (6, 6)"
+    with pytest.raises(ModelError, match=re.escape(f"{expect}); set model.resample_weights=true")):
         create_model(byo_case.MODEL_NAME, checkpoint=str(byo.checkpoint), kwargs=kwargs)
-    model = create_model(byo_case.MODEL_NAME, checkpoint=str(byo.checkpoint), kwargs=kwargs, resample_checkpoint=True)
+    model = create_model(byo_case.MODEL_NAME, checkpoint=str(byo.checkpoint), kwargs=kwargs, resample_weights=True)
     plain = _plain_state(byo)
     want = resample_abs_pos_embed(plain["pos_embed"], new_size=(6, 6), old_size=(4, 4), num_prefix_tokens=0,
                                   interpolation="bicubic", antialias=True)
     assert model.pos_embed.shape == (1, 36, 48) and torch.equal(model.pos_embed.detach(), want)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in plain.items() if k != "pos_embed")
+
+
+def test_pretrained_weights_that_timm_would_leave_random_or_interpolate_are_named(byo, tmp_path):
+    """timm's pretrained path (a local file, through pretrained_cfg_overlay) drops a head of another class count and
+    loads the rest; vitq names the random head instead of scoring it, interpolates only when asked, and loads
+    weights that fit exactly as they are."""
+    from timm.layers import resample_abs_pos_embed
+
+    plain = _plain_state(byo)
+    torch.save(plain, tmp_path / "w.pth")
+    overlay = {"file": str(tmp_path / "w.pth")}
+    with pytest.raises(ModelError, match=re.escape(
+            "model.pretrained: timm's weights for vit_tiny_patch16_224 leave head.weight, head.bias at random init "
+            "(model.kwargs num_classes=10, the weights have 1000 classes")):
+        create_model(byo_case.MODEL_NAME, pretrained=True,
+                     kwargs={**byo_case.KWARGS, "pretrained_cfg_overlay": overlay})
+    overlay["num_classes"] = 10
+    model, how = build_model(byo_case.MODEL_NAME, True, None, {**byo_case.KWARGS, "pretrained_cfg_overlay": overlay})
+    assert how == "" and all(torch.equal(model.state_dict()[k], v) for k, v in plain.items())
+    at24 = {**byo_case.KWARGS, "img_size": 24, "pretrained_cfg_overlay": overlay}
+    expect = "fit the model only after timm interpolates them (Resized position embedding: (4, 4) to (6, 6)); set"
+    with pytest.raises(ModelError, match=re.escape(expect)):
+        create_model(byo_case.MODEL_NAME, pretrained=True, kwargs=at24)
+    model, how = build_model(byo_case.MODEL_NAME, True, None, at24, resample_weights=True)
+    assert how == "timm pretrained; Resized position embedding: (4, 4) to (6, 6)"
+    assert torch.equal(model.pos_embed.detach(), resample_abs_pos_embed(
+        plain["pos_embed"], new_size=(6, 6), old_size=(4, 4), num_prefix_tokens=0, interpolation="bicubic",
+        antialias=True))
+    with pytest.raises(ModelError, match="timm's weights for vit_tiny_patch16_224 do not fit the model that "
+                                         "model.kwargs build: Error.s. in loading state_dict .* Unexpected key"):
+        create_model(byo_case.MODEL_NAME, pretrained=True, kwargs={**byo_case.KWARGS, "depth": 1,
+                                                                   "pretrained_cfg_overlay": overlay})
 
 
 NPZ_KWARGS = {"img_size": 16, "patch_size": 4, "embed_dim": 36, "depth": 3, "num_heads": 3, "num_classes": 10}
@@ -369,7 +401,7 @@ def test_a_jax_npz_checkpoint_loads_every_weight_or_names_what_it_lacks(tmp_path
              "init_values": (1e-5, "does not set blocks.0.ls1.gamma, blocks.0.ls2.gamma, blocks.1.ls1.gamma"),
              "global_pool": ("avg", "does not set fc_norm.weight, fc_norm.bias"),
              "depth": (4, "Transformer/encoderblock_3/LayerNorm_0/scale is not a file in the archive"),
-             "img_size": (24, "fits the model only with its weights interpolated (Resized position embedding")}
+             "img_size": (24, "fit the model only after timm interpolates them (Resized position embedding")}
     for key, (value, expect) in cases.items():
         with pytest.raises(ModelError, match=re.escape(expect)):
             create_model(byo_case.MODEL_NAME, checkpoint=str(path), kwargs={**NPZ_KWARGS, key: value})
@@ -379,7 +411,7 @@ def test_a_jax_npz_checkpoint_loads_every_weight_or_names_what_it_lacks(tmp_path
 
 
 def test_converted_checkpoints_through_the_cli(byo, tmp_path):
-    """Through the CLI: a JAX .npz, and the 16 px checkpoint on a 24 px model with model.resample_checkpoint=true
+    """Through the CLI: a JAX .npz, and the 16 px checkpoint on a 24 px model with model.resample_weights=true
     (without it: the bad-inputs test). FP top-1 equals plain timm's on the same weights and images; the conversion is
     recorded with the run."""
     from timm.layers import resample_abs_pos_embed
@@ -397,7 +429,7 @@ def test_converted_checkpoints_through_the_cli(byo, tmp_path):
     runs = {"npz": ([f"model.checkpoint={tmp_path / 'vit.npz'}",
                      "model.kwargs={" + ",".join(f"{k}:{v}" for k, v in NPZ_KWARGS.items()) + "}"], src, 16,
                     "timm load_pretrained (JAX .npz)"),
-            "24px": ([kwargs_cli.replace("img_size:16", "img_size:24"), "model.resample_checkpoint=true"], resampled,
+            "24px": ([kwargs_cli.replace("img_size:16", "img_size:24"), "model.resample_weights=true"], resampled,
                      24, "timm checkpoint_filter_fn; Resized position embedding: (4, 4) to (6, 6)")}
     base = [a for a in byo.cli() if not a.startswith(("model.kwargs=", "model.checkpoint="))]
     for name, (extra, model, size, conversion) in runs.items():
@@ -518,7 +550,12 @@ def test_bad_inputs_are_one_line_rc2_and_nothing_logged(byo, tmp_path):
         "more outputs than folders": ([kwargs.replace("num_classes:10", "num_classes:1000"), "model.checkpoint=null"],
                                       "data.calib_root: 10 class folders for a model with 1000 outputs"),
         "another image size": ([kwargs.replace("img_size:16", "img_size:24")],
-                               "(Resized position embedding: (4, 4) to (6, 6)); set model.resample_checkpoint=true"),
+                               "(Resized position embedding: (4, 4) to (6, 6)); set model.resample_weights=true"),
+        "random pretrained head": ([kwargs.replace("class_token:false", f"class_token:false,pretrained_cfg_overlay:"
+                                                    f"{{file:'{byo.checkpoint}'}}"), "model.pretrained=true",
+                                    "model.checkpoint=null"],
+                                   "head.weight, head.bias at random init (model.kwargs num_classes=10, the weights "
+                                   "have 1000 classes"),
         "class map missing": ([kwargs, f"data.class_map={tmp_path / 'nope.txt'}"],
                               f"data.class_map: cannot read {tmp_path / 'nope.txt'}"),
     }

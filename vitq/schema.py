@@ -46,7 +46,7 @@ class ModelSchema:
     checkpoint: str | None = None
     kwargs: Any = None  # a mapping passed to timm.create_model (null = none)
     use_ema: bool = True  # read state_dict_ema / model_ema from a timm checkpoint when it has one
-    resample_checkpoint: bool = False  # let timm interpolate the checkpoint's position/patch embeddings to the model
+    resample_weights: bool = False  # let timm interpolate the checkpoint's position/patch embeddings to the model
 
 
 @dataclass

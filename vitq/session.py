@@ -32,7 +32,7 @@ from vitq.data import (
     model_img_size,
 )
 from vitq.evaluate import EvalResult, check_logits
-from vitq.models.factory import REFERENCE_NAME, ModelError, create_model, file_sha256, load_checkpoint
+from vitq.models.factory import REFERENCE_NAME, ModelError, build_model, file_sha256
 from vitq.models.reference import REFERENCES
 from vitq.paths import REPO_ROOT
 from vitq.quant.config import ConfigError, LayerQuantConfig
@@ -85,7 +85,7 @@ class ModelSpec:
     checkpoint: str | None = None
     kwargs: str = "{}"  # JSON, sorted keys: hashable
     use_ema: bool = True
-    resample_checkpoint: bool = False  # permits interpolating the checkpoint's position/patch embeddings
+    resample_weights: bool = False  # permits interpolating the checkpoint's position/patch embeddings
 
     @property
     def kwargs_dict(self) -> dict[str, Any]:
@@ -170,7 +170,7 @@ class Session:
             raise ModelError(f"model.kwargs: expected a mapping of timm.create_model arguments, got {kwargs!r}")
         mspec = ModelSpec(str(m.get("name") or REFERENCE_NAME), bool(m.get("pretrained", False)),
                           m.get("checkpoint"), json.dumps(kwargs, sort_keys=True, default=str),
-                          bool(m.get("use_ema", True)), bool(m.get("resample_checkpoint", False)))
+                          bool(m.get("use_ema", True)), bool(m.get("resample_weights", False)))
         transform = {k: d.get(k) for k in TRANSFORM_KEYS if d.get(k) is not None}
         dspec = DataSpec(str(d.get("name") or "digits"), d.get("root"), d.get("calib_root"), d.get("eval_root"),
                          int(d.get("seed") or 0), None if d.get("n_train") is None else int(d["n_train"]),
@@ -203,11 +203,10 @@ class Session:
 
                 model, _ = load_reference(REFERENCES[m.name])
             else:
-                model = create_model(m.name, m.pretrained and m.checkpoint is None, None, m.kwargs_dict)
-                if m.checkpoint is not None:
-                    self._conversion = load_checkpoint(model, m.checkpoint, m.use_ema, m.resample_checkpoint)
-                    if self._conversion:
-                        log.info("model.checkpoint: %s loaded through %s", m.checkpoint, self._conversion)
+                model, self._conversion = build_model(m.name, m.pretrained, m.checkpoint, m.kwargs_dict, m.use_ema,
+                                                      m.resample_weights)
+                if self._conversion:
+                    log.info("model: weights loaded through %s", self._conversion)
             self._model = model.float().to(self.device).eval()
         return self._model
 

@@ -6,6 +6,7 @@ import difflib
 import hashlib
 import logging
 import pickle
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,7 +19,8 @@ from torch import nn
 from vitq.models.reference import REFERENCES, build_reference
 from vitq.models.vit import check_quantizable
 
-__all__ = ["REFERENCE_NAME", "ModelError", "create_model", "file_sha256", "load_checkpoint", "read_state_dict"]
+__all__ = ["REFERENCE_NAME", "ModelError", "build_model", "create_model", "file_sha256", "load_checkpoint",
+           "read_state_dict"]
 
 REFERENCE_NAME = "digits_reference"
 
@@ -90,30 +92,31 @@ def _misfit(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> str
     return f"model.checkpoint: {path} does not fit {type(model).__name__}: " + "; ".join(parts)
 
 
-class _Lines(logging.Handler):
+class _Records(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.INFO)
-        self.lines: list[str] = []
+        self.records: list[tuple[str, str]] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage().rstrip("."))
+        self.records.append((record.name, record.getMessage().rstrip(".")))
 
 
-RESAMPLE_LOGGERS = ("timm.layers.pos_embed", "timm.layers.patch_embed")
+RESAMPLE_LOGGERS = ("timm.layers.pos_embed", "timm.layers.patch_embed")  # timm's lines when it interpolates
+BUILDER_LOGGER = "timm.models._builder"  # timm's lines when pretrained weights are adapted or left out
 
 
 @contextmanager
-def _resamples() -> Iterator[list[str]]:
-    """The lines timm logs when it interpolates a position or patch embedding inside the block."""
-    handler = _Lines()
-    loggers = [logging.getLogger(n) for n in RESAMPLE_LOGGERS]
+def _timm_lines(*names: str) -> Iterator[list[tuple[str, str]]]:
+    """(logger, message) of what timm's loggers ``names`` log at INFO and above inside the block (not passed on)."""
+    handler = _Records()
+    loggers = [logging.getLogger(n) for n in names]
     saved = [(lg.level, lg.propagate) for lg in loggers]
     for lg in loggers:
         lg.addHandler(handler)
         lg.setLevel(logging.INFO)
         lg.propagate = False
     try:
-        yield handler.lines
+        yield handler.records
     finally:
         for lg, (level, propagate) in zip(loggers, saved, strict=True):
             lg.removeHandler(handler)
@@ -121,11 +124,15 @@ def _resamples() -> Iterator[list[str]]:
             lg.propagate = propagate
 
 
-def _check_resampled(lines: list[str], path: Path, resample: bool) -> None:
+def _resampled(records: list[tuple[str, str]], what: str, resample: bool) -> list[str]:
+    """timm's interpolation lines among ``records``; a ModelError naming ``what`` when there are some and
+    ``resample`` is off."""
+    lines = [m for name, m in records if name in RESAMPLE_LOGGERS]
     if lines and not resample:
-        raise ModelError(f"model.checkpoint: {path} fits the model only with its weights interpolated "
-                         f"({'; '.join(lines)}); set model.resample_checkpoint=true to accept that, or build the "
-                         "model at the checkpoint's size (model.kwargs img_size, patch_size)")
+        raise ModelError(f"{what} fit the model only after timm interpolates them ({'; '.join(lines)}); set "
+                         "model.resample_weights=true to accept that, or build the model at their size (model.kwargs "
+                         "img_size, patch_size)")
+    return lines
 
 
 def _load_numpy(model: nn.Module, path: Path, resample: bool) -> str:
@@ -138,7 +145,7 @@ def _load_numpy(model: nn.Module, path: Path, resample: bool) -> str:
         for p in model.parameters():  # what the file does not set stays NaN, and is named below
             p.fill_(float("nan"))
     try:
-        with _resamples() as lines:
+        with _timm_lines(*RESAMPLE_LOGGERS) as records:
             model.load_pretrained(str(path))
     except KeyError as e:  # numpy: "X is not a file in the archive"
         raise ModelError(f"model.checkpoint: {path}: {e.args[0] if e.args else e}, which timm's load_pretrained "
@@ -153,7 +160,7 @@ def _load_numpy(model: nn.Module, path: Path, resample: bool) -> str:
         why = (" (a head of another class count is not loaded: check model.kwargs num_classes)"
                if any(n.startswith("head.") for n in unset) else " (check model.kwargs)")
         raise ModelError(f"model.checkpoint: {path} does not set {', '.join(unset[:8])}{more}{why}")
-    _check_resampled(lines, path, resample)
+    lines = _resampled(records, f"model.checkpoint: {path}: its weights", resample)
     return "; ".join(["timm load_pretrained (JAX .npz)", *lines])
 
 
@@ -167,13 +174,13 @@ def _convert(model: nn.Module, state: dict[str, torch.Tensor], path: Path,
     if not isinstance(model, VisionTransformer):
         return None
     try:
-        with _resamples() as lines:
+        with _timm_lines(*RESAMPLE_LOGGERS) as records:
             converted = checkpoint_filter_fn(dict(state), model, adapt_layer_scale=True)
     except Exception:  # noqa: BLE001 - not a layout timm knows: the misfit of the file as it is is reported
         return None
     if not isinstance(converted, dict) or _misfit(model, converted, path) is not None:
         return None
-    _check_resampled(lines, path, resample)
+    lines = _resampled(records, f"model.checkpoint: {path}: its weights", resample)
     return converted, "; ".join(["timm checkpoint_filter_fn", *lines])
 
 
@@ -209,36 +216,69 @@ def _check_name(name: str) -> None:
         raise ModelError(f"model.name: unknown timm model {name!r}{hint}")
 
 
-def create_model(name: str = REFERENCE_NAME, pretrained: bool = False, checkpoint: str | None = None,
-                 kwargs: dict[str, Any] | None = None, use_ema: bool = True,
-                 resample_checkpoint: bool = False) -> nn.Module:
-    """The digits reference's architecture by default (its trained weights: ``checkpoint``, or the Session, which
-    trains it once through ``vitq.reference``), else ``timm.create_model(name, **kwargs)``; always in eval mode."""
+def _pretrained_loaded(model: nn.Module, name: str, records: list[tuple[str, str]], resample: bool) -> str:
+    """What timm did to its pretrained weights while building ``model`` (interpolated embeddings, an adapted input
+    conv); a ModelError when it left weights at random init (a head of another class count, a layer it could not
+    convert)."""
+    what = f"model.pretrained: timm's weights for {name}"
+    for logger, msg in records:
+        if logger == BUILDER_LOGGER and (msg.startswith("Missing keys") or "random init" in msg):
+            keys = re.search(r"Missing keys \((.*?)\) discovered", msg)
+            cfg = getattr(model, "pretrained_cfg", None) or {}
+            ncls = cfg.get("num_classes")
+            head = (f" (model.kwargs num_classes={model.num_classes}, the weights have {ncls} classes: set "
+                    "data.class_map to score some of their classes, or give a checkpoint with your head)"
+                    if ncls is not None and ncls != getattr(model, "num_classes", ncls) else "")
+            raise ModelError(f"{what} leave {keys.group(1) if keys else msg} at random init{head}")
+    lines = _resampled(records, what, resample)
+    adapted = [m for logger, m in records if logger == BUILDER_LOGGER and m.startswith("Converted input conv")]
+    return "; ".join(["timm pretrained", *lines, *adapted]) if lines or adapted else ""
+
+
+def build_model(name: str = REFERENCE_NAME, pretrained: bool = False, checkpoint: str | None = None,
+                kwargs: dict[str, Any] | None = None, use_ema: bool = True,
+                resample_weights: bool = False) -> tuple[nn.Module, str]:
+    """The model of :func:`create_model`, and how its weights were converted ("" when loaded as they are)."""
     kwargs = dict(kwargs or {})
     if name in REFERENCES:
         if kwargs:
             raise ModelError(f"model.kwargs: the digits reference has a fixed architecture; got {sorted(kwargs)} "
                              "(use model=timm for a timm model with kwargs)")
         model = build_reference(REFERENCES[name])
-        if checkpoint is not None:
-            load_checkpoint(model, checkpoint, use_ema, resample_checkpoint)
-        return model.eval()
+        how = load_checkpoint(model, checkpoint, use_ema, resample_weights) if checkpoint is not None else ""
+        return model.eval(), how
     _check_name(name)
+    fetch = pretrained and checkpoint is None
     try:
-        model = timm.create_model(name, pretrained=pretrained and checkpoint is None, **kwargs)
+        with _timm_lines(*RESAMPLE_LOGGERS, BUILDER_LOGGER) as records:
+            model = timm.create_model(name, pretrained=fetch, **kwargs)
     except TypeError as e:  # an unknown or ill-typed kwarg
         raise ModelError(f"model.kwargs: timm.create_model({name!r}) rejected them: TypeError: "
                          f"{str(e).splitlines()[0][:200]}") from None
-    except Exception as e:  # noqa: BLE001 - hub unreachable, bad kwarg values
-        if pretrained and checkpoint is None:
+    except Exception as e:  # noqa: BLE001 - hub unreachable, bad kwarg values, weights of another shape
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        if fetch and "loading state_dict" in first:
+            raise ModelError(f"model.pretrained: timm's weights for {name} do not fit the model that model.kwargs "
+                             f"build: {' '.join(str(e).split())[:300]}") from None
+        if fetch:
             raise ModelError(f"model.pretrained: could not fetch pretrained weights for {name!r} "
                              f"(no model hub reachable? use model.checkpoint=PATH) [{type(e).__name__}]") from None
-        raise ModelError(f"model.kwargs: timm.create_model({name!r}) failed: {type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:200] if str(e) else ''}") from None
+        raise ModelError(f"model.kwargs: timm.create_model({name!r}) failed: {type(e).__name__}: {first}") from None
     try:
         check_quantizable(model)
     except TypeError as e:
         raise ModelError(f"model.name: {name} cannot be quantized by vitq: {e}") from None
+    how = _pretrained_loaded(model, name, records, resample_weights) if fetch else ""
     if checkpoint is not None:
-        load_checkpoint(model, checkpoint, use_ema, resample_checkpoint)
-    return model.eval()
+        how = load_checkpoint(model, checkpoint, use_ema, resample_weights)
+    return model.eval(), how
+
+
+def create_model(name: str = REFERENCE_NAME, pretrained: bool = False, checkpoint: str | None = None,
+                 kwargs: dict[str, Any] | None = None, use_ema: bool = True,
+                 resample_weights: bool = False) -> nn.Module:
+    """The digits reference's architecture by default (its trained weights: ``checkpoint``, or the Session, which
+    trains it once through ``vitq.reference``), else ``timm.create_model(name, **kwargs)``; always in eval mode.
+    ``pretrained`` fetches timm's weights (unless a ``checkpoint`` is given); ``resample_weights`` lets timm
+    interpolate position/patch embeddings to the model's size."""
+    return build_model(name, pretrained, checkpoint, kwargs, use_ema, resample_weights)[0]
