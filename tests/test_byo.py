@@ -440,7 +440,7 @@ def test_converted_checkpoints_through_the_cli(byo, tmp_path):
         assert r.returncode == 0, r.stderr[-3000:]
         (metrics_file,) = out.glob("outputs/*/*/metrics.json")
         metrics = json.loads(metrics_file.read_text())
-        assert metrics["provenance"]["model.checkpoint_conversion"] == conversion
+        assert metrics["provenance"]["model.weights_conversion"] == conversion
         model.eval()
         x, y, _ = byo_case.folder_tensors(byo.eval, byo_case.plain_timm_transform(model, size))
         with torch.inference_mode():

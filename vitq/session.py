@@ -154,7 +154,7 @@ class Session:
     _model: nn.Module | None = field(default=None, repr=False)
     _data: DataBundle | None = field(default=None, repr=False)
     _outputs_checked: bool = field(default=False, repr=False)
-    _conversion: str = field(default="", repr=False)  # how the checkpoint was converted ("" as it is)
+    _conversion: str = field(default="", repr=False)  # how timm converted the weights ("" loaded as they are)
 
     @classmethod
     def from_config(cls, cfg: Any) -> Session:
@@ -310,8 +310,8 @@ class Session:
                "data.fingerprint": self.data.fingerprint, "data.n_calib": str(meta.get("n_calib")),
                "data.n_eval": str(meta.get("n_eval")), "device": str(self.device), "vitq.version": vitq.__version__,
                "vitq.git_commit": git_commit()}
-        if self._conversion:  # timm converted the checkpoint (and what it interpolated)
-            out["model.checkpoint_conversion"] = self._conversion
+        if self._conversion:  # timm converted the weights (and what it interpolated)
+            out["model.weights_conversion"] = self._conversion
         for k in ("root", "calib_root", "eval_root"):
             if meta.get(k):
                 out[f"data.{k}"] = meta[k]

@@ -107,21 +107,20 @@ BUILDER_LOGGER = "timm.models._builder"  # timm's lines when pretrained weights 
 
 @contextmanager
 def _timm_lines(*names: str) -> Iterator[list[tuple[str, str]]]:
-    """(logger, message) of what timm's loggers ``names`` log at INFO and above inside the block (not passed on)."""
+    """(logger, message) of what timm's loggers ``names`` log at INFO and above inside the block (still passed on to
+    the application's handlers)."""
     handler = _Records()
     loggers = [logging.getLogger(n) for n in names]
-    saved = [(lg.level, lg.propagate) for lg in loggers]
+    levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.addHandler(handler)
         lg.setLevel(logging.INFO)
-        lg.propagate = False
     try:
         yield handler.records
     finally:
-        for lg, (level, propagate) in zip(loggers, saved, strict=True):
+        for lg, level in zip(loggers, levels, strict=True):
             lg.removeHandler(handler)
             lg.setLevel(level)
-            lg.propagate = propagate
 
 
 def _resampled(records: list[tuple[str, str]], what: str, resample: bool) -> list[str]:
