@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -98,6 +99,36 @@ def test_dvc_repro_twice_in_a_clone(tmp_path):
     assert r.returncode == 0 and "up to date" in r.stdout, r.stdout
     r = dvc("repro")
     assert r.returncode == 0 and "Running stage" not in r.stdout, r.stdout
+
+
+def test_dvc_repro_on_your_own_model(byo, tmp_path):
+    """The DVC pipeline on a user's model and folders (params.yaml's sweep.overrides): the study runs on them, its
+    trials carry the checkpoint's SHA-256, and the FP top-1 they record is plain timm's on those images."""
+    import byo_case
+    import yaml
+
+    clone = tmp_path / "clone"
+    clone.mkdir()
+    _copy_checkout(clone)
+    params = yaml.safe_load((clone / "params.yaml").read_text())
+    kwargs = next(a for a in byo.cli() if a.startswith("model.kwargs="))
+    rest = [a for a in byo.cli() if not a.startswith(("model.kwargs=", "model.name="))]
+    params["sweep"] |= {"n_trials": 3, "study": "own_model",
+                        "overrides": " ".join([f"model.name={byo_case.MODEL_NAME}", f"'{kwargs}'", *rest])}
+    (clone / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {"DVC_NO_ANALYTICS": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    r = run([sys.executable, "-m", "dvc", "repro"], clone, env, timeout=900)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    metrics = json.loads((clone / "artifacts/front/metrics.json").read_text())
+    assert metrics["n_trials"] == 3
+    mlflow.set_tracking_uri(f"sqlite:///{clone / 'artifacts/sweep/mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["own_model"], filter_string="tags.`vitq.role` = 'trial'")
+    assert len(runs) == 3
+    sha = hashlib.sha256(byo.checkpoint.read_bytes()).hexdigest()
+    assert set(runs["tags.model.checkpoint_sha256"]) == {sha}
+    pred, labels, _ = byo_case.plain_timm_predictions(byo)
+    assert set(runs["metrics.fp_top1"]) == {int((pred == labels).sum()) / len(labels)}
+    assert (clone / "reports/own_model/pareto_analysis.html").is_file()
 
 
 def _rest(url: str, path: str, body: dict | None = None) -> dict:
