@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -61,6 +62,19 @@ def test_grid_sweep_parent_and_children(tmp_path):
     assert json.loads(by_bits.loc["4", "tags.vitq.points"])["attn_qkv"][0] == 4  # resolved, for the reports
     params = [c for c in children.columns if c.startswith("params.") and children[c].notna().any()]
     assert len(params) <= 10  # what varies and the groups chosen, not ~140 resolved fields
+    # a front config runs again as a preset: the parent's pareto/configs/trial_N.yaml put in DIR/quant/
+    front = children[children["tags.pareto"] == "true"].sort_values("metrics.weight_bytes").iloc[0]
+    name = f"trial_{front['tags.trial_number']}"
+    got = mlflow.artifacts.download_artifacts(run_id=parents["run_id"].iloc[0],
+                                              artifact_path=f"pareto/configs/{name}.yaml", dst_path=str(tmp_path))
+    (tmp_path / "mine" / "quant").mkdir(parents=True)
+    Path(got).rename(tmp_path / "mine" / "quant" / f"{name}.yaml")
+    r = _sweep(tmp_path, "--config-dir", str(tmp_path / "mine"), f"quant={name}", "study_name=again")
+    assert r.returncode == 0, r.stderr[-3000:]
+    again = _runs(tmp_path, "again").iloc[0]
+    assert again["params.quant"] == name and again["tags.vitq.points"] == front["tags.vitq.points"]
+    for k in ("metrics.top1", "metrics.weight_bytes", "metrics.bops", "metrics.agreement"):
+        assert again[k] == front[k], k
 
 
 def _study(tmp_path, name):
