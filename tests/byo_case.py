@@ -1,5 +1,5 @@
-"""A bring-your-own case unlike vitq's defaults: a timm ViT with non-default kwargs, briefly trained, saved the way
-timm's train script saves (``state_dict_ema`` with ``module.`` prefixes), and grayscale PNG class folders
+"""A bring-your-own case unlike vitq's defaults: a timm ViT with non-default kwargs, briefly trained, saved by timm's
+train-script ``CheckpointSaver`` (EMA weights, optimizer state, ``args``), and grayscale PNG class folders
 ``calib/`` and ``eval/`` written by the test. Nothing here imports vitq.
 """
 
@@ -71,7 +71,8 @@ def folder_tensors(folder: Path, transform) -> tuple[torch.Tensor, torch.Tensor,
     return x, torch.tensor(ds.targets), [p for p, _ in ds.samples]
 
 
-def train(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int = 12, seed: int = 0) -> None:
+def train(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int = 12,
+          seed: int = 0) -> torch.optim.Optimizer:
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.05)
     model.train()
@@ -85,12 +86,23 @@ def train(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int 
                 loss.backward()
                 opt.step()
     model.eval()
+    return opt
 
 
-def timm_checkpoint(model: torch.nn.Module, path: Path) -> None:
-    """As timm's train script saves with EMA under DDP: ``state_dict_ema`` (and ``state_dict``), ``module.``."""
-    sd = {f"module.{k}": v.clone() for k, v in model.state_dict().items()}
-    torch.save({"epoch": 3, "arch": MODEL_NAME, "state_dict": sd, "state_dict_ema": sd}, path)
+def timm_checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> Path:
+    """``model_best.pth.tar`` as timm's train script writes it, by its own ``CheckpointSaver``: ``state_dict``,
+    ``state_dict_ema`` (a ``ModelEmaV3``), the optimizer's state, ``args`` (an ``argparse.Namespace``), epoch and
+    metric."""
+    import argparse
+
+    from timm.utils import CheckpointSaver, ModelEmaV3
+
+    args = argparse.Namespace(model=MODEL_NAME, lr=3e-3, epochs=12, input_size=None, mean=None, std=None)
+    folder.mkdir(parents=True, exist_ok=True)
+    saver = CheckpointSaver(model, optimizer, args=args, model_ema=ModelEmaV3(model), checkpoint_dir=str(folder),
+                            recovery_dir=str(folder), max_history=1)
+    saver.save_checkpoint(epoch=11, metric=0.9)
+    return folder / "model_best.pth.tar"
 
 
 def build(root: Path) -> Case:
@@ -98,9 +110,7 @@ def build(root: Path) -> Case:
     torch.manual_seed(0)
     model = timm.create_model(MODEL_NAME, **KWARGS)
     x, y, _ = folder_tensors(calib, plain_timm_transform(model))
-    train(model, x, y)
-    ckpt = root / "vit_ema.pth.tar"
-    timm_checkpoint(model, ckpt)
+    ckpt = timm_checkpoint(model, train(model, x, y), root)
     torch.manual_seed(1)
     other = timm.create_model(MODEL_NAME, **KWARGS)
     other_ckpt = root / "other.pth"
@@ -111,8 +121,7 @@ def build(root: Path) -> Case:
 def plain_timm_predictions(case: Case) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Top-1 predictions of plain timm on every eval image, with its labels and file paths."""
     model = timm.create_model(MODEL_NAME, **KWARGS)
-    sd = torch.load(case.checkpoint, weights_only=True)["state_dict_ema"]
-    model.load_state_dict({k.removeprefix("module."): v for k, v in sd.items()})
+    timm.models.load_checkpoint(model, str(case.checkpoint))  # its EMA weights, as timm's validate.py reads them
     model.eval()
     x, y, paths = folder_tensors(case.eval, plain_timm_transform(model))
     with torch.inference_mode():

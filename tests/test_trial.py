@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import pickle
 from pathlib import Path
 
@@ -153,6 +154,11 @@ def test_checkpoint_safety_and_mismatch(tmp_path, reference):
         pickle.dump({"state_dict": _Evil()}, f)
     with pytest.raises(ModelError, match="refused"):
         load_checkpoint(create_model("digits_reference"), evil)
+    dated = tmp_path / "dated.pt"  # torch.save of a state dict beside an object weights_only does not allow
+    torch.save({"state_dict": model.state_dict(), "saved": datetime.date(2026, 1, 1)}, dated)
+    with pytest.raises(ModelError, match=r"dated.pt was refused: torch.load\(weights_only=True\) reads tensors and "
+                                         r"plain containers only \(it holds datetime.date\)"):
+        load_checkpoint(create_model("digits_reference"), dated)
     wrong = VisionTransformer(img_size=8, patch_size=2, in_chans=1, num_classes=10, embed_dim=64, depth=2,
                               num_heads=4)
     path = tmp_path / "wrong.pt"

@@ -38,38 +38,37 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-CHECKPOINT_KEYS = ("state_dict", "model")  # after state_dict_ema / model_ema when use_ema, as timm reads them
-
-
 def read_state_dict(path: str | Path, use_ema: bool = True) -> dict[str, torch.Tensor]:
-    """The state dict in a local checkpoint, read with ``weights_only=True``.
+    """The state dict in a local checkpoint, read by timm's ``load_state_dict`` with ``weights_only=True``.
 
     Accepts what timm's tools write, in timm's order: ``state_dict_ema`` / ``model_ema`` (when ``use_ema``),
-    ``state_dict``, ``model``, or a bare state dict; ``module.`` prefixes are stripped by timm's
-    ``clean_state_dict``. ``.safetensors`` files are read by timm's ``load_state_dict``.
+    ``state_dict``, ``model``, or a bare state dict, ``.safetensors`` too; ``module.`` prefixes are stripped. A
+    train-script checkpoint's ``args`` (an ``argparse.Namespace``) is allowed, as timm allows it; any other object
+    is refused.
     """
-    from timm.models import clean_state_dict, load_state_dict
+    from timm.models import load_state_dict
 
     path = Path(path).expanduser()
     if not path.is_file():
         raise ModelError(f"model.checkpoint: file not found: {path}")
     try:
-        if path.suffix == ".safetensors":
-            return load_state_dict(str(path), use_ema=use_ema, weights_only=True)
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported object"
-        raise ModelError(f"model.checkpoint: {path} holds more than tensors and plain containers, so it was "
-                         f"refused (weights_only=True; {first[:160]})") from None
+        state = load_state_dict(str(path), use_ema=use_ema, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError) as e:
+        cause = e.__cause__ if isinstance(e.__cause__, pickle.UnpicklingError) else e
+        text = " ".join(str(cause).split())
+        if not isinstance(cause, pickle.UnpicklingError):
+            raise ModelError(f"model.checkpoint: {path} is not a readable torch checkpoint ({type(e).__name__}: "
+                             f"{text[:160]})") from None
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        detail = f"it holds {found.group(1)}" if found else re.sub(r" Check the documentation.*", "", text[
+            text.find("WeightsUnpickler error"):])[:120] or "not a weights-only pickle"
+        raise ModelError(f"model.checkpoint: {path} was refused: torch.load(weights_only=True) reads tensors and plain "
+                         f"containers only ({detail})") from None
     except Exception as e:  # noqa: BLE001 - a corrupt or non-torch file
         raise ModelError(f"model.checkpoint: {path} is not a readable torch checkpoint ({type(e).__name__})") from None
-    state = blob
-    if isinstance(blob, dict):
-        keys = (("state_dict_ema", "model_ema") if use_ema else ()) + CHECKPOINT_KEYS
-        state = next((blob[k] for k in keys if isinstance(blob.get(k), dict)), blob)
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelError(f"model.checkpoint: {path} does not contain a state dict of tensors")
-    return clean_state_dict(state)
+    return state
 
 
 def _misfit(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> str | None:
