@@ -339,6 +339,33 @@ def test_foreign_checkpoint_layouts_load_through_timms_conversion(byo, tmp_path)
     assert load_checkpoint(timm.create_model(byo_case.MODEL_NAME, **byo_case.KWARGS), byo.checkpoint) == ""
 
 
+def lightning_checkpoint(plain: dict[str, torch.Tensor], path: Path) -> None:
+    """As PyTorch Lightning saves a LightningModule that holds the timm model as ``self.net``
+    (lightning-hydra-template's layout): ``net.`` keys beside the module's own, and the trainer's state."""
+    sd = {f"net.{k}": v for k, v in plain.items()} | {"criterion.weight": torch.ones(10)}
+    torch.save({"epoch": 3, "global_step": 120, "pytorch-lightning_version": "2.5.0", "state_dict": sd,
+                "hyper_parameters": {"lr": 0.001, "compile": False}, "optimizer_states": [], "lr_schedulers": []}, path)
+
+
+def test_a_training_modules_checkpoint_loads_its_models_keys_by_prefix(byo, tmp_path):
+    """A Lightning checkpoint holds the model's keys under ``net.``: the misfit says which prefix to set, and with
+    model.checkpoint_prefix the model gets exactly those weights."""
+    plain = _plain_state(byo)
+    lightning_checkpoint(plain, tmp_path / "last.ckpt")
+    with pytest.raises(ModelError, match=re.escape("it holds the model's keys under 'net.': set "
+                                                   "model.checkpoint_prefix=net.")):
+        create_model(byo_case.MODEL_NAME, checkpoint=str(tmp_path / "last.ckpt"), kwargs=byo_case.KWARGS)
+    model, how = build_model(byo_case.MODEL_NAME, checkpoint=str(tmp_path / "last.ckpt"), kwargs=byo_case.KWARGS,
+                             checkpoint_prefix="net.")
+    assert how == "keys under 'net.'" and model.state_dict().keys() == plain.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in plain.items())
+    with pytest.raises(ModelError, match="model.checkpoint_prefix=model.: no key of .* starts with it"):
+        create_model(byo_case.MODEL_NAME, checkpoint=str(tmp_path / "last.ckpt"), kwargs=byo_case.KWARGS,
+                     checkpoint_prefix="model.")
+    with pytest.raises(ModelError, match="model.checkpoint_prefix: it selects keys of model.checkpoint, which is not"):
+        create_model(byo_case.MODEL_NAME, kwargs=byo_case.KWARGS, checkpoint_prefix="net.")
+
+
 def test_a_checkpoint_at_another_size_is_interpolated_only_when_asked(byo):
     """A model built at 24 px takes the 16 px checkpoint only with model.resample_weights: its position
     embedding is then timm's bicubic resampling of the 4×4 grid to 6×6, and every other weight is the file's."""
@@ -417,9 +444,9 @@ def test_a_jax_npz_checkpoint_loads_every_weight_or_names_what_it_lacks(tmp_path
 
 
 def test_converted_checkpoints_through_the_cli(byo, tmp_path):
-    """Through the CLI: a JAX .npz, and the 16 px checkpoint on a 24 px model with model.resample_weights=true
-    (without it: the bad-inputs test). FP top-1 equals plain timm's on the same weights and images; the conversion is
-    recorded with the run."""
+    """Through the CLI: a JAX .npz, the 16 px checkpoint on a 24 px model with model.resample_weights=true (without
+    it: the bad-inputs test), and a Lightning checkpoint with model.checkpoint_prefix=net. FP top-1 equals plain
+    timm's on the same weights and images; the conversion is recorded with the run."""
     from timm.layers import resample_abs_pos_embed
 
     torch.manual_seed(3)
@@ -431,13 +458,19 @@ def test_converted_checkpoints_through_the_cli(byo, tmp_path):
     plain["pos_embed"] = resample_abs_pos_embed(plain["pos_embed"], new_size=(6, 6), old_size=(4, 4),
                                                 num_prefix_tokens=0, interpolation="bicubic", antialias=True)
     resampled.load_state_dict(plain)
+    lightning_checkpoint(_plain_state(byo), tmp_path / "last.ckpt")
+    trained = timm.create_model(byo_case.MODEL_NAME, **byo_case.KWARGS)
+    trained.load_state_dict(_plain_state(byo))
     kwargs_cli = next(a for a in byo.cli() if a.startswith("model.kwargs="))
     runs = {"npz": ([f"model.checkpoint={tmp_path / 'vit.npz'}",
                      "model.kwargs={" + ",".join(f"{k}:{v}" for k, v in NPZ_KWARGS.items()) + "}"], src, 16,
                     "timm load_pretrained (JAX .npz)"),
             "24px": ([kwargs_cli.replace("img_size:16", "img_size:24"), "model.resample_weights=true"], resampled,
-                     24, "timm checkpoint_filter_fn; Resized position embedding: (4, 4) to (6, 6)")}
+                     24, "timm checkpoint_filter_fn; Resized position embedding: (4, 4) to (6, 6)"),
+            "lightning": ([f"model.checkpoint={tmp_path / 'last.ckpt'}", kwargs_cli, "model.checkpoint_prefix=net."],
+                          trained, 16, "keys under 'net.'")}
     base = [a for a in byo.cli() if not a.startswith(("model.kwargs=", "model.checkpoint="))]
+    fp_top1 = {}
     for name, (extra, model, size, conversion) in runs.items():
         out = tmp_path / name
         out.mkdir()
@@ -451,7 +484,8 @@ def test_converted_checkpoints_through_the_cli(byo, tmp_path):
         x, y, _ = byo_case.folder_tensors(byo.eval, byo_case.plain_timm_transform(model, size))
         with torch.inference_mode():
             assert metrics["fp_top1"] == int((model(x).argmax(-1) == y).sum()) / len(y), name
-    assert metrics["fp_top1"] > 0.5  # the trained weights, interpolated, still classify the digits
+        fp_top1[name] = metrics["fp_top1"]
+    assert fp_top1["lightning"] > fp_top1["24px"] > 0.5  # interpolated, the trained weights still classify digits
 
 
 def test_device_resolution():

@@ -47,6 +47,7 @@ class ModelSchema:
     kwargs: Any = None  # a mapping passed to timm.create_model (null = none)
     use_ema: bool = True  # read state_dict_ema / model_ema from a timm checkpoint when it has one
     resample_weights: bool = False  # let timm interpolate the checkpoint's position/patch embeddings to the model
+    checkpoint_prefix: str | None = None  # take the checkpoint's keys under this prefix (net. of a Lightning module)
 
 
 @dataclass

@@ -86,6 +86,7 @@ class ModelSpec:
     kwargs: str = "{}"  # JSON, sorted keys: hashable
     use_ema: bool = True
     resample_weights: bool = False  # permits interpolating the checkpoint's position/patch embeddings
+    checkpoint_prefix: str | None = None  # the checkpoint's keys under it (a training module's attribute)
 
     @property
     def kwargs_dict(self) -> dict[str, Any]:
@@ -170,7 +171,8 @@ class Session:
             raise ModelError(f"model.kwargs: expected a mapping of timm.create_model arguments, got {kwargs!r}")
         mspec = ModelSpec(str(m.get("name") or REFERENCE_NAME), bool(m.get("pretrained", False)),
                           m.get("checkpoint"), json.dumps(kwargs, sort_keys=True, default=str),
-                          bool(m.get("use_ema", True)), bool(m.get("resample_weights", False)))
+                          bool(m.get("use_ema", True)), bool(m.get("resample_weights", False)),
+                          m.get("checkpoint_prefix") or None)
         transform = {k: d.get(k) for k in TRANSFORM_KEYS if d.get(k) is not None}
         dspec = DataSpec(str(d.get("name") or "digits"), d.get("root"), d.get("calib_root"), d.get("eval_root"),
                          int(d.get("seed") or 0), None if d.get("n_train") is None else int(d["n_train"]),
@@ -198,13 +200,14 @@ class Session:
         """The FP model, float32, in eval mode, on the session's device."""
         if self._model is None:
             m = self.model_spec
-            if m.name in REFERENCES and m.checkpoint is None and not m.kwargs_dict:  # trained once, then cached
+            if m.name in REFERENCES and m.checkpoint is None and not m.kwargs_dict and not m.checkpoint_prefix:
+                # trained once, then cached
                 from vitq.reference import load_reference
 
                 model, _ = load_reference(REFERENCES[m.name])
             else:
                 model, self._conversion = build_model(m.name, m.pretrained, m.checkpoint, m.kwargs_dict, m.use_ema,
-                                                      m.resample_weights)
+                                                      m.resample_weights, m.checkpoint_prefix)
                 if self._conversion:
                     log.info("model: weights loaded through %s", self._conversion)
             self._model = model.float().to(self.device).eval()
@@ -288,10 +291,13 @@ class Session:
     def fingerprint(self) -> dict[str, Any]:
         """What defines this work (not the searched quant config): compared when a study resumes."""
         m = self.model_spec
-        return {"model.name": m.name, "model.kwargs": m.kwargs, "model.pretrained": m.pretrained,
-                "model.use_ema": m.use_ema, "model.checkpoint_sha256": self.checkpoint_sha,
-                "data.fingerprint": self.data.fingerprint, "data.n_calib": self.data.meta.get("n_calib"),
-                "data.n_eval": self.data.meta.get("n_eval"), "calib_max_values": self.calib_max_values}
+        out = {"model.name": m.name, "model.kwargs": m.kwargs, "model.pretrained": m.pretrained,
+               "model.use_ema": m.use_ema, "model.checkpoint_sha256": self.checkpoint_sha,
+               "data.fingerprint": self.data.fingerprint, "data.n_calib": self.data.meta.get("n_calib"),
+               "data.n_eval": self.data.meta.get("n_eval"), "calib_max_values": self.calib_max_values}
+        if m.checkpoint_prefix:  # other keys of the same file are other weights (only when set: older studies match)
+            out["model.checkpoint_prefix"] = m.checkpoint_prefix
+        return out
 
     def datasets(self) -> dict[str, dict[str, str]]:
         """The calibration and evaluation sets by context: name, content digest, source and size (MLflow inputs)."""

@@ -63,7 +63,8 @@ def read_state_dict(path: str | Path, use_ema: bool = True) -> dict[str, torch.T
         detail = f"it holds {found.group(1)}" if found else re.sub(r" Check the documentation.*", "", text[
             text.find("WeightsUnpickler error"):])[:120] or "not a weights-only pickle"
         raise ModelError(f"model.checkpoint: {path} was refused: torch.load(weights_only=True) reads tensors and plain "
-                         f"containers only ({detail})") from None
+                         f"containers only ({detail}); if you trust the file, save its state dict alone: "
+                         f"torch.save(torch.load(PATH, weights_only=False)['state_dict'], 'weights.pt')") from None
     except Exception as e:  # noqa: BLE001 - a corrupt or non-torch file
         raise ModelError(f"model.checkpoint: {path} is not a readable torch checkpoint ({type(e).__name__})") from None
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -182,28 +183,49 @@ def _convert(model: nn.Module, state: dict[str, torch.Tensor], path: Path,
     return converted, "; ".join(["timm checkpoint_filter_fn", *lines])
 
 
-def load_checkpoint(model: nn.Module, path: str | Path, use_ema: bool = True, resample: bool = False) -> str:
+def _prefix_hint(model: nn.Module, state: dict[str, torch.Tensor]) -> str:
+    """Where every key of ``model`` is in ``state`` under one prefix (a training module's attribute: ``net.``,
+    ``model.``), the override that takes them; else ""."""
+    own = list(model.state_dict())
+    anchor = own[0]
+    for prefix in sorted({k[:-len(anchor)] for k in state if k.endswith(anchor) and k != anchor}):
+        if all(prefix + k in state for k in own):
+            return f"; it holds the model's keys under {prefix!r}: set model.checkpoint_prefix={prefix}"
+    return ""
+
+
+def load_checkpoint(model: nn.Module, path: str | Path, use_ema: bool = True, resample: bool = False,
+                    prefix: str | None = None) -> str:
     """Load a local checkpoint into ``model``; returns how it was converted ("" when loaded as it is).
 
-    A state dict that fits the model is loaded as it is. One that does not goes through timm's conversion of
-    pretrained weights (``checkpoint_filter_fn``); a JAX/big_vision ``.npz`` is read by timm's ``load_pretrained``.
-    Interpolating a position or patch embedding changes the weights, so it needs ``resample``. A misfit names the
-    first mismatching key (and both shapes)."""
+    ``prefix`` takes the keys under it (``net.`` of a Lightning module), the prefix dropped. A state dict that fits
+    the model is loaded as it is. One that does not goes through timm's conversion of pretrained weights
+    (``checkpoint_filter_fn``); a JAX/big_vision ``.npz`` is read by timm's ``load_pretrained``. Interpolating a
+    position or patch embedding changes the weights, so it needs ``resample``. A misfit names the first mismatching
+    key (and both shapes)."""
     path = Path(path).expanduser()
     if path.suffix.lower() == ".npz":
         if not path.is_file():
             raise ModelError(f"model.checkpoint: file not found: {path}")
+        if prefix:
+            raise ModelError("model.checkpoint_prefix: a JAX .npz is read by timm's load_pretrained; leave it null")
         return _load_numpy(model, path, resample)
     state = read_state_dict(path, use_ema)
-    how = ""
+    notes = []
+    if prefix:
+        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if not state:
+            raise ModelError(f"model.checkpoint_prefix={prefix}: no key of {path} starts with it")
+        notes.append(f"keys under {prefix!r}")
     misfit = _misfit(model, state, path)
     if misfit is not None:
         converted = _convert(model, state, path, resample)
         if converted is None:
-            raise ModelError(misfit)
+            raise ModelError(misfit + ("" if prefix else _prefix_hint(model, state)))
         state, how = converted
+        notes.append(how)
     model.load_state_dict(state)
-    return how
+    return "; ".join(notes)
 
 
 def _check_name(name: str) -> None:
@@ -234,8 +256,8 @@ def _pretrained_loaded(model: nn.Module, name: str, records: list[tuple[str, str
 
 
 def build_model(name: str = REFERENCE_NAME, pretrained: bool = False, checkpoint: str | None = None,
-                kwargs: dict[str, Any] | None = None, use_ema: bool = True,
-                resample_weights: bool = False) -> tuple[nn.Module, str]:
+                kwargs: dict[str, Any] | None = None, use_ema: bool = True, resample_weights: bool = False,
+                checkpoint_prefix: str | None = None) -> tuple[nn.Module, str]:
     """The model of :func:`create_model`, and how its weights were converted ("" when loaded as they are)."""
     kwargs = dict(kwargs or {})
     if name in REFERENCES:
@@ -243,7 +265,8 @@ def build_model(name: str = REFERENCE_NAME, pretrained: bool = False, checkpoint
             raise ModelError(f"model.kwargs: the digits reference has a fixed architecture; got {sorted(kwargs)} "
                              "(use model=timm for a timm model with kwargs)")
         model = build_reference(REFERENCES[name])
-        how = load_checkpoint(model, checkpoint, use_ema, resample_weights) if checkpoint is not None else ""
+        how = (load_checkpoint(model, checkpoint, use_ema, resample_weights, checkpoint_prefix)
+               if checkpoint is not None else "")
         return model.eval(), how
     _check_name(name)
     fetch = pretrained and checkpoint is None
@@ -268,15 +291,18 @@ def build_model(name: str = REFERENCE_NAME, pretrained: bool = False, checkpoint
         raise ModelError(f"model.name: {name} cannot be quantized by vitq: {e}") from None
     how = _pretrained_loaded(model, name, records, resample_weights) if fetch else ""
     if checkpoint is not None:
-        how = load_checkpoint(model, checkpoint, use_ema, resample_weights)
+        how = load_checkpoint(model, checkpoint, use_ema, resample_weights, checkpoint_prefix)
+    elif checkpoint_prefix:
+        raise ModelError("model.checkpoint_prefix: it selects keys of model.checkpoint, which is not set")
     return model.eval(), how
 
 
 def create_model(name: str = REFERENCE_NAME, pretrained: bool = False, checkpoint: str | None = None,
-                 kwargs: dict[str, Any] | None = None, use_ema: bool = True,
-                 resample_weights: bool = False) -> nn.Module:
+                 kwargs: dict[str, Any] | None = None, use_ema: bool = True, resample_weights: bool = False,
+                 checkpoint_prefix: str | None = None) -> nn.Module:
     """The digits reference's architecture by default (its trained weights: ``checkpoint``, or the Session, which
     trains it once through ``vitq.reference``), else ``timm.create_model(name, **kwargs)``; always in eval mode.
     ``pretrained`` fetches timm's weights (unless a ``checkpoint`` is given); ``resample_weights`` lets timm
-    interpolate position/patch embeddings to the model's size."""
-    return build_model(name, pretrained, checkpoint, kwargs, use_ema, resample_weights)[0]
+    interpolate position/patch embeddings to the model's size; ``checkpoint_prefix`` takes the checkpoint's keys under
+    it."""
+    return build_model(name, pretrained, checkpoint, kwargs, use_ema, resample_weights, checkpoint_prefix)[0]
