@@ -364,6 +364,8 @@ def test_a_training_modules_checkpoint_loads_its_models_keys_by_prefix(byo, tmp_
                      checkpoint_prefix="model.")
     with pytest.raises(ModelError, match="model.checkpoint_prefix: it selects keys of model.checkpoint, which is not"):
         create_model(byo_case.MODEL_NAME, kwargs=byo_case.KWARGS, checkpoint_prefix="net.")
+    with pytest.raises(ModelError, match=r"model.kwargs.checkpoint_path: give the file as model.checkpoint=PATH"):
+        create_model(byo_case.MODEL_NAME, kwargs={**byo_case.KWARGS, "checkpoint_path": str(byo.checkpoint)})
 
 
 def test_a_checkpoint_at_another_size_is_interpolated_only_when_asked(byo):

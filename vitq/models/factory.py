@@ -269,6 +269,9 @@ def build_model(name: str = REFERENCE_NAME, pretrained: bool = False, checkpoint
                if checkpoint is not None else "")
         return model.eval(), how
     _check_name(name)
+    if "checkpoint_path" in kwargs:  # timm would load it itself, past vitq's checks, hash and provenance
+        raise ModelError("model.kwargs.checkpoint_path: give the file as model.checkpoint=PATH (vitq checks, hashes "
+                         "and records it)")
     fetch = pretrained and checkpoint is None
     try:
         with _timm_lines(*RESAMPLE_LOGGERS, BUILDER_LOGGER) as records:
