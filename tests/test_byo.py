@@ -314,6 +314,11 @@ def test_timm_names_with_tags_and_checkpoint_formats(byo, tmp_path):
         torch.save(blob, tmp_path / f"{name}.pth")
         m = create_model(byo_case.MODEL_NAME, checkpoint=str(tmp_path / f"{name}.pth"), kwargs=byo_case.KWARGS)
         assert all(torch.equal(m.state_dict()[k], v) for k, v in plain.items()), name
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in plain.items()}, tmp_path / "model.safetensors")  # as the HF hub has it
+    m = create_model(byo_case.MODEL_NAME, checkpoint=str(tmp_path / "model.safetensors"), kwargs=byo_case.KWARGS)
+    assert all(torch.equal(m.state_dict()[k], v) for k, v in plain.items())
     no_ema = create_model(byo_case.MODEL_NAME, checkpoint=str(tmp_path / "ema.pth"), kwargs=byo_case.KWARGS,
                           use_ema=False)
     assert float(no_ema.head.weight.detach().abs().sum()) == 0  # use_ema=false reads state_dict
