@@ -416,6 +416,12 @@ def test_pretrained_weights_that_timm_would_leave_random_or_interpolate_are_name
     assert torch.equal(model.pos_embed.detach(), resample_abs_pos_embed(
         plain["pos_embed"], new_size=(6, 6), old_size=(4, 4), num_prefix_tokens=0, interpolation="bicubic",
         antialias=True))
+    kwargs_cli = next(a for a in byo.cli() if a.startswith("model.kwargs="))[:-1] + \
+        f",pretrained_cfg_overlay:{{file:'{tmp_path / 'w.pth'}',num_classes:10}}}}"
+    args = [a if not a.startswith("model.kwargs=") else kwargs_cli for a in byo.cli()]
+    session = Session.from_config(compose([*args, "model.pretrained=true", "model.checkpoint=null"]))
+    assert session.checkpoint_sha == _sha(tmp_path / "w.pth")  # the weights' file is hashed, and resumes check it
+    assert all(torch.equal(session.model.state_dict()[k], v) for k, v in plain.items())
     with pytest.raises(ModelError, match="timm's weights for vit_tiny_patch16_224 do not fit the model that "
                                          "model.kwargs build: Error.s. in loading state_dict .* Unexpected key"):
         create_model(byo_case.MODEL_NAME, pretrained=True, kwargs={**byo_case.KWARGS, "depth": 1,

@@ -92,6 +92,17 @@ class ModelSpec:
     def kwargs_dict(self) -> dict[str, Any]:
         return json.loads(self.kwargs)
 
+    @property
+    def weights_file(self) -> tuple[str, str] | None:
+        """(key, path) of the file the weights come from: ``model.checkpoint``, or the local file that timm's
+        pretrained loading reads (``model.kwargs.pretrained_cfg_overlay.file``); None for the hub or random weights."""
+        if self.checkpoint is not None:
+            return "model.checkpoint", self.checkpoint
+        overlay = self.kwargs_dict.get("pretrained_cfg_overlay")
+        if self.pretrained and isinstance(overlay, dict) and overlay.get("file"):
+            return "model.kwargs.pretrained_cfg_overlay.file", str(overlay["file"])
+        return None
+
 
 @dataclass(frozen=True)
 class DataSpec:
@@ -115,13 +126,13 @@ def _checkpoint_sha(path: str, size: int, mtime_ns: int) -> str:
     return file_sha256(path)
 
 
-def checkpoint_sha256(path: str | None) -> str | None:
-    """SHA-256 of a checkpoint file, computed once per (path, size, mtime)."""
+def checkpoint_sha256(path: str | None, key: str = "model.checkpoint") -> str | None:
+    """SHA-256 of a weights file (named by ``key`` in errors), computed once per (path, size, mtime)."""
     if path is None:
         return None
     p = Path(path).expanduser()
     if not p.is_file():
-        raise ModelError(f"model.checkpoint: file not found: {p}")
+        raise ModelError(f"{key}: file not found: {p}")
     st = p.stat()
     return _checkpoint_sha(str(p.resolve()), st.st_size, st.st_mtime_ns)
 
@@ -187,7 +198,8 @@ class Session:
         eval_bs = 512 if sizes["eval_batch_size"] is None else int(sizes["eval_batch_size"])
         calib_bs = 128 if sizes["calib_batch_size"] is None else int(sizes["calib_batch_size"])
         device = resolve_device(cfg.get("device"))
-        sha = checkpoint_sha256(mspec.checkpoint)
+        weights = mspec.weights_file
+        sha = checkpoint_sha256(weights[1], weights[0]) if weights else None
         key = (mspec, sha, dspec, str(device), eval_bs, calib_bs, cfg.get("stats_dir"), max_values)
         if key not in _SESSIONS:
             retain_freed_memory()  # trials allocate the same large buffers pass after pass: reuse them
