@@ -580,6 +580,10 @@ def test_bad_inputs_are_one_line_rc2_and_nothing_logged(byo, tmp_path):
     shutil.copytree(byo.eval, broken)
     victim = sorted((broken / "digit_3").iterdir())[0]
     victim.write_bytes(victim.read_bytes()[:40])
+    snapshot = tmp_path / "snapshot"  # as huggingface_hub downloads a model: a folder with the weights and config
+    snapshot.mkdir()
+    for name in ("model.safetensors", "config.json"):
+        (snapshot / name).write_bytes(b"{}")
     base = [a for a in byo.cli() if not a.startswith("model.kwargs=")]
     kwargs = next(a for a in byo.cli() if a.startswith("model.kwargs="))
     cases = {
@@ -609,6 +613,9 @@ def test_bad_inputs_are_one_line_rc2_and_nothing_logged(byo, tmp_path):
                                     "model.checkpoint=null"],
                                    "head.weight, head.bias at random init (model.kwargs num_classes=10, the weights "
                                    "have 1000 classes"),
+        "hub snapshot folder": ([kwargs, f"model.checkpoint={snapshot}"],
+                                f"model.checkpoint: {snapshot} is a folder, not a weights file; give the weights "
+                                f"file in it: {snapshot / 'model.safetensors'}"),
         "class map missing": ([kwargs, f"data.class_map={tmp_path / 'nope.txt'}"],
                               f"data.class_map: cannot read {tmp_path / 'nope.txt'}"),
     }

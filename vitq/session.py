@@ -32,7 +32,7 @@ from vitq.data import (
     model_img_size,
 )
 from vitq.evaluate import EvalResult, check_logits
-from vitq.models.factory import REFERENCE_NAME, ModelError, build_model, file_sha256
+from vitq.models.factory import REFERENCE_NAME, ModelError, build_model, file_sha256, weights_path
 from vitq.models.reference import REFERENCES
 from vitq.paths import REPO_ROOT
 from vitq.quant.config import ConfigError, LayerQuantConfig
@@ -130,9 +130,7 @@ def checkpoint_sha256(path: str | None, key: str = "model.checkpoint") -> str | 
     """SHA-256 of a weights file (named by ``key`` in errors), computed once per (path, size, mtime)."""
     if path is None:
         return None
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise ModelError(f"{key}: file not found: {p}")
+    p = weights_path(path, key)
     st = p.stat()
     return _checkpoint_sha(str(p.resolve()), st.st_size, st.st_mtime_ns)
 

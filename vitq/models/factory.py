@@ -20,7 +20,7 @@ from vitq.models.reference import REFERENCES, build_reference
 from vitq.models.vit import check_quantizable
 
 __all__ = ["REFERENCE_NAME", "ModelError", "build_model", "create_model", "file_sha256", "load_checkpoint",
-           "read_state_dict"]
+           "read_state_dict", "weights_path"]
 
 REFERENCE_NAME = "digits_reference"
 
@@ -38,6 +38,22 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors")  # a hub snapshot's
+
+
+def weights_path(path: str | Path, key: str = "model.checkpoint") -> Path:
+    """``path`` as a weights file; a ModelError naming ``key`` when it is missing, or a folder (a model hub
+    snapshot: the file in it to give instead)."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        inside = [f for f in WEIGHT_FILES if (p / f).is_file()]
+        hint = f"; give the weights file in it: {p / inside[0]}" if inside else ""
+        raise ModelError(f"{key}: {p} is a folder, not a weights file{hint}")
+    if not p.is_file():
+        raise ModelError(f"{key}: file not found: {p}")
+    return p
+
+
 def read_state_dict(path: str | Path, use_ema: bool = True) -> dict[str, torch.Tensor]:
     """The state dict in a local checkpoint, read by timm's ``load_state_dict`` with ``weights_only=True``.
 
@@ -48,9 +64,7 @@ def read_state_dict(path: str | Path, use_ema: bool = True) -> dict[str, torch.T
     """
     from timm.models import load_state_dict
 
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise ModelError(f"model.checkpoint: file not found: {path}")
+    path = weights_path(path)
     try:
         state = load_state_dict(str(path), use_ema=use_ema, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError) as e:
@@ -203,10 +217,8 @@ def load_checkpoint(model: nn.Module, path: str | Path, use_ema: bool = True, re
     (``checkpoint_filter_fn``); a JAX/big_vision ``.npz`` is read by timm's ``load_pretrained``. Interpolating a
     position or patch embedding changes the weights, so it needs ``resample``. A misfit names the first mismatching
     key (and both shapes)."""
-    path = Path(path).expanduser()
+    path = weights_path(path)
     if path.suffix.lower() == ".npz":
-        if not path.is_file():
-            raise ModelError(f"model.checkpoint: file not found: {path}")
         if prefix:
             raise ModelError("model.checkpoint_prefix: a JAX .npz is read by timm's load_pretrained; leave it null")
         return _load_numpy(model, path, resample)
