@@ -73,9 +73,10 @@ def read_state_dict(path: str | Path, use_ema: bool = True) -> dict[str, torch.T
         if not isinstance(cause, pickle.UnpicklingError):
             raise ModelError(f"model.checkpoint: {path} is not a readable torch checkpoint ({type(e).__name__}: "
                              f"{text[:160]})") from None
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
-        detail = f"it holds {found.group(1)}" if found else re.sub(r" Check the documentation.*", "", text[
-            text.find("WeightsUnpickler error"):])[:120] or "not a weights-only pickle"
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", text)  # torch names the object it refused
+        unpickler = re.search(r"WeightsUnpickler error: (.*?)(?: Check the documentation|$)", text)
+        detail = (f"it holds {found.group(1)}" if found else
+                  unpickler.group(1)[:120] if unpickler else "not a weights-only pickle")
         raise ModelError(f"model.checkpoint: {path} was refused: torch.load(weights_only=True) reads tensors and plain "
                          f"containers only ({detail}); if you trust the file, save its state dict alone: "
                          f"torch.save(torch.load(PATH, weights_only=False)['state_dict'], 'weights.pt')") from None
@@ -84,6 +85,11 @@ def read_state_dict(path: str | Path, use_ema: bool = True) -> dict[str, torch.T
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelError(f"model.checkpoint: {path} does not contain a state dict of tensors")
     return state
+
+
+def _listed(keys: list[str], first: int = 8) -> str:
+    """The first ``first`` keys, and how many more."""
+    return ", ".join(keys[:first]) + (f" (+{len(keys) - first} more)" if len(keys) > first else "")
 
 
 def _misfit(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> str | None:
@@ -98,11 +104,8 @@ def _misfit(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> str
     unexpected = [k for k in state if k not in own]
     if not missing and not unexpected:
         return None
-    parts = []
-    for label, keys in (("missing", missing), ("unexpected", unexpected)):
-        if keys:
-            more = f" (+{len(keys) - 8} more)" if len(keys) > 8 else ""
-            parts.append(f"{label} keys: {', '.join(keys[:8])}{more}")
+    parts = [f"{label} keys: {_listed(keys)}" for label, keys in (("missing", missing), ("unexpected", unexpected))
+             if keys]
     return f"model.checkpoint: {path} does not fit {type(model).__name__}: " + "; ".join(parts)
 
 
@@ -169,10 +172,9 @@ def _load_numpy(model: nn.Module, path: Path, resample: bool) -> str:
                          f"({type(e).__name__}: {first})") from None
     unset = [n for n, p in model.named_parameters() if bool(torch.isnan(p).any())]
     if unset:
-        more = f" (+{len(unset) - 8} more)" if len(unset) > 8 else ""
         why = (" (a head of another class count is not loaded: check model.kwargs num_classes)"
                if any(n.startswith("head.") for n in unset) else " (check model.kwargs)")
-        raise ModelError(f"model.checkpoint: {path} does not set {', '.join(unset[:8])}{more}{why}")
+        raise ModelError(f"model.checkpoint: {path} does not set {_listed(unset)}{why}")
     lines = _resampled(records, f"model.checkpoint: {path}: its weights", resample)
     return "; ".join(["timm load_pretrained (JAX .npz)", *lines])
 
@@ -272,6 +274,8 @@ def build_model(name: str = REFERENCE_NAME, pretrained: bool = False, checkpoint
                 checkpoint_prefix: str | None = None) -> tuple[nn.Module, str]:
     """The model of :func:`create_model`, and how its weights were converted ("" when loaded as they are)."""
     kwargs = dict(kwargs or {})
+    if checkpoint_prefix and checkpoint is None:
+        raise ModelError("model.checkpoint_prefix: it selects keys of model.checkpoint, which is not set")
     if name in REFERENCES:
         if kwargs:
             raise ModelError(f"model.kwargs: the digits reference has a fixed architecture; got {sorted(kwargs)} "
@@ -307,8 +311,6 @@ def build_model(name: str = REFERENCE_NAME, pretrained: bool = False, checkpoint
     how = _pretrained_loaded(model, name, records, resample_weights) if fetch else ""
     if checkpoint is not None:
         how = load_checkpoint(model, checkpoint, use_ema, resample_weights, checkpoint_prefix)
-    elif checkpoint_prefix:
-        raise ModelError("model.checkpoint_prefix: it selects keys of model.checkpoint, which is not set")
     return model.eval(), how
 
 
