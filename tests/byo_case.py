@@ -154,3 +154,41 @@ def jax_npz(model: torch.nn.Module, path: Path) -> None:
             w[f"{j}MlpBlock_3/Dense_{r}/kernel"] = t[f"{b}mlp.fc{r + 1}.weight"].T
             w[f"{j}MlpBlock_3/Dense_{r}/bias"] = t[f"{b}mlp.fc{r + 1}.bias"]
     np.savez(path, **w)
+
+
+def lightning_checkpoint(state: dict[str, torch.Tensor], path: Path) -> None:
+    """A PyTorch Lightning checkpoint of a lightning-hydra-template module that holds the timm model, with the
+    weights ``state``, as ``self.net``, written by a real ``Trainer`` (one step at lr 0 leaves the weights as they
+    are). Its ``net.`` keys sit beside the module's own, and its hyperparameters pickle the model whole and a
+    ``functools.partial`` optimizer, which ``torch.load(weights_only=True)`` refuses."""
+    import functools
+    import logging
+    import warnings
+
+    import pytorch_lightning as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class LitViT(pl.LightningModule):  # lightning-hydra-template's MNISTLitModule, on a timm ViT
+        def __init__(self, net: torch.nn.Module, optimizer: functools.partial, compile: bool = False) -> None:
+            super().__init__()
+            self.save_hyperparameters(logger=False)
+            self.net = net
+            self.criterion = torch.nn.CrossEntropyLoss(weight=torch.ones(KWARGS["num_classes"]))
+
+        def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], i: int) -> torch.Tensor:
+            return self.criterion(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return self.hparams.optimizer(params=self.parameters())
+
+    net = timm.create_model(MODEL_NAME, **KWARGS)
+    net.load_state_dict(state)
+    lit = LitViT(net, functools.partial(torch.optim.SGD, lr=0.0))
+    images = torch.randn(4, net.patch_embed.proj.in_channels, KWARGS["img_size"], KWARGS["img_size"])
+    trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_checkpointing=False, enable_model_summary=False, default_root_dir=str(path.parent))
+    logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Lightning's advice on save_hyperparameters and its own deprecations
+        trainer.fit(lit, DataLoader(TensorDataset(images, torch.arange(4)), batch_size=4))
+    trainer.save_checkpoint(str(path))

@@ -319,6 +319,14 @@ def test_timm_names_with_tags_and_checkpoint_formats(byo, tmp_path):
     save_file({k: v.contiguous() for k, v in plain.items()}, tmp_path / "model.safetensors")  # as the HF hub has it
     m = create_model(byo_case.MODEL_NAME, checkpoint=str(tmp_path / "model.safetensors"), kwargs=byo_case.KWARGS)
     assert all(torch.equal(m.state_dict()[k], v) for k, v in plain.items())
+    whole = timm.create_model(byo_case.MODEL_NAME, **byo_case.KWARGS)
+    whole.load_state_dict(plain)
+    for name, blob in {"whole": whole, "whole_in_dict": {"model": whole, "epoch": 1}}.items():  # torch.save(model)
+        torch.save(blob, tmp_path / f"{name}.pth")
+        m, how = build_model(byo_case.MODEL_NAME, checkpoint=str(tmp_path / f"{name}.pth"), kwargs=byo_case.KWARGS)
+        assert m.state_dict().keys() == plain.keys(), name
+        assert all(torch.equal(m.state_dict()[k], v) for k, v in plain.items()), name
+        assert re.fullmatch(r"tensors only \(1\d pickled objects left unread: timm\.layers\..+\)", how), how
     no_ema = create_model(byo_case.MODEL_NAME, checkpoint=str(tmp_path / "ema.pth"), kwargs=byo_case.KWARGS,
                           use_ema=False)
     assert float(no_ema.head.weight.detach().abs().sum()) == 0  # use_ema=false reads state_dict
@@ -344,25 +352,23 @@ def test_foreign_checkpoint_layouts_load_through_timms_conversion(byo, tmp_path)
     assert load_checkpoint(timm.create_model(byo_case.MODEL_NAME, **byo_case.KWARGS), byo.checkpoint) == ""
 
 
-def lightning_checkpoint(plain: dict[str, torch.Tensor], path: Path) -> None:
-    """As PyTorch Lightning saves a LightningModule that holds the timm model as ``self.net``
-    (lightning-hydra-template's layout): ``net.`` keys beside the module's own, and the trainer's state."""
-    sd = {f"net.{k}": v for k, v in plain.items()} | {"criterion.weight": torch.ones(10)}
-    torch.save({"epoch": 3, "global_step": 120, "pytorch-lightning_version": "2.5.0", "state_dict": sd,
-                "hyper_parameters": {"lr": 0.001, "compile": False}, "optimizer_states": [], "lr_schedulers": []}, path)
-
-
 def test_a_training_modules_checkpoint_loads_its_models_keys_by_prefix(byo, tmp_path):
-    """A Lightning checkpoint holds the model's keys under ``net.``: the misfit says which prefix to set, and with
-    model.checkpoint_prefix the model gets exactly those weights."""
+    """A real Lightning checkpoint of a lightning-hydra-template module holds the model's keys under ``net.`` and
+    pickles the model and a ``functools.partial`` optimizer in its hyperparameters: those are left unread (torch
+    alone refuses the file), the misfit says which prefix to set, and with model.checkpoint_prefix the model gets
+    exactly the module's weights."""
     plain = _plain_state(byo)
-    lightning_checkpoint(plain, tmp_path / "last.ckpt")
+    byo_case.lightning_checkpoint(plain, tmp_path / "last.ckpt")
+    with pytest.raises(pickle.UnpicklingError, match="functools.partial|VisionTransformer"):
+        torch.load(tmp_path / "last.ckpt", weights_only=True)
     with pytest.raises(ModelError, match=re.escape("it holds the model's keys under 'net.': set "
                                                    "model.checkpoint_prefix=net.")):
         create_model(byo_case.MODEL_NAME, checkpoint=str(tmp_path / "last.ckpt"), kwargs=byo_case.KWARGS)
     model, how = build_model(byo_case.MODEL_NAME, checkpoint=str(tmp_path / "last.ckpt"), kwargs=byo_case.KWARGS,
                              checkpoint_prefix="net.")
-    assert how == "keys under 'net.'" and model.state_dict().keys() == plain.keys()
+    assert how.startswith("tensors only (") and how.endswith("; keys under 'net.'"), how
+    assert "left unread: functools.partial, timm.layers." in how
+    assert model.state_dict().keys() == plain.keys()
     assert all(torch.equal(model.state_dict()[k], v) for k, v in plain.items())
     with pytest.raises(ModelError, match="model.checkpoint_prefix=model.: no key of .* starts with it"):
         create_model(byo_case.MODEL_NAME, checkpoint=str(tmp_path / "last.ckpt"), kwargs=byo_case.KWARGS,
@@ -472,17 +478,18 @@ def test_converted_checkpoints_through_the_cli(byo, tmp_path):
     plain["pos_embed"] = resample_abs_pos_embed(plain["pos_embed"], new_size=(6, 6), old_size=(4, 4),
                                                 num_prefix_tokens=0, interpolation="bicubic", antialias=True)
     resampled.load_state_dict(plain)
-    lightning_checkpoint(_plain_state(byo), tmp_path / "last.ckpt")
+    byo_case.lightning_checkpoint(_plain_state(byo), tmp_path / "last.ckpt")
     trained = timm.create_model(byo_case.MODEL_NAME, **byo_case.KWARGS)
     trained.load_state_dict(_plain_state(byo))
     kwargs_cli = next(a for a in byo.cli() if a.startswith("model.kwargs="))
     runs = {"npz": ([f"model.checkpoint={tmp_path / 'vit.npz'}",
                      "model.kwargs={" + ",".join(f"{k}:{v}" for k, v in NPZ_KWARGS.items()) + "}"], src, 16,
-                    "timm load_pretrained (JAX .npz)"),
+                    re.escape("timm load_pretrained (JAX .npz)")),
             "24px": ([kwargs_cli.replace("img_size:16", "img_size:24"), "model.resample_weights=true"], resampled,
-                     24, "timm checkpoint_filter_fn; Resized position embedding: (4, 4) to (6, 6)"),
+                     24, re.escape("timm checkpoint_filter_fn; Resized position embedding: (4, 4) to (6, 6)")),
             "lightning": ([f"model.checkpoint={tmp_path / 'last.ckpt'}", kwargs_cli, "model.checkpoint_prefix=net."],
-                          trained, 16, "keys under 'net.'")}
+                          trained, 16, r"tensors only \(\d+ pickled objects left unread: functools\.partial, .+\); "
+                                       r"keys under 'net\.'")}
     base = [a for a in byo.cli() if not a.startswith(("model.kwargs=", "model.checkpoint="))]
     fp_top1 = {}
     for name, (extra, model, size, conversion) in runs.items():
@@ -493,7 +500,7 @@ def test_converted_checkpoints_through_the_cli(byo, tmp_path):
         assert r.returncode == 0, r.stderr[-3000:]
         (metrics_file,) = out.glob("outputs/*/*/metrics.json")
         metrics = json.loads(metrics_file.read_text())
-        assert metrics["provenance"]["model.weights_conversion"] == conversion
+        assert re.fullmatch(conversion, metrics["provenance"]["model.weights_conversion"]), name
         model.eval()
         x, y, _ = byo_case.folder_tensors(byo.eval, byo_case.plain_timm_transform(model, size))
         with torch.inference_mode():

@@ -147,6 +147,16 @@ class _Evil:
         return (print, ("pwned",))
 
 
+class _Payload:
+    """Writes a marker file when unpickled: a live payload for the placeholder test."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({str(self.marker)!r}, 'w').close()",))
+
+
 def test_checkpoint_safety_and_mismatch(tmp_path, reference):
     model, _ = reference
     evil = tmp_path / "evil.pt"
@@ -154,11 +164,20 @@ def test_checkpoint_safety_and_mismatch(tmp_path, reference):
         pickle.dump({"state_dict": _Evil()}, f)
     with pytest.raises(ModelError, match="refused"):
         load_checkpoint(create_model("digits_reference"), evil)
-    dated = tmp_path / "dated.pt"  # torch.save of a state dict beside an object weights_only does not allow
-    torch.save({"state_dict": model.state_dict(), "saved": datetime.date(2026, 1, 1)}, dated)
-    with pytest.raises(ModelError, match=r"dated.pt was refused: torch.load\(weights_only=True\) reads tensors and "
-                                         r"plain containers only \(it holds datetime.date\)"):
-        load_checkpoint(create_model("digits_reference"), dated)
+    marker = tmp_path / "ran"  # a torch.save checkpoint: objects beside the state dict are read as placeholders
+    loaded = create_model("digits_reference")
+    torch.save({"state_dict": model.state_dict(), "saved": datetime.date(2026, 1, 1), "hook": _Payload(marker)},
+               tmp_path / "payload.pt")
+    how = load_checkpoint(loaded, tmp_path / "payload.pt")
+    assert how == "tensors only (2 pickled objects left unread: builtins.exec, datetime.date)"
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values(),
+                                                   strict=True))
+    assert not marker.exists()  # nothing in the file ran
+    torch.load(tmp_path / "payload.pt", weights_only=False)
+    assert marker.exists()  # ... though the payload is live
+    torch.save({"state_dict": {**model.state_dict(), "extra": _Payload(marker)}}, tmp_path / "in_state.pt")
+    with pytest.raises(ModelError, match="in_state.pt does not contain a state dict of tensors"):
+        load_checkpoint(create_model("digits_reference"), tmp_path / "in_state.pt")
     wrong = VisionTransformer(img_size=8, patch_size=2, in_chans=1, num_classes=10, embed_dim=64, depth=2,
                               num_heads=4)
     path = tmp_path / "wrong.pt"

@@ -20,7 +20,7 @@ from vitq.models.reference import REFERENCES, build_reference
 from vitq.models.vit import check_quantizable
 
 __all__ = ["REFERENCE_NAME", "ModelError", "build_model", "create_model", "file_sha256", "load_checkpoint",
-           "read_state_dict", "weights_path"]
+           "read_state_dict", "read_weights", "weights_path"]
 
 REFERENCE_NAME = "digits_reference"
 
@@ -54,19 +54,72 @@ def weights_path(path: str | Path, key: str = "model.checkpoint") -> Path:
     return p
 
 
+class _Unread:
+    """Stands in for a pickled object that ``torch.load(weights_only=True)`` refuses (an optimizer factory, a
+    LightningModule's hyperparameters, the model pickled whole): it takes its arguments and state, and nothing of
+    the object's own code runs. A pickled ``nn.Module`` reads as its state dict (:meth:`items`)."""
+
+    state: dict = {}
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.state = {}
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state if isinstance(state, dict) else {}
+
+    def items(self) -> Iterator[tuple[str, Any]]:
+        """Parameters and persistent buffers by dotted name, as ``nn.Module.state_dict`` lists them."""
+        skip = self.state.get("_non_persistent_buffers_set") or ()
+        for k, v in (self.state.get("_parameters") or {}).items():
+            if v is not None:
+                yield k, v
+        for k, v in (self.state.get("_buffers") or {}).items():
+            if v is not None and k not in skip:
+                yield k, v
+        for name, child in (self.state.get("_modules") or {}).items():
+            if isinstance(child, _Unread):
+                yield from ((f"{name}.{k}", v) for k, v in child.items())
+
+
+def _placeholders(path: Path) -> list[tuple[type, str]]:
+    """One :class:`_Unread` per global of ``path`` that the weights-only unpickler does not allow (torch lists them
+    without unpickling)."""
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception:  # noqa: BLE001 - a legacy (non-zip) file: nothing to list
+        return []
+    return [(type(n.rpartition(".")[2], (_Unread,), {"__module__": __name__}), n) for n in sorted(names)]
+
+
 def read_state_dict(path: str | Path, use_ema: bool = True) -> dict[str, torch.Tensor]:
-    """The state dict in a local checkpoint, read by timm's ``load_state_dict`` with ``weights_only=True``.
+    """The state dict in a local checkpoint (see :func:`read_weights`)."""
+    return read_weights(path, use_ema)[0]
+
+
+def read_weights(path: str | Path, use_ema: bool = True) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The state dict in a local checkpoint, read by timm's ``load_state_dict`` with ``weights_only=True``, and the
+    pickled objects left unread.
 
     Accepts what timm's tools write, in timm's order: ``state_dict_ema`` / ``model_ema`` (when ``use_ema``),
-    ``state_dict``, ``model``, or a bare state dict, ``.safetensors`` too; ``module.`` prefixes are stripped. A
-    train-script checkpoint's ``args`` (an ``argparse.Namespace``) is allowed, as timm allows it; any other object
-    is refused.
+    ``state_dict``, ``model``, or a bare state dict, ``.safetensors`` too; ``module.`` prefixes are stripped. Objects
+    the weights-only unpickler refuses (a LightningModule's hyperparameters, an optimizer factory, a model pickled
+    whole) are read as inert placeholders, so nothing in the file runs; a model pickled whole yields its parameters
+    and persistent buffers. Only tensors are taken.
     """
     from timm.models import load_state_dict
 
     path = weights_path(path)
+    unread: list[str] = []
     try:
-        state = load_state_dict(str(path), use_ema=use_ema, weights_only=True)
+        try:
+            state = load_state_dict(str(path), use_ema=use_ema, weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError):  # (torch raises the unpickler's error from a RuntimeError)
+            stubs = _placeholders(path)
+            if not stubs:
+                raise
+            with torch.serialization.safe_globals(stubs):
+                state = load_state_dict(str(path), use_ema=use_ema, weights_only=True)
+            unread = [name for _, name in stubs]
     except (pickle.UnpicklingError, RuntimeError) as e:
         cause = e.__cause__ if isinstance(e.__cause__, pickle.UnpicklingError) else e
         text = " ".join(str(cause).split())
@@ -78,13 +131,13 @@ def read_state_dict(path: str | Path, use_ema: bool = True) -> dict[str, torch.T
         detail = (f"it holds {found.group(1)}" if found else
                   unpickler.group(1)[:120] if unpickler else "not a weights-only pickle")
         raise ModelError(f"model.checkpoint: {path} was refused: torch.load(weights_only=True) reads tensors and plain "
-                         f"containers only ({detail}); if you trust the file, save its state dict alone: "
-                         f"torch.save(torch.load(PATH, weights_only=False)['state_dict'], 'weights.pt')") from None
+                         f"containers only ({detail}); if you trust the file, save the model's state dict alone: "
+                         "torch.save(model.state_dict(), 'weights.pt')") from None
     except Exception as e:  # noqa: BLE001 - a corrupt or non-torch file
         raise ModelError(f"model.checkpoint: {path} is not a readable torch checkpoint ({type(e).__name__})") from None
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelError(f"model.checkpoint: {path} does not contain a state dict of tensors")
-    return state
+    return state, unread
 
 
 def _listed(keys: list[str], first: int = 8) -> str:
@@ -224,8 +277,8 @@ def load_checkpoint(model: nn.Module, path: str | Path, use_ema: bool = True, re
         if prefix:
             raise ModelError("model.checkpoint_prefix: a JAX .npz is read by timm's load_pretrained; leave it null")
         return _load_numpy(model, path, resample)
-    state = read_state_dict(path, use_ema)
-    notes = []
+    state, unread = read_weights(path, use_ema)
+    notes = [f"tensors only ({len(unread)} pickled objects left unread: {_listed(unread, 3)})"] if unread else []
     if prefix:
         state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         if not state:
