@@ -200,6 +200,47 @@ def test_class_folders_numbered_as_timm_or_torchvision_trained_the_model(tmp_pat
     assert prov["data.class_order"] == "timm" and prov["data.label_space"] == "timm natural order"
 
 
+def test_images_below_their_class_folders_are_labelled_as_the_training_script_did(byo, tmp_path):
+    """Images one folder below their class folder: timm's train script labels them by the folder that holds them,
+    torchvision's ImageFolder by the class folder. Told which, vitq labels every file as that library does (the
+    model then scores them as on the flat folders); not told, it refuses (through the CLI: the bad-inputs test)."""
+    from timm.data import ImageDataset
+    from torchvision.datasets import ImageFolder
+
+    from vitq.data import DataError
+
+    flat = {p.name: p.parent.name for p in byo.eval.glob("*/*.png")}
+    for i, png in enumerate(sorted(byo.eval.glob("*/*.png"))):
+        digit = png.parent.name
+        for layout, rel in (("by_parity", Path("odd" if int(digit[-1]) % 2 else "even", digit)),  # timm: leaf
+                            ("by_batch", Path(digit, "ab"[i % 2]))):  # torchvision: class folder
+            (tmp_path / layout / rel).mkdir(parents=True, exist_ok=True)
+            shutil.copy(png, tmp_path / layout / rel / png.name)
+    model = create_model(byo_case.MODEL_NAME, checkpoint=str(byo.checkpoint), kwargs=byo_case.KWARGS)
+    for layout, order, ds in (("by_parity", "timm", ImageDataset(str(tmp_path / "by_parity"))),
+                              ("by_batch", "torchvision", ImageFolder(str(tmp_path / "by_batch")))):
+        data = load_image_folder(model, calib_root=byo.calib, eval_root=tmp_path / layout, n_eval=None,
+                                 n_calib=50, cache=False, class_order=order)
+        theirs = ds.reader.samples if order == "timm" else ds.samples
+        mine = dict(zip(data.meta["eval_files"], labels_of(data.eval).tolist(), strict=True))
+        assert mine == {str(Path(p)): int(y) for p, y in theirs}, layout
+        assert {Path(p).name: data.meta["classes"][y] for p, y in mine.items()} == flat, layout
+        with pytest.raises(DataError, match=r"data.eval_root: images lie below their class folders \((even|[a-z_0-9]+)"
+                                            r"/.*\): timm's train script labels them by the folder that holds them"):
+            load_image_folder(model, calib_root=byo.calib, eval_root=tmp_path / layout, n_calib=50, cache=False)
+    with pytest.raises(DataError, match=r"data.eval_root: class folders differ .* only in eval_root \['even', 'odd'\]"):
+        load_image_folder(model, calib_root=byo.calib, eval_root=tmp_path / "by_parity", n_calib=50, cache=False,
+                          class_order="torchvision")  # (torchvision would label them even and odd)
+    base = [a for a in byo.cli() if not a.startswith("data.eval_root=")] + \
+        [f"data.eval_root={tmp_path / 'by_parity'}", "data.n_calib=200", "tracking=none"]
+    (tmp_path / "cli").mkdir()  # (without data.class_order: the bad-inputs test)
+    r = run_sweep(tmp_path / "cli", *base, "data.class_order=timm")
+    assert r.returncode == 0, r.stderr[-3000:]
+    (metrics_file,) = (tmp_path / "cli").glob("outputs/*/*/metrics.json")
+    preds, y, _ = byo_case.plain_timm_predictions(byo)
+    assert json.loads(metrics_file.read_text())["fp_top1"] == int((preds == y).sum()) / len(y)
+
+
 def test_grayscale_and_rgba_images_become_the_models_channels(byo, tmp_path):
     for split in ("calib", "eval"):
         shutil.copytree(byo.calib / "digit_0", tmp_path / split / "digit_0")
@@ -588,6 +629,12 @@ def test_bad_inputs_are_one_line_rc2_and_nothing_logged(byo, tmp_path):
     shutil.copytree(byo.eval, broken)
     victim = sorted((broken / "digit_3").iterdir())[0]
     victim.write_bytes(victim.read_bytes()[:40])
+    nested, loose = tmp_path / "eval_nested", tmp_path / "eval_loose"
+    shutil.copytree(byo.eval, loose)
+    shutil.copy(victim, loose / "stray.png")
+    for png in byo.eval.glob("*/*.png"):
+        (nested / png.parent.name / "batch_1").mkdir(parents=True, exist_ok=True)
+        shutil.copy(png, nested / png.parent.name / "batch_1" / png.name)
     snapshot = tmp_path / "snapshot"  # as huggingface_hub downloads a model: a folder with the weights and config
     snapshot.mkdir()
     for name in ("model.safetensors", "config.json"):
@@ -624,6 +671,10 @@ def test_bad_inputs_are_one_line_rc2_and_nothing_logged(byo, tmp_path):
         "hub snapshot folder": ([kwargs, f"model.checkpoint={snapshot}"],
                                 f"model.checkpoint: {snapshot} is a folder, not a weights file; give the weights "
                                 f"file in it: {snapshot / 'model.safetensors'}"),
+        "images below class folders": ([kwargs, f"data.eval_root={nested}"],
+                                       "data.eval_root: images lie below their class folders (digit_0/batch_1/"),
+        "images outside class folders": ([kwargs, f"data.eval_root={loose}"],
+                                         f"data.eval_root: {loose} holds images outside any class folder (stray.png)"),
         "class map missing": ([kwargs, f"data.class_map={tmp_path / 'nope.txt'}"],
                               f"data.class_map: cannot read {tmp_path / 'nope.txt'}"),
     }

@@ -281,11 +281,24 @@ def resolve_transform(model: torch.nn.Module, overrides: dict[str, Any] | None =
     return cfg
 
 
-def _list_folder(root: Path, key: str) -> tuple[list[str], list[tuple[str, int]]]:
+def _list_folder(root: Path, key: str, class_order: str | None = None,
+                 class_map: bool = False) -> tuple[list[str], list[tuple[str, int]]]:
+    """Class names (sorted) and (file, index into them) of the class folders in ``root``.
+
+    An image below its class folder (``cat/2024/x.png``) is labelled by its class folder (``cat``) in torchvision's
+    ImageFolder, by the folder that holds it (``2024``) in timm's train script; where there are such images,
+    ``class_order`` must say which trained the model (``timm``: timm's own reader lists the folder), unless a
+    ``class_map`` names the class folders. Images in ``root`` itself are refused: neither labels them as a class
+    folder would."""
     from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
     if not root.is_dir():
         raise DataError(f"{key}: image folder not found: {root}")
+    loose = sorted(f.name for f in root.iterdir() if f.is_file() and f.name.lower().endswith(IMG_EXTENSIONS))
+    if loose:
+        more = f" and {len(loose) - 1} more" if len(loose) > 1 else ""
+        raise DataError(f"{key}: {root} holds images outside any class folder ({loose[0]}{more}); move them into "
+                        "their class folders")
     try:
         classes, idx = find_classes(str(root))
         samples = make_dataset(str(root), idx, extensions=IMG_EXTENSIONS)
@@ -295,10 +308,31 @@ def _list_folder(root: Path, key: str) -> tuple[list[str], list[tuple[str, int]]
     if splits:
         raise DataError(f"{key}: {root} has class folders named like splits ({', '.join(splits)}); point "
                         "data.calib_root and data.eval_root at the split folders themselves")
-    return classes, samples
+    nested = next((Path(p).relative_to(root) for p, _ in samples if len(Path(p).relative_to(root).parts) > 2), None)
+    if nested is None or class_map or class_order == "torchvision":
+        return classes, samples
+    if class_order is None:
+        raise DataError(f"{key}: images lie below their class folders ({nested}): timm's train script labels them by "
+                        f"the folder that holds them ({nested.parent.name}), torchvision's ImageFolder by the class "
+                        f"folder ({nested.parts[0]}); set data.class_order=timm or data.class_order=torchvision, as "
+                        "the model was trained")
+    from timm.data import ImageDataset
+
+    reader = ImageDataset(str(root)).reader  # timm's train script lists a folder with this reader
+    name = {i: c for c, i in reader.class_to_idx.items()}
+    classes = sorted(reader.class_to_idx)
+    at = {c: i for i, c in enumerate(classes)}
+    return classes, [(str(p), at[name[t]]) for p, t in reader.samples]
 
 
-CLASS_ORDERS = ("timm", "torchvision")  # how a training script numbered the class folders (data.class_order)
+CLASS_ORDERS = ("timm", "torchvision")  # how a training script labelled the class folders (data.class_order)
+
+
+def _check_order(class_order: str | None, class_map: bool) -> None:
+    if class_order is not None and class_order not in CLASS_ORDERS:
+        raise DataError(f"data.class_order={class_order!r}: valid: {', '.join(CLASS_ORDERS)} (or null)")
+    if class_order is not None and class_map:
+        raise DataError("data.class_order: data.class_map already numbers the folders; set one of the two")
 
 
 def class_indices(model: torch.nn.Module, classes: list[str], key: str, class_map: str | dict[str, int] | None = None,
@@ -316,10 +350,7 @@ def class_indices(model: torch.nn.Module, classes: list[str], key: str, class_ma
       case-insensitive), torchvision's ImageFolder in plain order (``10`` before ``2``); where the two differ,
       ``class_order`` (``data.class_order``) must say which trained the model.
     """
-    if class_order is not None and class_order not in CLASS_ORDERS:
-        raise DataError(f"data.class_order={class_order!r}: valid: {', '.join(CLASS_ORDERS)} (or null)")
-    if class_order is not None and class_map is not None:
-        raise DataError("data.class_order: data.class_map already numbers the folders; set one of the two")
+    _check_order(class_order, class_map is not None)
     n = int(getattr(model, "num_classes", 0) or 0)
     index: dict[str, int] | None = None
     if class_map is not None:
@@ -459,10 +490,11 @@ def load_image_folder(model: torch.nn.Module, *, root: str | Path | None = None,
     for k, v in (("n_calib", n_calib), ("n_eval", n_eval)):
         if v is not None and v < 1:
             raise DataError(f"data.{k}={v}: must be >= 1 (or null for all images)")
+    _check_order(class_order, class_map is not None)
     tcfg = resolve_transform(model, transform)
     if root is not None:
         root = Path(root).expanduser()
-        classes, samples = _list_folder(root, "data.root")
+        classes, samples = _list_folder(root, "data.root", class_order, class_map is not None)
         outputs, n_out, space = class_indices(model, classes, "data.root", class_map, class_order)
         samples = [(p, int(outputs[lab])) for p, lab in samples]
         labels = np.array([lab for _, lab in samples])
@@ -478,8 +510,8 @@ def load_image_folder(model: torch.nn.Module, *, root: str | Path | None = None,
         roots = {"root": str(root.resolve())}
     else:
         calib_root, eval_root = Path(calib_root).expanduser(), Path(eval_root).expanduser()
-        classes, c_samples = _list_folder(calib_root, "data.calib_root")
-        e_classes, e_samples = _list_folder(eval_root, "data.eval_root")
+        classes, c_samples = _list_folder(calib_root, "data.calib_root", class_order, class_map is not None)
+        e_classes, e_samples = _list_folder(eval_root, "data.eval_root", class_order, class_map is not None)
         if classes != e_classes:
             only_c, only_e = sorted(set(classes) - set(e_classes)), sorted(set(e_classes) - set(classes))
             raise DataError(f"data.eval_root: class folders differ from data.calib_root: only in calib_root "

@@ -67,7 +67,7 @@ class DataSchema:
     interpolation: str | None = None
     crop_mode: str | None = None
     class_map: Any = None  # a class-map file (names in output order) or {name: output}; null: folder i = output i
-    class_order: str | None = None  # timm (natural: 2 before 10) | torchvision (plain): how folders were numbered
+    class_order: str | None = None  # timm | torchvision: the script that labelled the folders for training
     num_workers: int = 4  # threads for the first decode
     cache: bool = True  # decoded images cached under $VITQ_CACHE/images
 

@@ -118,7 +118,7 @@ class DataSpec:
     num_workers: int = 4
     cache: bool = True
     class_map: str = "null"  # JSON of data.class_map: a file of class names or a {name: output} mapping
-    class_order: str | None = None  # timm | torchvision: how the training script numbered the class folders
+    class_order: str | None = None  # timm | torchvision: the script that labelled the folders for training
 
 
 @functools.cache
