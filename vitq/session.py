@@ -219,7 +219,7 @@ class Session:
                 model, self._conversion = build_model(m.name, m.pretrained, m.checkpoint, m.kwargs_dict, m.use_ema,
                                                       m.resample_weights, m.checkpoint_prefix)
                 if self._conversion:
-                    log.info("model: weights loaded through %s", self._conversion)
+                    log.info("model: weights loaded: %s", self._conversion)
             self._model = model.float().to(self.device).eval()
         return self._model
 
