@@ -31,14 +31,17 @@ def _parent_front(uri: str, study: str) -> pd.DataFrame:
     return pd.read_csv(io.StringIO(text))
 
 
-def test_notebook_runs_against_a_small_sweep(tmp_path):
+def test_notebook_runs_against_a_small_sweep(tmp_path, capfd):
     r = run_sweep(tmp_path, "-m", "hydra/sweeper=vitq_optuna", "hydra.sweeper.search=mixed_precision",
                   "hydra.sweeper.n_trials=6", "hydra.sweeper.study_name=nb_study")
     assert r.returncode == 0, r.stderr[-3000:]
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     out = tmp_path / "report"
+    capfd.readouterr()
     html = run_notebook(uri, ["nb_study"], out)
     assert html.is_file() and html.stat().st_size > 50_000
+    kernel = capfd.readouterr()  # the kernel talks over Unix sockets in a private folder: no TCP port to read
+    assert "TCP" not in kernel.err + kernel.out and not list(tmp_path.glob("**/kernel-*")), kernel.err[-2000:]
     for fig in ("pareto_front.png", "bits_heatmap_nb_study.png", "sensitivity.png", "observers.png"):
         assert (out / fig).stat().st_size > 5_000, fig
     table = pd.read_csv(out / "pareto_configs_nb_study.csv")

@@ -11,8 +11,10 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import numpy as np
@@ -202,11 +204,21 @@ def run_notebook(uri: str | None, studies: list[str], out: Path, timeout: int = 
         raise ReportError(f"the notebook report needs the [report] extra ({e.name} is missing): "
                           "pip install 'vitq[report]'") from None
 
+    from jupyter_client.manager import AsyncKernelManager
+
     out.mkdir(parents=True, exist_ok=True)
     executed = out / "pareto_analysis.ipynb"
-    pm.execute_notebook(str(NOTEBOOK), str(executed), parameters={
-        "tracking_uri": resolve_uri(uri), "studies": ",".join(studies), "output_dir": str(out.resolve())},
-        progress_bar=False, execution_timeout=timeout, kernel_name="python3")
+    with tempfile.TemporaryDirectory(prefix="vitq-kernel-") as sockets:
+
+        class LocalKernel(AsyncKernelManager):
+            """The kernel on Unix sockets in a private folder (no TCP port: nothing on the network to read)."""
+
+            def __init__(self, **kwargs: Any) -> None:
+                super().__init__(transport="ipc", ip=str(Path(sockets) / "kernel"), **kwargs)
+
+        pm.execute_notebook(str(NOTEBOOK), str(executed), parameters={
+            "tracking_uri": resolve_uri(uri), "studies": ",".join(studies), "output_dir": str(out.resolve())},
+            progress_bar=False, execution_timeout=timeout, kernel_name="python3", kernel_manager_class=LocalKernel)
     html, _ = HTMLExporter().from_notebook_node(nbformat.read(executed, as_version=4))
     path = out / "pareto_analysis.html"
     path.write_text(html)
