@@ -20,7 +20,7 @@ from vitq.models.reference import REFERENCES, build_reference
 from vitq.models.vit import check_quantizable
 
 __all__ = ["REFERENCE_NAME", "ModelError", "build_model", "create_model", "file_sha256", "load_checkpoint",
-           "read_state_dict", "read_weights", "weights_path"]
+           "read_weights", "weights_path"]
 
 REFERENCE_NAME = "digits_reference"
 
@@ -89,11 +89,6 @@ def _placeholders(path: Path) -> list[tuple[type, str]]:
     except Exception:  # noqa: BLE001 - a legacy (non-zip) file: nothing to list
         return []
     return [(type(n.rpartition(".")[2], (_Unread,), {"__module__": __name__}), n) for n in sorted(names)]
-
-
-def read_state_dict(path: str | Path, use_ema: bool = True) -> dict[str, torch.Tensor]:
-    """The state dict in a local checkpoint (see :func:`read_weights`)."""
-    return read_weights(path, use_ema)[0]
 
 
 def read_weights(path: str | Path, use_ema: bool = True) -> tuple[dict[str, torch.Tensor], list[str]]:
