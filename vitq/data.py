@@ -308,9 +308,11 @@ def _list_folder(root: Path, key: str, class_order: str | None = None,
     if splits:
         raise DataError(f"{key}: {root} has class folders named like splits ({', '.join(splits)}); point "
                         "data.calib_root and data.eval_root at the split folders themselves")
-    nested = next((Path(p).relative_to(root) for p, _ in samples if len(Path(p).relative_to(root).parts) > 2), None)
-    if nested is None or class_map or class_order == "torchvision":
+    inside = len(os.path.join(str(root), ""))  # make_dataset joins root, class folder and the path below it
+    below = next((p for p, _ in samples if p.count(os.sep, inside) > 1), None)
+    if below is None or class_map or class_order == "torchvision":
         return classes, samples
+    nested = Path(below).relative_to(root)
     if class_order is None:
         raise DataError(f"{key}: images lie below their class folders ({nested}): timm's train script labels them by "
                         f"the folder that holds them ({nested.parent.name}), torchvision's ImageFolder by the class "
