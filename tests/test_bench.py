@@ -32,8 +32,11 @@ def test_bench_quick_reports_every_figure(tmp_path):
              "--out", str(out)], tmp_path, timeout=1200)  # (vit_small and scaling: minutes on CI's 2 cores)
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads(out.read_text())
-    cpu = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-               if ln.startswith("model name"))
+    first = {}  # the first processor's fields
+    for ln in Path("/proc/cpuinfo").read_text().splitlines():
+        if ":" in ln:
+            first.setdefault(ln.split(":")[0].strip(), ln.split(":", 1)[1].strip())
+    cpu = f"{first['model name']} (family {first['cpu family']} model {first['model']})"
     assert result["meta"]["cpu"] == cpu and f"on {cpu}, {result['meta']['threads']} threads" in r.stdout
     figures = flat_figures(result)
     for model in ("digits", "folder"):

@@ -573,14 +573,18 @@ def _trial_cost(w: Workload) -> dict[str, float]:
 
 # ---------------------------------------------------------------------------------------------- driver
 def cpu_name() -> str:
-    """The CPU's model name: the judged ratios depend on it (a 2-core AVX-512 Xeon ran timm's FP GEMMs 1.8x faster
-    than the AMD EPYC of earlier runs, and vitq's elementwise passes hardly faster; docs/performance.md)."""
+    """The CPU's model name with its family and model number: the judged ratios depend on it (a 2-core AVX-512 Xeon
+    ran timm's FP GEMMs 1.8x faster than the AMD EPYC of earlier runs, and vitq's elementwise passes hardly faster;
+    docs/performance.md), and a VM may name different CPUs alike (``Intel(R) Xeon(R) Processor``: models 207, 167)."""
+    fields: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
+    if "model name" in fields:
+        return f"{fields['model name']} (family {fields.get('cpu family', '?')} model {fields.get('model', '?')})"
     return platform.processor() or platform.machine()
 
 
