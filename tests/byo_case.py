@@ -183,12 +183,12 @@ def lightning_checkpoint(state: dict[str, torch.Tensor], path: Path) -> None:
 
     net = timm.create_model(MODEL_NAME, **KWARGS)
     net.load_state_dict(state)
-    lit = LitViT(net, functools.partial(torch.optim.SGD, lr=0.0))
     images = torch.randn(4, net.patch_embed.proj.in_channels, KWARGS["img_size"], KWARGS["img_size"])
-    trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_progress_bar=False,
-                         enable_checkpointing=False, enable_model_summary=False, default_root_dir=str(path.parent))
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Lightning's advice on save_hyperparameters and its own deprecations
+        lit = LitViT(net, functools.partial(torch.optim.SGD, lr=0.0))
+        trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                             enable_checkpointing=False, enable_model_summary=False, default_root_dir=str(path.parent))
         trainer.fit(lit, DataLoader(TensorDataset(images, torch.arange(4)), batch_size=4))
     trainer.save_checkpoint(str(path))
