@@ -133,7 +133,8 @@ def test_a_class_map_scores_a_few_classes_of_a_model_at_their_outputs(byo, tmp_p
             shutil.copytree(src / c, tmp_path / split / c)
     (tmp_path / "classes.txt").write_text("".join(f"digit_{k}\n" for k in range(10)))
     model = create_model(byo_case.MODEL_NAME, checkpoint=str(byo.checkpoint), kwargs=byo_case.KWARGS)
-    roots = {"calib_root": tmp_path / "calib", "eval_root": tmp_path / "eval", "n_eval": None, "cache": False}
+    roots = {"calib_root": tmp_path / "calib", "eval_root": tmp_path / "eval", "n_calib": None, "n_eval": None,
+             "cache": False}
     data = load_image_folder(model, **roots, class_map=str(tmp_path / "classes.txt"))
     assert data.num_classes == 10 and set(labels_of(data.eval)) == {3, 7}
     pred, y, _ = byo_case.plain_timm_predictions(byo)
@@ -142,7 +143,7 @@ def test_a_class_map_scores_a_few_classes_of_a_model_at_their_outputs(byo, tmp_p
                                                             abs=1e-12)
     cli = [a for a in byo.cli() if not a.startswith(("data.calib_root=", "data.eval_root="))]
     r = run_sweep(tmp_path, *cli, f"data.calib_root={tmp_path / 'calib'}", f"data.eval_root={tmp_path / 'eval'}",
-                  f"data.class_map={tmp_path / 'classes.txt'}", "tracking=none")
+                  f"data.class_map={tmp_path / 'classes.txt'}", "data.n_calib=null", "tracking=none")
     assert r.returncode == 0, r.stderr[-3000:]
     (metrics_file,) = tmp_path.glob("outputs/*/*/metrics.json")
     metrics = json.loads(metrics_file.read_text())
@@ -176,7 +177,8 @@ def test_class_folders_numbered_as_timm_or_torchvision_trained_the_model(tmp_pat
             for i in range(3):
                 Image.fromarray(rng.integers(0, 255, (16, 16), dtype=np.uint8)).save(folder / f"{i}.png")
     model = create_model(byo_case.MODEL_NAME, kwargs={**byo_case.KWARGS, "num_classes": 12})
-    roots = {"calib_root": tmp_path / "calib", "eval_root": tmp_path / "eval", "n_eval": None, "cache": False}
+    roots = {"calib_root": tmp_path / "calib", "eval_root": tmp_path / "eval", "n_calib": None, "n_eval": None,
+             "cache": False}
     for order, ds in (("timm", ImageDataset(str(tmp_path / "eval"))),
                       ("torchvision", ImageFolder(str(tmp_path / "eval")))):
         theirs = {str(Path(p)): int(y) for p, y in (ds.reader.samples if order == "timm" else ds.samples)}
@@ -189,11 +191,12 @@ def test_class_folders_numbered_as_timm_or_torchvision_trained_the_model(tmp_pat
         load_image_folder(model, **roots)
     kwargs = byo_case.KWARGS_CLI.replace("num_classes:10", "num_classes:12")
     r = run_sweep(tmp_path, "model=timm", f"model.name={byo_case.MODEL_NAME}", kwargs, "data=folder",
-                  f"data.calib_root={tmp_path / 'calib'}", f"data.eval_root={tmp_path / 'eval'}", "tracking=none")
+                  f"data.calib_root={tmp_path / 'calib'}", f"data.eval_root={tmp_path / 'eval'}", "tracking=none",
+                  "data.n_calib=null")
     assert "set data.class_order=timm or data.class_order=torchvision" in _one_line_error(r)
     r = run_sweep(tmp_path, "model=timm", f"model.name={byo_case.MODEL_NAME}", kwargs, "data=folder",
                   f"data.calib_root={tmp_path / 'calib'}", f"data.eval_root={tmp_path / 'eval'}", "tracking=none",
-                  "data.class_order=timm")
+                  "data.n_calib=null", "data.class_order=timm")
     assert r.returncode == 0, r.stderr[-3000:]
     (metrics_file,) = tmp_path.glob("outputs/*/*/metrics.json")
     prov = json.loads(metrics_file.read_text())["provenance"]
@@ -248,8 +251,8 @@ def test_grayscale_and_rgba_images_become_the_models_channels(byo, tmp_path):
     rgba = next((tmp_path / "eval" / "digit_1").iterdir())
     Image.open(rgba).convert("RGBA").save(rgba)
     model = create_model(byo_case.MODEL_NAME, checkpoint=str(byo.checkpoint), kwargs=byo_case.KWARGS)
-    data = load_image_folder(model, calib_root=tmp_path / "calib", eval_root=tmp_path / "eval", n_eval=None,
-                             cache=False, class_map={"digit_0": 0, "digit_1": 1})
+    data = load_image_folder(model, calib_root=tmp_path / "calib", eval_root=tmp_path / "eval", n_calib=None,
+                             n_eval=None, cache=False, class_map={"digit_0": 0, "digit_1": 1})
     x, _ = next(iter(torch.utils.data.DataLoader(data.eval, batch_size=len(data.eval))))
     assert x.shape[1:] == (3, 16, 16)
     i = data.meta["eval_files"].index(str(rgba))
@@ -675,6 +678,9 @@ def test_bad_inputs_are_one_line_rc2_and_nothing_logged(byo, tmp_path):
                                        "data.eval_root: images lie below their class folders (digit_0/batch_1/"),
         "images outside class folders": ([kwargs, f"data.eval_root={loose}"],
                                          f"data.eval_root: {loose} holds images outside any class folder (stray.png)"),
+        "more images than the folder has": ([kwargs, "data.n_eval=5000"],
+                                            f"data.n_eval=5000: {byo.eval} has 797 images; set data.n_eval to at most "
+                                            "797, or null for all of them"),
         "class map missing": ([kwargs, f"data.class_map={tmp_path / 'nope.txt'}"],
                               f"data.class_map: cannot read {tmp_path / 'nope.txt'}"),
     }

@@ -75,11 +75,8 @@ def test_image_folder_matches_in_memory(reference, tmp_path):
         Image.fromarray(img, mode="L").save(d / f"{i:04d}.png")
     folder = load_image_folder(model, root=tmp_path, n_calib=256, n_eval=600, seed=1, cache=False)
     orig = torch.as_tensor([int(Path(f).stem) for f in folder.meta["eval_files"]])
-    mem = load_digits(n_train=0, n_calib=1, n_eval=len(labels))  # every digit, in memory
-    pos = torch.empty(len(labels), dtype=torch.long)
-    pos[torch.as_tensor(mem.meta["eval_indices"])] = torch.arange(len(labels))
-    x, y = mem.eval.tensors
-    mem_eval = TensorDataset(x[pos[orig]], y[pos[orig]])
+    x = torch.from_numpy(pixels).float().div(255).unsqueeze(1).sub(0.5).div(0.5)  # every digit, in memory, as
+    mem_eval = TensorDataset(x[orig], torch.from_numpy(labels)[orig])  # ToTensor + Normalize(0.5, 0.5) make them
     assert torch.equal(torch.stack([folder.eval[k][0] for k in range(8)]), mem_eval.tensors[0][:8])
     acc_folder, acc_mem = evaluate(model, folder.eval).top1, evaluate(model, mem_eval).top1
     print(f"ImageFolder top-1 {acc_folder:.4f} vs in-memory {acc_mem:.4f}")
@@ -92,6 +89,10 @@ def test_data_errors(tmp_path, reference):
         load_image_folder(model, root=tmp_path / "missing")
     with pytest.raises(DataError, match="empty split"):
         load_digits(n_calib=0)
+    with pytest.raises(DataError, match=r"data.n_calib=1401: data 'digits' has 1400 images outside the 397 evaluation "
+                                        r"images; set data.n_calib to at most 1400"):
+        load_digits(n_calib=1401)  # (before: 1400 of them, silently)
+    assert len(load_digits(n_calib=1400, n_eval=397).calib) == 1400
     big = load_digits()
     big.num_classes = 20
     with pytest.raises(DataError, match="20 classes but the model has 10 outputs"):

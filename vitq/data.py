@@ -182,7 +182,11 @@ def _split_sizes(n: int, n_train: int, n_calib: int, n_eval: int | None, name: s
         raise DataError(f"data '{name}': empty split (n_calib={n_calib}, n_eval={n_eval})")
     if n_train + n_eval > n:
         raise DataError(f"data '{name}' has {n} images; n_train={n_train} + n_eval={n_eval} do not fit")
-    return n_train, min(n_calib, max(n_train, n - n_eval)), n_eval
+    room = max(n_train, n - n_eval)  # calibration images come from the training split, never from the eval set
+    if n_calib > room:
+        raise DataError(f"data.n_calib={n_calib}: data '{name}' has {room} images outside the {n_eval} evaluation "
+                        f"images; set data.n_calib to at most {room}")
+    return n_train, n_calib, n_eval
 
 
 def load_digits(seed: int = 0, n_train: int = 1400, n_calib: int = 256, n_eval: int | None = None,
@@ -519,6 +523,11 @@ def load_image_folder(model: torch.nn.Module, *, root: str | Path | None = None,
             raise DataError(f"data.eval_root: class folders differ from data.calib_root: only in calib_root "
                             f"{only_c[:8]}, only in eval_root {only_e[:8]}")
         outputs, n_out, space = class_indices(model, classes, "data.calib_root", class_map, class_order)
+        for key, want, found, folder in (("n_calib", n_calib, c_samples, calib_root),
+                                         ("n_eval", n_eval, e_samples, eval_root)):
+            if want is not None and want > len(found):
+                raise DataError(f"data.{key}={want}: {folder} has {len(found)} images; set data.{key} to at most "
+                                f"{len(found)}, or null for all of them")
         c_samples, e_samples = ([(p, int(outputs[lab])) for p, lab in ss] for ss in (c_samples, e_samples))
         cal = stratified_subset(np.array([lab for _, lab in c_samples]), n_calib, seed)
         ev = stratified_subset(np.array([lab for _, lab in e_samples]), n_eval, seed + 1)
