@@ -231,6 +231,18 @@ def test_images_below_their_class_folders_are_labelled_as_the_training_script_di
         with pytest.raises(DataError, match=r"data.eval_root: images lie below their class folders \((even|[a-z_0-9]+)"
                                             r"/.*\): timm's train script labels them by the folder that holds them"):
             load_image_folder(model, calib_root=byo.calib, eval_root=tmp_path / layout, n_calib=50, cache=False)
+    digits = {f"digit_{k}": k for k in range(10)}  # a class map names the folders that label the images
+    data = load_image_folder(model, calib_root=byo.calib, eval_root=tmp_path / "by_parity", n_eval=None, n_calib=50,
+                             cache=False, class_order="timm", class_map=digits)
+    assert {Path(p).name: y for p, y in zip(data.meta["eval_files"], labels_of(data.eval).tolist(), strict=True)} == \
+        {name: digits[c] for name, c in flat.items()}
+    with pytest.raises(DataError, match=r"data.eval_root: images lie below their class folders"):
+        load_image_folder(model, calib_root=byo.calib, eval_root=tmp_path / "by_parity", n_calib=50, cache=False,
+                          class_map=digits)
+    with pytest.raises(DataError, match=r"data.class_order: data.class_map already numbers the folders, and no "
+                                        r"image lies below its class folder"):
+        load_image_folder(model, calib_root=byo.calib, eval_root=byo.eval, n_calib=50, cache=False,
+                          class_order="timm", class_map=digits)
     with pytest.raises(DataError, match=r"data.eval_root: class folders differ .* only in eval_root \['even', 'odd'\]"):
         load_image_folder(model, calib_root=byo.calib, eval_root=tmp_path / "by_parity", n_calib=50, cache=False,
                           class_order="torchvision")  # (torchvision would label them even and odd)

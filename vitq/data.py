@@ -285,15 +285,14 @@ def resolve_transform(model: torch.nn.Module, overrides: dict[str, Any] | None =
     return cfg
 
 
-def _list_folder(root: Path, key: str, class_order: str | None = None,
-                 class_map: bool = False) -> tuple[list[str], list[tuple[str, int]]]:
-    """Class names (sorted) and (file, index into them) of the class folders in ``root``.
+def _list_folder(root: Path, key: str,
+                 class_order: str | None = None) -> tuple[list[str], list[tuple[str, int]], bool]:
+    """Class names (sorted), (file, index into them) and whether any image lies below its class folder, in ``root``.
 
     An image below its class folder (``cat/2024/x.png``) is labelled by its class folder (``cat``) in torchvision's
-    ImageFolder, by the folder that holds it (``2024``) in timm's train script; where there are such images,
-    ``class_order`` must say which trained the model (``timm``: timm's own reader lists the folder), unless a
-    ``class_map`` names the class folders. Images in ``root`` itself are refused: neither labels them as a class
-    folder would."""
+    ImageFolder, by the folder that holds it (``2024``) in timm's train script (with or without a class map); where
+    there are such images, ``class_order`` must say which trained the model (``timm``: timm's own reader lists the
+    folder). Images in ``root`` itself are refused: neither labels them as a class folder would."""
     from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
     if not root.is_dir():
@@ -314,8 +313,8 @@ def _list_folder(root: Path, key: str, class_order: str | None = None,
                         "data.calib_root and data.eval_root at the split folders themselves")
     inside = len(os.path.join(str(root), ""))  # make_dataset joins root, class folder and the path below it
     below = next((p for p, _ in samples if p.count(os.sep, inside) > 1), None)
-    if below is None or class_map or class_order == "torchvision":
-        return classes, samples
+    if below is None or class_order == "torchvision":
+        return classes, samples, below is not None
     nested = Path(below).relative_to(root)
     if class_order is None:
         raise DataError(f"{key}: images lie below their class folders ({nested}): timm's train script labels them by "
@@ -328,17 +327,22 @@ def _list_folder(root: Path, key: str, class_order: str | None = None,
     name = {i: c for c, i in reader.class_to_idx.items()}
     classes = sorted(reader.class_to_idx)
     at = {c: i for i, c in enumerate(classes)}
-    return classes, [(str(p), at[name[t]]) for p, t in reader.samples]
+    return classes, [(str(p), at[name[t]]) for p, t in reader.samples], True
 
 
-CLASS_ORDERS = ("timm", "torchvision")  # how a training script labelled the class folders (data.class_order)
+CLASS_ORDERS = ("timm", "torchvision")  # the script that labelled the class folders for training (data.class_order)
 
 
-def _check_order(class_order: str | None, class_map: bool) -> None:
+def _check_order(class_order: str | None) -> None:
     if class_order is not None and class_order not in CLASS_ORDERS:
         raise DataError(f"data.class_order={class_order!r}: valid: {', '.join(CLASS_ORDERS)} (or null)")
-    if class_order is not None and class_map:
-        raise DataError("data.class_order: data.class_map already numbers the folders; set one of the two")
+
+
+def _check_order_and_map(class_order: str | None, class_map: object, nested: bool) -> None:
+    """With a class map, ``class_order`` only says which folder labels an image below its class folder."""
+    if class_order is not None and class_map is not None and not nested:
+        raise DataError("data.class_order: data.class_map already numbers the folders, and no image lies below its "
+                        "class folder; set one of the two")
 
 
 def class_indices(model: torch.nn.Module, classes: list[str], key: str, class_map: str | dict[str, int] | None = None,
@@ -356,7 +360,7 @@ def class_indices(model: torch.nn.Module, classes: list[str], key: str, class_ma
       case-insensitive), torchvision's ImageFolder in plain order (``10`` before ``2``); where the two differ,
       ``class_order`` (``data.class_order``) must say which trained the model.
     """
-    _check_order(class_order, class_map is not None)
+    _check_order(class_order)
     n = int(getattr(model, "num_classes", 0) or 0)
     index: dict[str, int] | None = None
     if class_map is not None:
@@ -496,11 +500,12 @@ def load_image_folder(model: torch.nn.Module, *, root: str | Path | None = None,
     for k, v in (("n_calib", n_calib), ("n_eval", n_eval)):
         if v is not None and v < 1:
             raise DataError(f"data.{k}={v}: must be >= 1 (or null for all images)")
-    _check_order(class_order, class_map is not None)
+    _check_order(class_order)
     tcfg = resolve_transform(model, transform)
     if root is not None:
         root = Path(root).expanduser()
-        classes, samples = _list_folder(root, "data.root", class_order, class_map is not None)
+        classes, samples, nested = _list_folder(root, "data.root", class_order)
+        _check_order_and_map(class_order, class_map, nested)
         outputs, n_out, space = class_indices(model, classes, "data.root", class_map, class_order)
         samples = [(p, int(outputs[lab])) for p, lab in samples]
         labels = np.array([lab for _, lab in samples])
@@ -516,8 +521,9 @@ def load_image_folder(model: torch.nn.Module, *, root: str | Path | None = None,
         roots = {"root": str(root.resolve())}
     else:
         calib_root, eval_root = Path(calib_root).expanduser(), Path(eval_root).expanduser()
-        classes, c_samples = _list_folder(calib_root, "data.calib_root", class_order, class_map is not None)
-        e_classes, e_samples = _list_folder(eval_root, "data.eval_root", class_order, class_map is not None)
+        classes, c_samples, c_nested = _list_folder(calib_root, "data.calib_root", class_order)
+        e_classes, e_samples, e_nested = _list_folder(eval_root, "data.eval_root", class_order)
+        _check_order_and_map(class_order, class_map, c_nested or e_nested)
         if classes != e_classes:
             only_c, only_e = sorted(set(classes) - set(e_classes)), sorted(set(e_classes) - set(classes))
             raise DataError(f"data.eval_root: class folders differ from data.calib_root: only in calib_root "
