@@ -152,3 +152,8 @@ def test_compare_cli_writes_its_table(tmp_path):
     np.testing.assert_allclose(result["fronts"]["tpe_warm"][0], expected, rtol=1e-12)
     r = run([sys.executable, "-m", "vitq.search.compare", "--trials", "2", "data.n_calib=0"], tmp_path, timeout=300)
     assert r.returncode == 2 and "empty split" in r.stderr
+    r = run([sys.executable, "-m", "vitq.search.compare", "--matched", "--trials", "2", "--search-images", "397"],
+            tmp_path, timeout=300)  # (the digits' 397 evaluation images: none left to test on)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
+        "vitq: --search-images=397: the evaluation set has 397 images, and the search images must leave some to test "
+        "on (fewer, or a larger data.n_eval)"), r.stderr[-2000:]

@@ -202,7 +202,7 @@ def matched_budgets(n_trials: int = 30, seed: int = 0, min_act_bits: int = 4, n_
     ``n_search`` of the held-out images; top-1 is reported on the rest, with its standard error and each strategy's
     paired difference to the per-point solver. ``with_modelopt``: NVIDIA ModelOpt's ``auto_quantize`` at the weight
     budgets too (:mod:`vitq.search.modelopt_compare`)."""
-    from vitq.data import DataBundle, labels_of, stratified_subset, subset
+    from vitq.data import DataBundle, DataError, labels_of, stratified_subset, subset
     from vitq.quant.config import POINTS, SECTION_OF, WEIGHT_POINTS
     from vitq.search.sensitivity import allowed_widths, with_bits
     from vitq.sweep import compose, session_of
@@ -215,6 +215,9 @@ def matched_budgets(n_trials: int = 30, seed: int = 0, min_act_bits: int = 4, n_
     base, session = session_of(compose(overrides), overrides)
     model, data = session.model, session.data
     labels = labels_of(data.eval)
+    if not 0 < n_search < len(labels):
+        raise DataError(f"--search-images={n_search}: the evaluation set has {len(labels)} images, and the search "
+                        "images must leave some to test on (fewer, or a larger data.n_eval)")
     search_idx = stratified_subset(labels, n_search, seed)
     test_idx = np.setdiff1d(np.arange(len(labels)), search_idx)
     search_data = DataBundle(data.name, data.calib, subset(data.eval, search_idx), data.num_classes, data.train,
