@@ -120,6 +120,8 @@ def test_env_vars_keep_urls_out_of_the_config(monkeypatch, tmp_path):
 def test_bad_inputs_each_one_line_rc2(tmp_path):
     bad_db = tmp_path / "corrupt.db"
     bad_db.write_text("not a database " * 40)
+    blocker = tmp_path / "a_file"  # (a folder under a file cannot be created)
+    blocker.write_text("")
     dup = tmp_path / "dup.yaml"
     dup.write_text("study_name: d\nparams:\n  layers.attn_qkv.bit_type.bits: [4, 8]\n"
                    "  layers.attn_qkv.bit_type.bits: [2]\n")
@@ -131,6 +133,11 @@ def test_bad_inputs_each_one_line_rc2(tmp_path):
         ("-m", "hydra/sweeper=vitq_optuna", f"hydra.sweeper.search={dup}"): "duplicate key 'layers.attn_qkv.bit_type",
         ("attn_layer.kv_act.kv_bins=1000000",): "kv_bins: must be an integer in 16..65536",
         ("data.n_train=1000",): "data.n_train=1000: model digits_reference was trained on the first 1400 digits",
+        ("study_name=",): "vitq: study_name: must be a name (the MLflow experiment), got an empty one",
+        ("-m", "hydra/sweeper=vitq_optuna", "hydra.sweeper.study_name="): "vitq: hydra.sweeper.study_name: must be a "
+                                                                          "name, got an empty one",
+        (f"export_dir={blocker / 'configs'}",): f"vitq: export_dir: cannot create {blocker / 'configs'}: Not a "
+                                                "directory",
     }
     for args, expect in cases.items():
         r = run_sweep(tmp_path, *args, timeout=300)

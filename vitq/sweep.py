@@ -91,12 +91,29 @@ def session_of(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = ()):  #
     from vitq.session import Session
 
     qcfg = layer_config_from(cfg)
+    _check_outputs(cfg)
     if not overrides and HydraConfig.initialized():
         overrides = list(HydraConfig.get().overrides.task)
     qcfg.check_default_reaches(default_fields_set(overrides))
     session = Session.from_config(cfg).build()
     check_block_indices(qcfg, len(session.model.blocks))
     return qcfg, session
+
+
+def _check_outputs(cfg: DictConfig) -> None:
+    """ConfigError naming the key, before any trial: an empty study name, an export folder that cannot be written."""
+    from vitq.quant.config import ConfigError
+
+    if "study_name" in cfg and not str(cfg.study_name or "").strip():
+        raise ConfigError("study_name", "must be a name (the MLflow experiment), got an empty one")
+    if cfg.get("export_dir"):
+        folder = Path(cfg.export_dir).expanduser()
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError("export_dir", f"cannot create {folder}: {e.strerror or e}") from None
+        if not os.access(folder, os.W_OK):
+            raise ConfigError("export_dir", f"{folder} is not writable")
 
 
 def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
@@ -282,8 +299,7 @@ def _job(cfg: DictConfig, number: int | None, multirun: bool) -> dict[str, float
     from vitq.trial import run_trial
 
     if cfg.export_dir:
-        Path(cfg.export_dir).mkdir(parents=True, exist_ok=True)
-        qcfg.to_yaml(Path(cfg.export_dir) / f"quant_config_{number or 0}.yaml")
+        qcfg.to_yaml(Path(cfg.export_dir).expanduser() / f"quant_config_{number or 0}.yaml")
 
     def trial() -> tuple[dict[str, float], Any]:
         maybe_kill("in_trial", number)

@@ -166,6 +166,9 @@ class VitqOptunaSweeperImpl(Sweeper):
             except Exception as e:  # noqa: BLE001 - an import error of the user's module, named in one line
                 raise ConfigError("hydra.sweeper.custom_search_space",
                                   f"cannot import {spec.custom_search_space}: {str(e).splitlines()[0]}") from None
+        for key, name in (("hydra.sweeper.study_name", self.settings.study_name), ("study_name", spec.study_name)):
+            if name is not None and not str(name).strip():
+                raise ConfigError(key, "must be a name, got an empty one (leave it unset for the search's name)")
         spec.study_name = self.settings.study_name or spec.study_name or spec.name
         spec.storage = (self.settings.storage or os.environ.get(STORAGE_ENV) or spec.storage
                         or f"sqlite:///{Path.cwd() / 'optuna.db'}")
