@@ -38,6 +38,15 @@ def test_report_cli(tmp_path):
              "--study", "nope", "--out", str(tmp_path / "x")], tmp_path, timeout=300)
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("vitq: ")]
     assert r.returncode == 2 and len(lines) == 1 and "no study (experiment) 'nope'" in lines[0]
+    r = run([sys.executable, "-m", "vitq.report", "notebook", "--tracking-uri", f"sqlite:///{tmp_path / 'none.db'}",
+             "--study", "nope", "--out", str(tmp_path / "nb")], tmp_path, timeout=300)  # checked before the kernel
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("vitq: tracking store sqlite:///") \
+        and "Traceback" not in r.stderr, r.stderr[-2000:]
+    (tmp_path / "a_file").write_text("")
+    r = run([sys.executable, "-m", "vitq.report", "export", "--study", "nope", "--out", str(tmp_path / "a_file" / "x")],
+            tmp_path, timeout=300)
+    assert r.returncode == 2 and r.stderr.strip() == f"vitq: --out: cannot create {tmp_path / 'a_file' / 'x'}: Not a " \
+        "directory", r.stderr[-2000:]
     r = run([sys.executable, "-m", "vitq.report", "presets"], tmp_path, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "FQ-ViT: PTF + LIS (quant=fqvit)" in r.stdout and "MinMax W8A8, 4-bit attention maps" in r.stdout

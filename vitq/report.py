@@ -206,6 +206,8 @@ def run_notebook(uri: str | None, studies: list[str], out: Path, timeout: int = 
 
     from jupyter_client.manager import AsyncKernelManager
 
+    for study in studies:  # a missing study or one without finished trials: one line here, not a notebook traceback
+        load_study(uri, study)
     out.mkdir(parents=True, exist_ok=True)
     executed = out / "pareto_analysis.ipynb"
     with tempfile.TemporaryDirectory(prefix="vitq-kernel-") as sockets:
@@ -268,6 +270,17 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("presets", help="FQ-ViT (PTF + LIS) against MinMax W8A8 and 4-bit attention maps")
     p.add_argument("overrides", nargs="*", metavar="OVERRIDES", help="model=, data=, device= (the sweep's)")
     args = ap.parse_args(argv)
+    if args.cmd == "export":
+        try:
+            budgets = [float(b) for b in args.size_budgets.split(",") if b]
+        except ValueError as e:
+            ap.error(f"--size-budgets: {e}")
+    if args.cmd in ("export", "notebook"):
+        try:
+            args.out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            say(f"--out: cannot create {args.out}: {e.strerror or e}")
+            return 2
     try:
         if args.cmd == "presets":
             from vitq.session import SessionError
@@ -279,7 +292,6 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
             print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
         elif args.cmd == "export":
-            budgets = [float(b) for b in args.size_budgets.split(",") if b]
             print(json.dumps(export(args.tracking_uri, args.study, args.out, budgets), indent=2))
         else:
             print(f"[vitq.report] {run_notebook(args.tracking_uri, args.study.split(','), args.out)}")
