@@ -65,6 +65,14 @@ def test_bench_quick_reports_every_figure(tmp_path):
     assert result["goal_status"] == {} and "goals: not judged in --quick" in r.stdout  # too few images to judge
 
 
+def test_an_unwritable_out_is_refused_before_the_bench_runs(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    out = tmp_path / "a_file" / "bench.json"
+    r = run([sys.executable, "-m", "vitq.bench", "--quick", "--out", str(out)], tmp_path, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().startswith(f"vitq: --out: cannot write {out}: "), r.stderr
+    assert "[bench]" not in r.stdout  # nothing measured
+
+
 def test_a_full_run_judges_every_goal():
     """Every goal names figures a full run measures; each is judged by its comparison."""
     result = {"meta": {"quick": False}, "goals": GOALS}

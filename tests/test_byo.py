@@ -797,3 +797,7 @@ def test_sensitivity_cli_takes_a_timm_model_and_folders(byo, tmp_path):
     r = run([sys.executable, "-m", "vitq.search.sensitivity", "--budgets", "1", "model.name=nope_vit"], tmp_path,
             timeout=300)
     assert _one_line_error(r).startswith("vitq: model.name: unknown timm model 'nope_vit'")
+    (tmp_path / "a_file").write_text("")
+    r = run([sys.executable, "-m", "vitq.search.sensitivity", "--budgets", "1", "--tracking-uri",
+             f"sqlite:///{tmp_path / 'a_file' / 'mlflow.db'}"], tmp_path, timeout=300)  # checked before measuring
+    assert _one_line_error(r).startswith(f"vitq: tracking.uri: cannot use the MLflow store sqlite:///{tmp_path}")

@@ -161,6 +161,13 @@ def test_compare_cli_writes_its_table(tmp_path):
     np.testing.assert_allclose(result["fronts"]["tpe_warm"][0], expected, rtol=1e-12)
     r = run([sys.executable, "-m", "vitq.search.compare", "--trials", "2", "data.n_calib=0"], tmp_path, timeout=300)
     assert r.returncode == 2 and "empty split" in r.stderr
+    r = run([sys.executable, "-m", "vitq.search.compare", "--trials", "0"], tmp_path, timeout=300)
+    assert r.returncode == 2 and "--trials: must be >= 1, got 0" in r.stderr
+    (tmp_path / "a_file").write_text("")
+    r = run([sys.executable, "-m", "vitq.search.compare", "--trials", "2", "--out", str(tmp_path / "a_file" / "x")],
+            tmp_path, timeout=300)
+    assert r.returncode == 2 and r.stderr.strip() == f"vitq: --out: cannot create {tmp_path / 'a_file' / 'x'}: Not " \
+        "a directory", r.stderr[-2000:]
     r = run([sys.executable, "-m", "vitq.search.compare", "--matched", "--trials", "2", "--search-images", "397"],
             tmp_path, timeout=300)  # (the digits' 397 evaluation images: none left to test on)
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (

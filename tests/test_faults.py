@@ -138,6 +138,8 @@ def test_bad_inputs_each_one_line_rc2(tmp_path):
                                                                           "name, got an empty one",
         (f"export_dir={blocker / 'configs'}",): f"vitq: export_dir: cannot create {blocker / 'configs'}: Not a "
                                                 "directory",
+        (f"tracking.uri=sqlite:///{blocker / 'mlflow.db'}",): f"vitq: tracking.uri: cannot use the MLflow store "
+                                                             f"sqlite:///{blocker / 'mlflow.db'}: FileExistsError",
     }
     for args, expect in cases.items():
         r = run_sweep(tmp_path, *args, timeout=300)

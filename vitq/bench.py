@@ -714,18 +714,27 @@ def main(argv: list[str] | None = None) -> int:
     sections = tuple(x for x in args.sections.split(",") if x)
     if set(sections) - {"sweep", "scaling"}:
         ap.error(f"--sections: unknown {sorted(set(sections) - {'sweep', 'scaling'})}; choose from sweep, scaling")
+    out = Path(args.out)
+    existed = out.exists()
+    try:  # before the bench's minutes, not after them
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.touch()
+    except OSError as e:
+        print(f"vitq: --out: cannot write {out}: {e.strerror or e}", file=sys.stderr)
+        return 2
     from vitq.session import SessionError
 
     try:
         result = run_bench(args.quick, models, device=args.device, overrides=tuple(args.overrides), sections=sections)
     except SessionError as e:
+        if not existed:
+            out.unlink(missing_ok=True)
         print(f"vitq: {e}", file=sys.stderr)
         return 2
     result["goal_status"] = goal_status(result)
     print(format_table(result))
     bad = {k: v for k, v in flat_figures(result).items() if not math.isfinite(v)}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    out.write_text(json.dumps(result, indent=2))
     print(f"[bench] wrote {args.out}")
     if bad:
         print(f"[bench] non-finite figures: {bad}")

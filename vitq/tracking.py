@@ -141,8 +141,8 @@ def use_store(uri: str | None, experiment: str) -> str:
         mlflow.set_tracking_uri(uri)
     if (known := _EXPERIMENTS.get((uri, experiment))) is not None:
         return known
-    root = artifact_root(uri)
     try:
+        root = artifact_root(uri)  # (creates a SQLite store's folder)
         with _store_lock(uri):
             sqlite_wal(uri)
             if root is not None and mlflow.get_experiment_by_name(experiment) is None:

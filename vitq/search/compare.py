@@ -416,6 +416,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*", metavar="OVERRIDES",
                     help="the sweep's Hydra overrides: base config, model=, data=, device=")
     args = ap.parse_args(argv)
+    for flag in ("--trials", "--seeds", "--reference-trials", "--search-images"):
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None and value < 1:
+            ap.error(f"{flag}: must be >= 1, got {value}")
     modes = {"--matched": ("--min-act-bits", "--search-images", "--with-modelopt", "--block-drops"),
              "hypervolume": ("--seeds", "--reference-trials")}
     for flag in modes["hypervolume" if args.matched else "--matched"]:
@@ -424,7 +428,11 @@ def main(argv: list[str] | None = None) -> int:
     from vitq.search.modelopt_compare import ModelOptMissing
     from vitq.session import SessionError
 
-    args.out.mkdir(parents=True, exist_ok=True)
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        print(f"vitq: --out: cannot create {args.out}: {e.strerror or e}", file=sys.stderr)
+        return 2
     try:
         if args.matched:
             result = matched_budgets(args.trials, min_act_bits=_given(args.min_act_bits, 4),

@@ -514,9 +514,13 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--budgets/--candidates: {e}")
     if args.n_eval < 1:
         ap.error(f"--n-eval: must be >= 1, got {args.n_eval}")
+    from vitq import tracking
+
     try:
         base, session = session_of(compose(args.overrides), args.overrides)
-    except SessionError as e:
+        if args.tracking_uri:  # before the measurement, not after it
+            tracking.use_store(args.tracking_uri, args.study)
+    except (*SessionError, tracking.TrackingError) as e:
         print(f"vitq: {e}", file=sys.stderr)
         return 2
     model, data = session.model, session.data
