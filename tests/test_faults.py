@@ -88,6 +88,7 @@ def test_secrets_never_written(tmp_path, pg_database):
 @pytest.mark.slow
 def test_bad_sweeper_arguments_fail_before_any_trial(tmp_path):
     base = ["-m", "hydra/sweeper=vitq_optuna", "hydra.sweeper.search=bits_only"]
+    (tmp_path / "a_file").write_text("")  # (a folder under a file cannot be created)
     cases = {
         "hydra.sweeper.n_trials=0": "hydra.sweeper.n_trials: must be >= 1, got 0",
         "hydra.sweeper.n_trials=-1": "hydra.sweeper.n_trials: must be >= 1, got -1",
@@ -97,6 +98,8 @@ def test_bad_sweeper_arguments_fail_before_any_trial(tmp_path):
         "hydra.sweeper.storage=postgresql://nobody@127.0.0.1:1/db.log":
             "cannot open the Optuna storage postgresql://nobody@127.0.0.1:1/db.log",
         "hydra.sweeper.storage=notadialect://x/y": "cannot open the Optuna storage notadialect://x/y",
+        f"hydra.sweeper.storage=sqlite:///{tmp_path / 'a_file' / 'o.db'}":
+            f"vitq: hydra.sweeper.storage: cannot create the folder of sqlite:///{tmp_path / 'a_file' / 'o.db'}",
         "blocks.9.layers.attn_qkv.bit_type.bits=choice(4,8)":
             "params.blocks.9.layers.attn_qkv.bit_type.bits: block 9 does not exist: the model has 4 blocks (0..3)",
     }

@@ -56,7 +56,11 @@ def make_storage(url: str, heartbeat_interval: int | None = 30, grace_period: in
     except Exception as e:  # noqa: BLE001 - sqlalchemy.exc.ArgumentError and friends
         raise StorageError(f"hydra.sweeper.storage: {redact(url)} is not a database URL ({type(e).__name__}); use "
                            "dialect+driver://user:password@host:port/db, sqlite:///path or journal:///path") from None
-    tracking.sqlite_file(url)  # a SQLite storage's folder must exist
+    try:
+        tracking.sqlite_file(url)  # a SQLite storage's folder must exist
+    except OSError as e:
+        raise StorageError(f"hydra.sweeper.storage: cannot create the folder of {redact(url)}: "
+                           f"{e.strerror or e}") from None
     retry = retry_callback(max_retry)
 
     def stale(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
