@@ -75,8 +75,9 @@ def test_image_folder_matches_in_memory(reference, tmp_path):
         Image.fromarray(img, mode="L").save(d / f"{i:04d}.png")
     folder = load_image_folder(model, root=tmp_path, n_calib=256, n_eval=600, seed=1, cache=False)
     orig = torch.as_tensor([int(Path(f).stem) for f in folder.meta["eval_files"]])
-    x = torch.from_numpy(pixels).float().div(255).unsqueeze(1).sub(0.5).div(0.5)  # every digit, in memory, as
-    mem_eval = TensorDataset(x[orig], torch.from_numpy(labels)[orig])  # ToTensor + Normalize(0.5, 0.5) make them
+    # every digit in memory, as ToTensor + Normalize(0.5, 0.5) make them
+    x = torch.from_numpy(pixels).float().div(255).unsqueeze(1).sub(0.5).div(0.5)
+    mem_eval = TensorDataset(x[orig], torch.from_numpy(labels)[orig])
     assert torch.equal(torch.stack([folder.eval[k][0] for k in range(8)]), mem_eval.tensors[0][:8])
     acc_folder, acc_mem = evaluate(model, folder.eval).top1, evaluate(model, mem_eval).top1
     print(f"ImageFolder top-1 {acc_folder:.4f} vs in-memory {acc_mem:.4f}")
