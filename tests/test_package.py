@@ -47,6 +47,10 @@ def test_vitq_command(tmp_path):
     assert exe is not None, "the vitq console script is not installed (pip install -e .)"
     r = run([exe, "--help"], tmp_path)
     assert r.returncode == 0 and "sweep" in r.stdout and "bench" in r.stdout
+    r = run([exe, "--version"], tmp_path)
+    from importlib.metadata import version
+
+    assert r.returncode == 0 and r.stdout.startswith(f"vitq {version('vitq')} (torch {version('torch')}, timm ")
     bad = run([exe, "swep"], tmp_path)
     assert bad.returncode == 2 and "unknown command 'swep'" in bad.stderr
     r = run([exe, "report", "--help"], tmp_path)

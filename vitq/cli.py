@@ -8,7 +8,24 @@ import sys
 
 COMMANDS = {"sweep": "vitq.sweep", "report": "vitq.report", "sensitivity": "vitq.search.sensitivity",
             "compare": "vitq.search.compare", "bench": "vitq.bench"}
-USAGE = "usage: vitq {" + ",".join(COMMANDS) + "} [ARGS...]   (vitq COMMAND --help for a command's arguments)"
+USAGE = ("usage: vitq {" + ",".join(COMMANDS) + "} [ARGS...]   (vitq COMMAND --help for a command's arguments; "
+         "vitq --version)")
+
+
+def version() -> str:
+    """vitq's version and those of the libraries its numbers depend on."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    from vitq import __version__
+
+    parts = []
+    for dist in ("torch", "timm", "optuna", "mlflow", "hydra-core"):
+        try:
+            parts.append(f"{dist} {installed(dist)}")
+        except PackageNotFoundError:
+            parts.append(f"{dist} (not installed)")
+    return f"vitq {__version__} ({', '.join(parts)})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -16,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args or args[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if args else 2
+    if args[0] in ("-V", "--version"):
+        print(version())
+        return 0
     name, rest = args[0], args[1:]
     if name not in COMMANDS:
         print(f"vitq: unknown command {name!r}\n{USAGE}", file=sys.stderr)
