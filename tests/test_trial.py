@@ -88,8 +88,11 @@ def test_data_errors(tmp_path, reference):
     model, _ = reference
     with pytest.raises(DataError, match="data.root: image folder not found"):
         load_image_folder(model, root=tmp_path / "missing")
-    with pytest.raises(DataError, match="empty split"):
+    with pytest.raises(DataError, match=r"data.n_calib=0: an empty split of data 'digits'"):
         load_digits(n_calib=0)
+    with pytest.raises(DataError, match=r"data.n_eval=2000: data 'digits' has 1797 images; n_train=1400 \+ "
+                                        r"n_eval=2000 do not fit"):
+        load_digits(n_eval=2000)
     with pytest.raises(DataError, match=r"data.n_calib=1401: data 'digits' has 1400 images outside the 397 evaluation "
                                         r"images; set data.n_calib to at most 1400"):
         load_digits(n_calib=1401)  # (before: 1400 of them, silently)

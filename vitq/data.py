@@ -178,10 +178,12 @@ def _split_sizes(n: int, n_train: int, n_calib: int, n_eval: int | None, name: s
     for label, k in (("n_train", n_train), ("n_calib", n_calib), ("n_eval", n_eval)):
         if k < 0:
             raise DataError(f"data.{label}={k}: must be >= 0")
-    if n_calib == 0 or n_eval == 0:
-        raise DataError(f"data '{name}': empty split (n_calib={n_calib}, n_eval={n_eval})")
+    for label, k in (("n_calib", n_calib), ("n_eval", n_eval)):
+        if k == 0:
+            raise DataError(f"data.{label}=0: an empty split of data '{name}' (n_calib={n_calib}, n_eval={n_eval})")
     if n_train + n_eval > n:
-        raise DataError(f"data '{name}' has {n} images; n_train={n_train} + n_eval={n_eval} do not fit")
+        raise DataError(f"data.n_eval={n_eval}: data '{name}' has {n} images; n_train={n_train} + n_eval={n_eval} do "
+                        "not fit")
     room = max(n_train, n - n_eval)  # calibration images come from the training split, never from the eval set
     if n_calib > room:
         raise DataError(f"data.n_calib={n_calib}: data '{name}' has {room} images outside the {n_eval} evaluation "
