@@ -714,21 +714,19 @@ def main(argv: list[str] | None = None) -> int:
     sections = tuple(x for x in args.sections.split(",") if x)
     if set(sections) - {"sweep", "scaling"}:
         ap.error(f"--sections: unknown {sorted(set(sections) - {'sweep', 'scaling'})}; choose from sweep, scaling")
-    out = Path(args.out)
-    existed = out.exists()
+    from vitq.paths import FolderError, output_folder
+
+    out = Path(args.out).expanduser()
     try:  # before the bench's minutes, not after them
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.touch()
-    except OSError as e:
-        print(f"vitq: --out: cannot write {out}: {e.strerror or e}", file=sys.stderr)
+        output_folder(out.parent, "--out")
+    except FolderError as e:
+        print(f"vitq: {e}", file=sys.stderr)
         return 2
     from vitq.session import SessionError
 
     try:
         result = run_bench(args.quick, models, device=args.device, overrides=tuple(args.overrides), sections=sections)
     except SessionError as e:
-        if not existed:
-            out.unlink(missing_ok=True)
         print(f"vitq: {e}", file=sys.stderr)
         return 2
     result["goal_status"] = goal_status(result)

@@ -15,7 +15,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["CONF_DIR", "NOTEBOOK", "PRESETS_DIR", "REPO_ROOT", "SWEEPS_DIR", "cache_root", "file_lock"]
+__all__ = ["CONF_DIR", "NOTEBOOK", "PRESETS_DIR", "REPO_ROOT", "SWEEPS_DIR", "FolderError", "cache_root", "file_lock",
+           "output_folder"]
 
 log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -41,6 +42,27 @@ def _writable_root(wanted: str) -> Path:
         log.warning("cache folder %s is not writable (%s); using %s (set VITQ_CACHE to choose another)", root,
                     e.strerror or e, fallback)
         return fallback
+
+
+class FolderError(ValueError):
+    """A folder to write results into that cannot be created or written; ``detail`` is the reason, without the key."""
+
+    def __init__(self, key: str, detail: str) -> None:
+        self.key, self.detail = key, detail
+        super().__init__(f"{key}: {detail}")
+
+
+def output_folder(folder: str | Path, key: str) -> Path:
+    """``folder`` (``~`` expanded), created with its parents; a FolderError naming ``key`` when it cannot be created or
+    written, before the work that would fill it."""
+    path = Path(folder).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FolderError(key, f"cannot create {path}: {e.strerror or e}") from None
+    if not os.access(path, os.W_OK):
+        raise FolderError(key, f"{path} is not writable")
+    return path
 
 
 def cache_root(sub: str = "") -> Path:

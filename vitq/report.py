@@ -22,7 +22,7 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from vitq.pareto import hypervolume_2d, pareto_mask
-from vitq.paths import NOTEBOOK
+from vitq.paths import NOTEBOOK, FolderError, output_folder
 from vitq.quant.config import POINTS, WEIGHT_POINTS
 from vitq.redact import say
 from vitq.tracking import DEFAULT_OBJECTIVES, resolve_uri
@@ -277,9 +277,9 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--size-budgets: {e}")
     if args.cmd in ("export", "notebook"):
         try:
-            args.out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            say(f"--out: cannot create {args.out}: {e.strerror or e}")
+            output_folder(args.out, "--out")
+        except FolderError as e:
+            say(e)
             return 2
     try:
         if args.cmd == "presets":

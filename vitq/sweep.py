@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from vitq.faults import fault, maybe_kill, maybe_meet
 from vitq.logs import progress_enabled, quiet_libraries
 from vitq.paths import CONF_DIR as PATHS_CONF_DIR
-from vitq.paths import grid_failures_dir
+from vitq.paths import FolderError, grid_failures_dir, output_folder
 from vitq.quant.config import SECTIONS, LayerQuantConfig
 from vitq.redact import fail, install_log_redaction, redact, redact_tree, say
 from vitq.schema import register
@@ -107,13 +107,10 @@ def _check_outputs(cfg: DictConfig) -> None:
     if "study_name" in cfg and not str(cfg.study_name or "").strip():
         raise ConfigError("study_name", "must be a name (the MLflow experiment), got an empty one")
     if cfg.get("export_dir"):
-        folder = Path(cfg.export_dir).expanduser()
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise ConfigError("export_dir", f"cannot create {folder}: {e.strerror or e}") from None
-        if not os.access(folder, os.W_OK):
-            raise ConfigError("export_dir", f"{folder} is not writable")
+            output_folder(cfg.export_dir, "export_dir")
+        except FolderError as e:
+            raise ConfigError(e.key, e.detail) from None
 
 
 def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:

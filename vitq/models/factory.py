@@ -59,10 +59,10 @@ class _Unread:
     LightningModule's hyperparameters, the model pickled whole): it takes its arguments and state, and nothing of
     the object's own code runs. A pickled ``nn.Module`` reads as its state dict (:meth:`items`)."""
 
-    state: dict = {}
+    state: dict = {}  # (read only: an instance built by __new__ alone has no state of its own)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self.state = {}
+        pass
 
     def __setstate__(self, state: Any) -> None:
         self.state = state if isinstance(state, dict) else {}

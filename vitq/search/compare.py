@@ -425,13 +425,14 @@ def main(argv: list[str] | None = None) -> int:
     for flag in modes["hypervolume" if args.matched else "--matched"]:
         if getattr(args, flag[2:].replace("-", "_")) not in (None, False):
             ap.error(f"{flag} does not apply {'with' if args.matched else 'without'} --matched")
+    from vitq.paths import FolderError, output_folder
     from vitq.search.modelopt_compare import ModelOptMissing
     from vitq.session import SessionError
 
     try:
-        args.out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        print(f"vitq: --out: cannot create {args.out}: {e.strerror or e}", file=sys.stderr)
+        output_folder(args.out, "--out")
+    except FolderError as e:
+        print(f"vitq: {e}", file=sys.stderr)
         return 2
     try:
         if args.matched:
