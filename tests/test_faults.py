@@ -102,11 +102,25 @@ def test_bad_sweeper_arguments_fail_before_any_trial(tmp_path):
             f"vitq: hydra.sweeper.storage: cannot create the folder of sqlite:///{tmp_path / 'a_file' / 'o.db'}",
         "blocks.9.layers.attn_qkv.bit_type.bits=choice(4,8)":
             "params.blocks.9.layers.attn_qkv.bit_type.bits: block 9 does not exist: the model has 4 blocks (0..3)",
+        # values no trial could run, found before the study and the parent run open (each trial drawing one failed)
+        "layers.attn_qkv.bit_type.bits=choice(4,6,8,four)":
+            "vitq: params.layers.attn_qkv.bit_type.bits: must be an integer in 2..16, got 'four'",
+        "layers.attn_qkv.bit_type.bits=choice(4,6,8,1)":
+            "vitq: params.layers.attn_qkv.bit_type.bits: must be in 2..16, got 1",
+        "default.percentile_alpha=interval(0.9,1.5)": "vitq: params.default.percentile_alpha: must be a number in "
+                                                      "(0.5, 1], got 1.5",
+        "quant=choice(int8,int88)": "vitq: quant=int88: unknown quant option 'int88'. Did you mean 'int8'?",
+        "eval_batch_size=choice(64,big)": "vitq: eval_batch_size: Value 'big' of type 'str' could not be converted "
+                                          "to Integer",
     }
-    for override, expect in cases.items():
-        r = run_sweep(tmp_path, *base, override, timeout=300)
+    for i, (override, expect) in enumerate(cases.items()):
+        cwd = tmp_path / str(i)
+        cwd.mkdir()
+        r = run_sweep(cwd, *base, override, timeout=300)
         assert expect in _error_line(r), (override, r.stderr[-1000:])
-    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "db.log").exists()
+        assert not (cwd / "mlflow.db").exists() and not (cwd / "db.log").exists(), override
+        if "storage" not in override and "blocks.9" not in override:
+            assert not (cwd / "optuna.db").exists(), override  # no study opened: no trial left RUNNING
 
 
 def test_env_vars_keep_urls_out_of_the_config(monkeypatch, tmp_path):

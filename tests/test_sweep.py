@@ -35,10 +35,48 @@ def test_bad_override_fails_with_config_error(tmp_path):
     assert "attn_layer.kv_act.observer_type" in r.stderr and "Did you mean 'MinmaxObserver'" in r.stderr
     r = _sweep(tmp_path, "layers.attn_qkv.bit_type.bits=1")
     assert r.returncode == 2 and "layers.attn_qkv.bit_type.bits: must be in 2..16" in r.stderr
-    r = _sweep(tmp_path, "layers.attn_qvk.bit_type.bits=4")  # Hydra's own struct check: its message, no traceback
-    assert r.returncode != 0 and "Could not override 'layers.attn_qvk.bit_type.bits'" in r.stderr
-    assert "Traceback" not in r.stderr
     assert not (tmp_path / "mlflow.db").exists()  # nothing was started
+
+
+def _one_line(r: subprocess.CompletedProcess) -> str:
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.startswith("vitq: ")]
+    assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    return lines[0]
+
+
+def test_hydra_config_errors_are_one_line_rc2_before_anything_starts(tmp_path):
+    """What Hydra rejects while composing (a misspelled key, a value of the wrong type, an unknown preset, an
+    override it cannot parse), what it would accept and vitq ignore (a key appended with +), and a grid value
+    that cannot be composed: each one line naming the key, exit code 2, no MLflow store, no trial."""
+    cases = {
+        ("layers.attn_qvk.bit_type.bits=4",):
+            "vitq: layers.attn_qvk: unknown layers key 'attn_qvk'. Did you mean 'attn_qkv'? Valid: attn_qkv,",
+        ("data.n_evl=100",): "vitq: data.n_evl: unknown data key 'n_evl'. Did you mean 'n_eval'?",
+        ("+data.n_evl=100",): "vitq: data.n_evl: unknown data key 'n_evl'. Did you mean 'n_eval'?",  # Hydra's advice
+        ("+model.use_emma=false",): "vitq: model.use_emma: unknown model key 'use_emma'. Did you mean 'use_ema'?",
+        ("+seed=3",): "vitq: seed: unknown top-level key 'seed'. Valid: default, layers,",
+        ("layers.attn_qkv.bit_type.bits=four",):
+            "vitq: layers.attn_qkv.bit_type.bits: Value 'four' of type 'str' could not be converted to Integer",
+        ("tracking.enabled=maybe",): "vitq: tracking.enabled: Value 'maybe' is not a valid bool",
+        ("quant=int88",): "vitq: quant=int88: unknown quant option 'int88'. Did you mean 'int8'? Valid: fqvit, int8, "
+                          "w4a8",
+        ("hydra/sweeper=optuna",): "vitq: hydra/sweeper=optuna: unknown hydra/sweeper option 'optuna'.",
+        ("calib_batch_size=64=2",): "vitq: calib_batch_size=64=2: Hydra cannot parse this override",
+        ("model=timm", "model.kwargs.depth=2"):
+            "vitq: model.kwargs.depth: model.kwargs has no key 'depth'; to append to your config use "
+            "+model.kwargs.depth=2",
+        ("-m", "layers.attn_qkv.bit_type.bits=4,four"):
+            "vitq: layers.attn_qkv.bit_type.bits: Value 'four' of type 'str' could not be converted to Integer",
+        ("-m", "layers.attn_qkv.bit_type.bits=4,8", "quant=int8,int88"): "vitq: quant=int88: unknown quant option",
+    }
+    for args, expect in cases.items():
+        line = _one_line(_sweep(tmp_path, *args, timeout=300))
+        assert line.startswith(expect), (args, line)
+    line = _one_line(run([sys.executable, "-m", "vitq.cli", "sweep", "quant=int88"], tmp_path, timeout=300))
+    assert line.startswith(cases[("quant=int88",)])
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "multirun").exists()  # nothing was started
+    r = _sweep(tmp_path, "quant=int88", env={"HYDRA_FULL_ERROR": "1"}, timeout=300)  # Hydra's own report, asked for
+    assert r.returncode == 1 and "MissingConfigException" in r.stderr and "vitq: " not in r.stderr
 
 
 def test_grid_sweep_parent_and_children(tmp_path):
@@ -204,6 +242,20 @@ def test_grid_without_mlflow_exits_1_when_a_trial_fails(tmp_path):
     assert not list(tmp_path.rglob(".vitq_failed")) and not (tmp_path / "mlflow.db").exists()
     r = _sweep(tmp_path, "-m", "layers.attn_qkv.bit_type.bits=4,8", "tracking=none")
     assert r.returncode == 0 and "vitq: " not in r.stderr, r.stderr[-3000:]
+
+
+def test_grid_job_failing_before_its_run_opens_counts(tmp_path):
+    """A job whose input is refused fails before its MLflow run opens: the parent still counts it (FAILED, rc 1)."""
+    r = _sweep(tmp_path, "-m", "data.n_calib=0,16", "study_name=early")
+    assert r.returncode == 1, r.stderr[-3000:]
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("vitq: ")]
+    assert lines[0].startswith("vitq: trial 0 failed: DataError: data.n_calib=0: an empty split")
+    assert lines[-1].startswith("vitq: 1 of 2 trials failed (MLflow parent run ") and len(lines) == 2
+    runs = _runs(tmp_path, "early")
+    parent = runs[runs["tags.vitq.role"] == "parent"]
+    children = runs[runs["tags.vitq.role"] == "trial"]
+    assert list(parent["status"]) == ["FAILED"] and list(children["tags.trial_number"]) == ["1"]
+    assert list(children["status"]) == ["FINISHED"]
 
 
 def test_kill_and_resume(tmp_path):

@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[name])
     if name == "sweep":  # a Hydra app: it reads sys.argv itself (and names its job after the program)
         sys.argv = [f"vitq {name}", *rest]
-        module.main()
+        module.cli()
         return 0
     return int(module.main(rest) or 0)
 

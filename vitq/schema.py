@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from dataclasses import dataclass, field, make_dataclass
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig
 
-from vitq.quant.config import SECTIONS
+from vitq.quant.config import SECTIONS, unknown_choice
 
 
 @dataclass
@@ -98,6 +101,25 @@ class VitqConfig:
     calib_max_values: int | None = 262144  # values kept per point and calibration batch (null: all, exact)
     stats_dir: str | None = None
     export_dir: str | None = None
+
+
+def check_known_keys(cfg: DictConfig) -> None:
+    """ConfigError naming a key the schema does not have: one appended with Hydra's ``+`` (``+data.n_evl=100``)
+    would be composed and then ignored. Free-form values (``model.kwargs``, ``data.class_map``, ``blocks``) take
+    any key; ``blocks`` are checked by the quant config."""
+    _check_keys(cfg, VitqConfig, "")
+
+
+def _check_keys(node: DictConfig, schema: type, path: str) -> None:
+    hints = typing.get_type_hints(schema)
+    names = [f.name for f in dataclasses.fields(schema)]
+    for key in node:
+        if not path and key == "hydra":  # (a callback's config carries Hydra's own node)
+            continue
+        if key not in hints:
+            raise unknown_choice(f"{path}{key}", key, names, f"{path.rstrip('.') or 'top-level'} key")
+        if dataclasses.is_dataclass(hints[key]) and isinstance(child := node.get(key), DictConfig):
+            _check_keys(child, hints[key], f"{path}{key}.")
 
 
 def register() -> None:

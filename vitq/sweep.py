@@ -27,7 +27,7 @@ from vitq.paths import CONF_DIR as PATHS_CONF_DIR
 from vitq.paths import FolderError, grid_failures_dir, output_folder
 from vitq.quant.config import SECTIONS, LayerQuantConfig
 from vitq.redact import fail, install_log_redaction, redact, redact_tree, say
-from vitq.schema import register
+from vitq.schema import check_known_keys, register
 
 register()
 log = logging.getLogger("vitq")
@@ -91,6 +91,7 @@ def session_of(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = ()):  #
     from vitq.session import Session
 
     qcfg = layer_config_from(cfg)
+    check_known_keys(cfg)
     _check_outputs(cfg)
     if not overrides and HydraConfig.initialized():
         overrides = list(HydraConfig.get().overrides.task)
@@ -126,9 +127,44 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     try:
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
             return hydra_compose(config_name="config", overrides=list(overrides))
-    except Exception as e:  # noqa: BLE001 - Hydra/OmegaConf errors: one line naming the override
+    except Exception as e:  # noqa: BLE001 - Hydra/OmegaConf errors: one line naming the key
+        err = config_error(e)
+        if err is not None:
+            raise err from None
         msg = str(e).strip().splitlines()
         raise ConfigError("overrides", f"{' '.join(overrides)}: {msg[0] if msg else type(e).__name__}") from None
+
+
+def config_error(e: BaseException):  # noqa: ANN201 - ConfigError | None (vitq.quant.config is imported lazily)
+    """Hydra's or OmegaConf's error on composing the config as one ConfigError naming the key, or None for any
+    other exception: a misspelled key (with the closest one), a value of the wrong type, an unknown option of a
+    config group (with the options), an override Hydra cannot parse."""
+    from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+    from omegaconf import DictConfig
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+    from vitq.quant.config import ConfigError, unknown_choice
+
+    if isinstance(e, MissingConfigException) and e.missing_cfg_file and "/" in e.missing_cfg_file:
+        group, _, option = e.missing_cfg_file.rpartition("/")
+        return unknown_choice(f"{group}={option}", option, list(e.options or ()), f"{group} option")
+    if isinstance(e, OverrideParseException):
+        return ConfigError(e.override, f"Hydra cannot parse this override: {e.message.splitlines()[0]}")
+    cause = e.__cause__ if isinstance(e, ConfigCompositionException) else e
+    if isinstance(cause, OmegaConfBaseException):
+        key = str(getattr(cause, "full_key", "") or "")
+        parent = getattr(cause, "parent_node", None)
+        if isinstance(cause, ConfigKeyError | ConfigAttributeError) and isinstance(parent, DictConfig):
+            where = key.rpartition(".")[0]
+            if OmegaConf.get_type(parent) is dict:  # a free-form mapping (model.kwargs): Hydra's + adds a key
+                hint = next((ln.strip() for ln in str(e).splitlines() if ln.startswith("To append")), "")
+                return ConfigError(key, f"{where or 'the config'} has no key {cause.key!r}"
+                                        f"{'; ' + hint[0].lower() + hint[1:] if hint else ''}")
+            return unknown_choice(key, cause.key, [str(k) for k in parent], f"{where or 'top-level'} key")
+        return ConfigError(key, str(getattr(cause, "msg", cause)).splitlines()[0])
+    if isinstance(e, ConfigCompositionException):
+        return ConfigError("overrides", str(e).strip().splitlines()[0])
+    return None
 
 
 class Redact(Callback):
@@ -163,13 +199,41 @@ class CheckInputs(Callback):
         from vitq.session import SessionError
 
         try:
+            _check_grid_values(config)
             session_of(config)
         except SessionError as e:
             fail(e)
 
 
+def _check_grid_values(config: DictConfig) -> None:
+    """ConfigError (:func:`config_error`) for a value of the grid that Hydra cannot compose, before the sweep's
+    MLflow parent run starts: Hydra's sweeper would find it only then."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+    check_composable(config, [o.input_line for o in overrides if not o.is_sweep_override()],
+                     [f"{o.get_key_element()}={value}" for o in overrides if o.is_sweep_override()
+                      for value in o.sweep_string_iterator()])
+
+
+def check_composable(config: DictConfig, fixed: list[str], settings: list[str]) -> None:
+    """ConfigError (:func:`config_error`) for the first override of ``settings`` that Hydra cannot compose beside
+    the ``fixed`` ones: a sweep's values, each composed once (not the whole product), before anything starts."""
+    from hydra import compose as hydra_compose
+
+    for line in settings:
+        try:
+            hydra_compose(config_name=config.hydra.job.config_name, overrides=[*fixed, line])
+        except Exception as e:  # noqa: BLE001 - Hydra/OmegaConf errors: one line naming the key
+            err = config_error(e)
+            if err is None:
+                raise
+            raise err from None
+
+
 class GridFailures(Callback):
-    """Exit 1 after a Hydra grid whose jobs failed, also without MLflow (with it, the parent's children count).
+    """Exit 1 after a Hydra grid whose jobs failed, also without MLflow (with it, :class:`MlflowSweepCallback`
+    counts them beside the parent's children: a job may fail before its run opens).
 
     Each failed job leaves one line in a folder of this multirun (any launcher, any process); the end reads them.
     """
@@ -188,14 +252,18 @@ class GridFailures(Callback):
         import contextlib
         import shutil
 
-        lines = sorted((p for p in Path(folder).glob("*.txt")), key=lambda p: int(p.stem))
-        first = lines[0].read_text().strip() if lines else ""
+        lines = {int(p.stem): p.read_text().strip() for p in Path(folder).glob("*.txt")}
         shutil.rmtree(folder, ignore_errors=True)
         with contextlib.suppress(OSError):  # (another multirun of this sweep folder may still use it)
             Path(folder).parent.rmdir()
-        if lines and not config.tracking.enabled:  # (with MLflow, MlflowSweepCallback reports them)
-            fail(f"{len(lines)} trial(s) of the grid failed (first: {first}); MLflow is off (tracking=none)",
-                 code=1)
+        if lines and not config.tracking.enabled:
+            fail(f"{len(lines)} trial(s) of the grid failed (first: {lines[min(lines)]}); MLflow is off "
+                 f"(tracking=none)", code=1)
+        GRID_FAILED.clear()
+        GRID_FAILED.update(lines)  # MlflowSweepCallback counts them: a job may fail before its run opens
+
+
+GRID_FAILED: dict[int, str] = {}  # the failed jobs of the grid that just ended, by number (GridFailures' reading)
 
 
 def _note_grid_failure(number: int | None, message: str) -> None:
@@ -251,9 +319,13 @@ class MlflowSweepCallback(Callback):
             fail(f"could not write the Pareto front of sweep run {parent}: {type(e).__name__}: {e}", code=1)
         runs = child_runs(parent)
         failed = runs[runs["status"] != "FINISHED"] if len(runs) else runs
-        client.set_terminated(parent, "FAILED" if len(failed) else "FINISHED")
-        if len(failed):
-            fail(f"{len(failed)} of {len(runs)} trials failed (MLflow parent run {parent}, experiment "
+        numbers = set(runs["tags.trial_number"].astype(str)) if "tags.trial_number" in runs else set()
+        no_run = [n for n in GRID_FAILED if str(n) not in numbers]  # jobs that failed before their run opened
+        GRID_FAILED.clear()
+        n_failed, n_total = len(failed) + len(no_run), len(runs) + len(no_run)
+        client.set_terminated(parent, "FAILED" if n_failed else "FINISHED")
+        if n_failed:
+            fail(f"{n_failed} of {n_total} trials failed (MLflow parent run {parent}, experiment "
                  f"{config.study_name})", code=1)
 
 
@@ -374,8 +446,26 @@ def main(cfg: DictConfig) -> dict[str, float]:
     return run(cfg)
 
 
+def cli() -> None:
+    """``python -m vitq.sweep``: Hydra's app, whose config errors (:func:`config_error`) are one line naming the
+    key with exit code 2; Hydra would print several lines and exit 1. ``HYDRA_FULL_ERROR=1`` keeps Hydra's own."""
+    if os.environ.get("HYDRA_FULL_ERROR"):
+        main()
+        return
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra then raises its errors instead of printing them and exiting 1
+    try:
+        main()
+    except Exception as e:  # noqa: BLE001 - the task reports its own errors; these are Hydra's
+        err = config_error(e)
+        if err is None:
+            raise
+        fail(err)
+    finally:
+        del os.environ["HYDRA_FULL_ERROR"]
+
+
 if __name__ == "__main__":
     # run the importable module's entry point, so that process-based launchers (joblib) can pickle the task
-    from vitq.sweep import main as _main
+    from vitq.sweep import cli as _cli
 
-    _main()
+    _cli()

@@ -23,7 +23,7 @@ from vitq.quant.points import POINT_TABLE
 __all__ = [
     "ACTIVATION_POINTS", "BitTypeConfig", "CALIBRATION_MODES", "ConfigError", "LayerQuantConfig",
     "METHODS", "OBSERVERS", "POINTS", "QuantConfig", "SECTIONS", "WEIGHT_POINTS", "load_config_from_yaml",
-    "split_block",
+    "split_block", "unknown_choice",
 ]
 
 SECTIONS: dict[str, tuple[str, ...]] = {
@@ -60,7 +60,8 @@ class ConfigError(ValueError):
         return ConfigError(".".join(p for p in (prefix, self.path) if p), self.detail)
 
 
-def _unknown(path: str, name: object, choices: tuple[str, ...] | list[str], what: str) -> ConfigError:
+def unknown_choice(path: str, name: object, choices: tuple[str, ...] | list[str], what: str) -> ConfigError:
+    """ConfigError for a name not among ``choices``: the closest one, if any, and the valid ones."""
     hint = difflib.get_close_matches(str(name), list(choices), n=1, cutoff=0.6)
     dym = f" Did you mean '{hint[0]}'?" if hint else ""
     return ConfigError(path, f"unknown {what} {name!r}.{dym} Valid: {', '.join(choices)}")
@@ -117,7 +118,7 @@ class BitTypeConfig:
         allowed = [f.name for f in fields(cls)]
         for k in d:
             if k not in allowed:
-                raise _unknown(f"{path}.{k}", k, allowed, "field")
+                raise unknown_choice(f"{path}.{k}", k, allowed, "field")
         try:
             return cls(**d)
         except ConfigError as e:
@@ -143,11 +144,11 @@ class QuantConfig:
         if not isinstance(self.bit_type, BitTypeConfig):
             raise ConfigError("bit_type", f"expected a mapping with bits/signed, got {self.bit_type!r}")
         if self.calibration_mode not in CALIBRATION_MODES:
-            raise _unknown("calibration_mode", self.calibration_mode, CALIBRATION_MODES, "calibration mode")
+            raise unknown_choice("calibration_mode", self.calibration_mode, CALIBRATION_MODES, "calibration mode")
         if self.observer_type not in OBSERVERS:
-            raise _unknown("observer_type", self.observer_type, OBSERVERS, "observer")
+            raise unknown_choice("observer_type", self.observer_type, OBSERVERS, "observer")
         if self.quantization_method not in METHODS:
-            raise _unknown("quantization_method", self.quantization_method, METHODS, "quantization method")
+            raise unknown_choice("quantization_method", self.quantization_method, METHODS, "quantization method")
         if self.quantization_method == "Log2" and self.bit_type.bits > 8:
             raise ConfigError("bit_type.bits", f"Log2 supports 2..8 bits, got {self.bit_type.bits}")
         a = self.percentile_alpha
@@ -172,7 +173,7 @@ class QuantConfig:
         allowed = [f.name for f in fields(cls)]
         for k in d:
             if k not in allowed:
-                raise _unknown(f"{path}.{k}", k, allowed, "field")
+                raise unknown_choice(f"{path}.{k}", k, allowed, "field")
         if "bit_type" in d:
             d["bit_type"] = BitTypeConfig.from_dict(d["bit_type"], f"{path}.bit_type")
         try:
@@ -197,13 +198,13 @@ def _check_entry(entry: object, path: str) -> dict:
     allowed = [f.name for f in fields(QuantConfig)]
     for k, v in d.items():
         if k not in allowed:
-            raise _unknown(f"{path}.{k}", k, allowed, "field")
+            raise unknown_choice(f"{path}.{k}", k, allowed, "field")
         if k == "bit_type":
             bt = _require_mapping(v, f"{path}.bit_type")
             bt_allowed = [f.name for f in fields(BitTypeConfig)]
             for bk in bt:
                 if bk not in bt_allowed:
-                    raise _unknown(f"{path}.bit_type.{bk}", bk, bt_allowed, "field")
+                    raise unknown_choice(f"{path}.bit_type.{bk}", bk, bt_allowed, "field")
             d[k] = bt
     return d
 
@@ -213,7 +214,7 @@ def _check_sections(raw: dict, path: str, allowed_sections: tuple[str, ...]) -> 
     for sec, entries in raw.items():
         spath = f"{path}.{sec}" if path else str(sec)
         if sec not in allowed_sections:
-            raise _unknown(spath, sec, allowed_sections, "section")
+            raise unknown_choice(spath, sec, allowed_sections, "section")
         entries = _require_mapping(entries, spath)
         checked: dict[str, dict] = {}
         for key, entry in entries.items():
@@ -221,7 +222,7 @@ def _check_sections(raw: dict, path: str, allowed_sections: tuple[str, ...]) -> 
                 other = SECTION_OF.get(key)
                 if other is not None:
                     raise ConfigError(f"{spath}.{key}", f"'{key}' belongs in section '{other}', not '{sec}'")
-                raise _unknown(f"{spath}.{key}", key, SECTIONS[sec], f"{sec} key")
+                raise unknown_choice(f"{spath}.{key}", key, SECTIONS[sec], f"{sec} key")
             checked[key] = _check_entry(entry, f"{spath}.{key}")
         out[sec] = checked
     return out
@@ -272,7 +273,7 @@ class LayerQuantConfig:
     def resolve(self, key: str, block: int | None = None) -> QuantConfig:
         """Fully merged, validated config of one point (block > layer > default)."""
         if key not in SECTION_OF:
-            raise _unknown(key, key, POINTS, "quantization point")
+            raise unknown_choice(key, key, POINTS, "quantization point")
         use_block = block if block in self.blocks else None
         ck = (key, use_block)
         if ck in self._cache:
@@ -360,7 +361,7 @@ class LayerQuantConfig:
         allowed = ("default", *SECTIONS, "blocks")
         for k in data:
             if k not in allowed:
-                raise _unknown(str(k), k, allowed, "section")
+                raise unknown_choice(str(k), k, allowed, "section")
         return cls(default=QuantConfig.from_dict(data.get("default"), "default"),
                    layers=_require_mapping(data.get("layers"), "layers"),
                    attn_layer=_require_mapping(data.get("attn_layer"), "attn_layer"),

@@ -41,7 +41,7 @@ from vitq.redact import fail, install_log_redaction, redact
 from vitq.search.fingerprint import FINGERPRINT_ATTR, fingerprint_diff, study_fingerprint
 from vitq.search.launch import InProcessLauncher
 from vitq.search.settings import SweeperSettings
-from vitq.search.space import SearchSpec, search_mapping, spec_from_mapping, split_sweep_arguments
+from vitq.search.space import SearchSpec, expand_key, search_mapping, spec_from_mapping, split_sweep_arguments
 from vitq.search.storage import (
     STORAGE_ENV,
     StorageError,
@@ -174,6 +174,28 @@ class VitqOptunaSweeperImpl(Sweeper):
                         or f"sqlite:///{Path.cwd() / 'optuna.db'}")
         return spec, fixed_args
 
+    def _check_values(self, spec: SearchSpec, fixed: list[str]) -> None:
+        """ConfigError naming the parameter when one of its values (each choice, an interval's ends) is not a value
+        its keys take, before the study or the parent run opens: every trial that drew it would fail. Quant keys are
+        checked as the trial's quant config checks them; other keys and config groups by composing each value."""
+        from vitq.sweep import QUANT_SECTIONS, check_composable, layer_config_from
+
+        assert self.config is not None
+        base = layer_config_from(self.config)
+        composed: list[str] = []
+        for p in spec.params:
+            values = p.choices if p.choices is not None else [p.low, p.high]
+            for key in expand_key(p.name):
+                if "." not in key or key.split(".")[0] not in QUANT_SECTIONS:  # (``default=omse``: a group)
+                    composed += [f"{key}={hydra_value(v)}" for v in values]
+                    continue
+                for v in values:
+                    try:
+                        base.with_overrides({key: v})
+                    except ConfigError as e:
+                        raise ConfigError(f"params.{p.name}", e.detail) from None
+        check_composable(self.config, fixed, composed)
+
     def sweep(self, arguments: list[str]) -> list[Any]:
         """Open the study, enqueue the first configs once, ask/launch/tell until ``n_trials`` are COMPLETE, then
         write the front and the summary. Bad input exits 2 before any trial; failed trials exit 1 at the end."""
@@ -182,6 +204,7 @@ class VitqOptunaSweeperImpl(Sweeper):
         quiet_libraries()
         try:
             spec, arguments = self._spec(arguments)
+            self._check_values(spec, arguments)
         except ConfigError as e:
             fail(e)
         study, created, base, session = self._open(spec)
