@@ -157,6 +157,12 @@ def test_bad_inputs_each_one_line_rc2(tmp_path):
                                                 "directory",
         (f"tracking.uri=sqlite:///{blocker / 'mlflow.db'}",): f"vitq: tracking.uri: cannot use the MLflow store "
                                                              f"sqlite:///{blocker / 'mlflow.db'}: FileExistsError",
+        (f"hydra.run.dir={blocker / 'out'}",): f"vitq: hydra.run.dir: cannot create {blocker / 'out'}: Not a "
+                                               "directory",  # (Hydra's own mkdir: a traceback and rc 1 before)
+        ("-m", f"hydra.sweep.dir={blocker / 'multi'}", "layers.attn_qkv.bit_type.bits=4,8"):
+            f"vitq: hydra.sweep.dir: cannot create {blocker / 'multi'}: Not a directory",
+        ("-m", "hydra/sweeper=vitq_optuna", f"hydra.sweep.dir={blocker / 'multi'}"):
+            f"vitq: hydra.sweep.dir: cannot create {blocker / 'multi'}: Not a directory",
     }
     for args, expect in cases.items():
         r = run_sweep(tmp_path, *args, timeout=300)

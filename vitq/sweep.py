@@ -191,9 +191,14 @@ class Redact(Callback):
 
 
 class CheckInputs(Callback):
-    """Before a Hydra grid sweep: build the model and data once, so bad input fails with rc 2 before any run."""
+    """Before a run or a sweep: its output folder can be created; before a Hydra grid sweep also every value composes
+    and the model and data build once, so bad input fails with rc 2 before any run."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _check_output_dir(config, "hydra.run.dir")
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _check_output_dir(config, "hydra.sweep.dir")
         if is_vitq_sweeper(config):
             return  # vitq's sweeper checks its inputs itself
         from vitq.session import SessionError
@@ -203,6 +208,15 @@ class CheckInputs(Callback):
             session_of(config)
         except SessionError as e:
             fail(e)
+
+
+def _check_output_dir(config: DictConfig, key: str) -> None:
+    """Hydra creates this folder itself, with a traceback when it cannot: one line and rc 2 instead, before any
+    work (and before a sweep's MLflow parent run or study opens)."""
+    try:
+        output_folder(OmegaConf.select(config, key), key)
+    except FolderError as e:
+        fail(e)
 
 
 def _check_grid_values(config: DictConfig) -> None:
