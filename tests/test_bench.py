@@ -71,6 +71,10 @@ def test_an_unwritable_out_is_refused_before_the_bench_runs(tmp_path):
     r = run([sys.executable, "-m", "vitq.bench", "--quick", "--out", str(out)], tmp_path, timeout=120)
     assert r.returncode == 2 and r.stderr.strip().startswith(f"vitq: --out: cannot create {out.parent}: "), r.stderr
     assert "[bench]" not in r.stdout  # nothing measured
+    r = run([sys.executable, "-m", "vitq.bench", "--quick", "--out", str(tmp_path)], tmp_path, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip() == (f"vitq: --out: {tmp_path} is a folder; give the JSON file's path "
+                                                      f"(e.g. {tmp_path / 'bench.json'})"), r.stderr
+    assert "[bench]" not in r.stdout  # (it failed only when writing, after the minutes of measuring)
 
 
 def test_a_full_run_judges_every_goal():

@@ -722,6 +722,9 @@ def main(argv: list[str] | None = None) -> int:
     except FolderError as e:
         print(f"vitq: {e}", file=sys.stderr)
         return 2
+    if out.is_dir():
+        print(f"vitq: --out: {out} is a folder; give the JSON file's path (e.g. {out / 'bench.json'})", file=sys.stderr)
+        return 2
     from vitq.session import SessionError
 
     try:
