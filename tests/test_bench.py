@@ -77,6 +77,19 @@ def test_an_unwritable_out_is_refused_before_the_bench_runs(tmp_path):
     assert "[bench]" not in r.stdout  # (it failed only when writing, after the minutes of measuring)
 
 
+def test_overrides_are_refused_when_ignored_or_bad_before_any_workload(tmp_path):
+    """OVERRIDES set the config workload only: with --models leaving it out they were ignored (rc 0); a bad one
+    was found only when that workload came, after the others' minutes."""
+    r = run([sys.executable, "-m", "vitq.bench", "--quick", "--models", "digits", "quant=int8"], tmp_path, timeout=120)
+    assert r.returncode == 2 and "error: OVERRIDES (quant=int8) set the config workload, which --models=digits " \
+                                 "leaves out: add config to --models" in r.stderr, r.stderr
+    r = run([sys.executable, "-m", "vitq.bench", "--quick", "--models", "digits,config", "--sections=",
+             f"model.checkpoint={tmp_path / 'missing.pth'}"], tmp_path, timeout=300)
+    assert r.returncode == 2 and r.stderr.strip().endswith(f"vitq: model.checkpoint: file not found: "
+                                                           f"{tmp_path / 'missing.pth'}"), r.stderr
+    assert "[bench] digits" not in r.stdout  # refused before the first workload
+
+
 def test_a_full_run_judges_every_goal():
     """Every goal names figures a full run measures; each is judged by its comparison."""
     result = {"meta": {"quick": False}, "goals": GOALS}

@@ -607,9 +607,10 @@ def run_bench(quick: bool = False, models: tuple[str, ...] = ("digits", "vit_sma
     makers: dict[str, Callable[[], Workload]] = {
         "digits": lambda: digits_workload(quick, dev), "vit_small": lambda: vit_small_workload(quick, dev),
         "folder": lambda: folder_workload(quick, dev), "config": lambda: config_workload(quick, dev, overrides)}
+    built = {"config": makers["config"]()} if "config" in models else {}  # the user's input: refused before the rest
     for name in models:
         log(f"[bench] {name} on {dev} ...")
-        result[name] = bench_model(makers[name]())
+        result[name] = bench_model(built.pop(name, None) or makers[name]())
     if "sweep" in sections:
         log("[bench] sweep: a real `python -m vitq.sweep -m` search ...")
         result["sweep"] = bench_sweep(8 if quick else 40, 2 if quick else 4, dev)
@@ -709,6 +710,9 @@ def main(argv: list[str] | None = None) -> int:
     models = tuple(m for m in (args.models or ("config" if args.overrides else "digits,vit_small,folder")).split(",")
                    if m)
     unknown = set(models) - {"digits", "vit_small", "folder", "config"}
+    if args.overrides and "config" not in models:
+        ap.error(f"OVERRIDES ({' '.join(args.overrides)}) set the config workload, which --models={args.models} "
+                 "leaves out: add config to --models")
     if unknown:
         ap.error(f"--models: unknown {sorted(unknown)}; choose from digits, vit_small, folder, config")
     sections = tuple(x for x in args.sections.split(",") if x)
