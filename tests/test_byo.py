@@ -801,3 +801,12 @@ def test_sensitivity_cli_takes_a_timm_model_and_folders(byo, tmp_path):
     r = run([sys.executable, "-m", "vitq.search.sensitivity", "--budgets", "1", "--tracking-uri",
              f"sqlite:///{tmp_path / 'a_file' / 'mlflow.db'}"], tmp_path, timeout=300)  # checked before measuring
     assert _one_line_error(r).startswith(f"vitq: tracking.uri: cannot use the MLflow store sqlite:///{tmp_path}")
+    # more images than the folder has were cut silently; an experiment with no store to log to was ignored
+    r = run([sys.executable, "-m", "vitq.search.sensitivity", "--budgets", "1", "--n-eval", "5000", *byo.cli()],
+            tmp_path, timeout=300)
+    assert _one_line_error(r) == "vitq: --n-eval=5000: data 'folder:eval' has 797 evaluation images; give at most " \
+                                 "that many"
+    r = run([sys.executable, "-m", "vitq.search.sensitivity", "--budgets", "1", "--study", "mine"], tmp_path,
+            timeout=300)
+    assert r.returncode == 2 and r.stderr.strip().endswith("error: --study=mine: names the MLflow experiment of "
+                                                           "--tracking-uri, which is not given"), r.stderr

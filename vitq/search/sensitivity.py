@@ -63,6 +63,7 @@ __all__ = ["GRANULARITIES", "CostTable", "Sensitivity", "allowed_widths", "bits_
            "with_bits"]
 
 CANDIDATES = (2, 3, 4, 5, 6, 8)
+N_EVAL = 256  # evaluation images of the drop measure, unless --n-eval says (or there are fewer)
 SENSITIVITY_VERSION = 4  # bump when the measure changes (v2: stratified eval subset; v3: OMSE/KL see every value;
 #                          v4: items per block)
 SCORES = ("drop_loss", "drop_top1", "grad_score")
@@ -227,7 +228,7 @@ def drop_passes(n_blocks: int, candidates: tuple[int, ...], granularity: str = "
 
 
 def compute_sensitivity(model: nn.Module, data: DataBundle, base: LayerQuantConfig,
-                        candidates: tuple[int, ...] = CANDIDATES, n_eval: int | None = 256, batch_size: int = 128,
+                        candidates: tuple[int, ...] = CANDIDATES, n_eval: int | None = N_EVAL, batch_size: int = 128,
                         cache: bool = True, granularity: str = "point", drops: bool = True) -> Sensitivity:
     """Sensitivity of every (item, width) from cached calibration statistics: the gradient score (one backward pass
     per calibration batch at either granularity) and, with ``drops``, the drop measures (one evaluation pass of
@@ -498,10 +499,11 @@ def main(argv: list[str] | None = None) -> int:
                          "per block)")
     ap.add_argument("--candidates", default=",".join(map(str, CANDIDATES)))
     ap.add_argument("--min-act-bits", type=int, default=2, help="narrowest width the solver gives an activation")
-    ap.add_argument("--n-eval", type=int, default=256,
-                    help="evaluation images for the drop measure (a class-stratified subset)")
+    ap.add_argument("--n-eval", type=int, default=None,
+                    help="evaluation images for the drop measure (a class-stratified subset; default: 256, or all "
+                         "when there are fewer)")
     ap.add_argument("--tracking-uri", default=None, help="also log the table, plot and configs to this MLflow store")
-    ap.add_argument("--study", default="sensitivity", help="MLflow experiment for --tracking-uri")
+    ap.add_argument("--study", default=None, help="MLflow experiment for --tracking-uri (default: sensitivity)")
     ap.add_argument("overrides", nargs="*", metavar="OVERRIDES")
     args = ap.parse_args(argv)
     from vitq.session import SessionError
@@ -512,8 +514,11 @@ def main(argv: list[str] | None = None) -> int:
         candidates = tuple(int(b) for b in args.candidates.split(",") if b.strip())
     except ValueError as e:
         ap.error(f"--budgets/--candidates: {e}")
-    if args.n_eval < 1:
+    if args.n_eval is not None and args.n_eval < 1:
         ap.error(f"--n-eval: must be >= 1, got {args.n_eval}")
+    if args.study is not None and not args.tracking_uri:
+        ap.error(f"--study={args.study}: names the MLflow experiment of --tracking-uri, which is not given")
+    args.study = args.study or "sensitivity"
     from vitq import tracking
 
     try:
@@ -525,14 +530,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     model, data = session.model, session.data
     drops = args.granularity == "point" or args.score != "grad_score"
-    sens = compute_sensitivity(model, data, base, candidates, args.n_eval, session.calib_batch_size,
+    if args.n_eval is not None and args.n_eval > len(data.eval):
+        print(f"vitq: --n-eval={args.n_eval}: data {data.name!r} has {len(data.eval)} evaluation images; give at most "
+              f"that many", file=sys.stderr)
+        return 2
+    n_eval = args.n_eval or min(N_EVAL, len(data.eval))
+    sens = compute_sensitivity(model, data, base, candidates, n_eval, session.calib_batch_size,
                                granularity=args.granularity, drops=drops)
     table = cost_table(model, base, sens.candidates, args.metric, sens.items)
     allowed = allowed_widths(sens.items, sens.candidates, min_act_bits=args.min_act_bits)
     sols = configs_for_budgets(sens, table, budgets, args.score, allowed)
     n_drop = drop_passes(len(model.blocks), sens.candidates, args.granularity) if drops else 0
     print(f"sensitivity ({args.score}, per {args.granularity}: {len(sens.items)} items) on {session.model_spec.name}"
-          f" / {data.name} ({min(args.n_eval, len(data.eval))} eval images, {session.device}), base top-1 "
+          f" / {data.name} ({n_eval} eval images, {session.device}), base top-1 "
           f"{100 * sens.base_top1:.2f} % ({sens.seconds:.1f} s: {n_drop} evaluation passes and one backward pass "
           f"per calibration batch; cache {sens.meta.get('cache')}):")
     if args.granularity == "block":
