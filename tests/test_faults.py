@@ -150,6 +150,7 @@ def test_bad_inputs_each_one_line_rc2(tmp_path):
         ("-m", "hydra/sweeper=vitq_optuna", f"hydra.sweeper.search={dup}"): "duplicate key 'layers.attn_qkv.bit_type",
         ("attn_layer.kv_act.kv_bins=1000000",): "kv_bins: must be an integer in 16..65536",
         ("data.n_train=1000",): "data.n_train=1000: model digits_reference was trained on the first 1400 digits",
+        ("data.mean=[0.5]",): "vitq: data.mean: data=digits takes no mean (use data=folder)",  # (was ignored)
         ("study_name=",): "vitq: study_name: must be a name (the MLflow experiment), got an empty one",
         ("-m", "hydra/sweeper=vitq_optuna", "hydra.sweeper.study_name="): "vitq: hydra.sweeper.study_name: must be a "
                                                                           "name, got an empty one",

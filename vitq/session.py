@@ -231,7 +231,8 @@ class Session:
             if d.name == "digits":
                 if d.root or d.calib_root or d.eval_root:
                     raise DataError("data.root: data=digits takes no folders (use data=folder)")
-                for k, v in (("class_map", json.loads(d.class_map)), ("class_order", d.class_order)):
+                for k, v in (("class_map", json.loads(d.class_map)), ("class_order", d.class_order),
+                             *json.loads(d.transform).items()):  # (the digits are 8×8 pixels, scaled as trained)
                     if v is not None:
                         raise DataError(f"data.{k}: data=digits takes no {k} (use data=folder)")
                 n_train, img_size = self._digits_split()
@@ -240,6 +241,10 @@ class Session:
                 self._data = load_digits(seed=d.seed, n_train=n_train, n_calib=n_calib, n_eval=d.n_eval,
                                          img_size=img_size)
             elif d.name == "folder":
+                if d.n_train:
+                    raise DataError(f"data.n_train={d.n_train}: data=folder has no training split: calibration "
+                                    "images come from data.calib_root, or from data.root beside the evaluation images "
+                                    "(data.n_calib sets how many)")
                 self._data = load_image_folder(self.model, root=d.root, calib_root=d.calib_root,
                                                eval_root=d.eval_root, n_calib=d.n_calib, n_eval=d.n_eval,
                                                seed=d.seed, transform=json.loads(d.transform),
