@@ -695,6 +695,9 @@ def test_bad_inputs_are_one_line_rc2_and_nothing_logged(byo, tmp_path):
                                             "797, or null for all of them"),
         "class map missing": ([kwargs, f"data.class_map={tmp_path / 'nope.txt'}"],
                               f"data.class_map: cannot read {tmp_path / 'nope.txt'}"),
+        "pretrained and a checkpoint": ([kwargs, "model.pretrained=true"],  # (pretrained was ignored)
+                                        "model.pretrained: model.checkpoint is set too, and its weights would "
+                                        "replace timm's pretrained ones; set one of them"),
         "a training split of folders": ([kwargs, "data.n_train=100"],  # (was ignored)
                                         "data.n_train=100: data=folder has no training split: calibration images "
                                         "come from data.calib_root"),

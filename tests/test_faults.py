@@ -151,6 +151,13 @@ def test_bad_inputs_each_one_line_rc2(tmp_path):
         ("attn_layer.kv_act.kv_bins=1000000",): "kv_bins: must be an integer in 16..65536",
         ("data.n_train=1000",): "data.n_train=1000: model digits_reference was trained on the first 1400 digits",
         ("data.mean=[0.5]",): "vitq: data.mean: data=digits takes no mean (use data=folder)",  # (was ignored)
+        # weights keys that the others leave without effect (each was ignored)
+        ("model.pretrained=true",): "vitq: model.pretrained: digits_reference is vitq's digits reference, trained by "
+                                    "vitq; pretrained weights are timm's",
+        ("model.use_ema=false",): "vitq: model.use_ema=false: it chooses between the weights and the EMA weights of "
+                                  "model.checkpoint, which is not set",
+        ("model.resample_weights=true",): "vitq: model.resample_weights: it lets timm interpolate the weights of "
+                                          "model.checkpoint or model.pretrained, and neither is set",
         ("study_name=",): "vitq: study_name: must be a name (the MLflow experiment), got an empty one",
         ("-m", "hydra/sweeper=vitq_optuna", "hydra.sweeper.study_name="): "vitq: hydra.sweeper.study_name: must be a "
                                                                           "name, got an empty one",

@@ -32,7 +32,14 @@ from vitq.data import (
     model_img_size,
 )
 from vitq.evaluate import EvalResult, check_logits
-from vitq.models.factory import REFERENCE_NAME, ModelError, build_model, file_sha256, weights_path
+from vitq.models.factory import (
+    REFERENCE_NAME,
+    ModelError,
+    build_model,
+    check_weight_keys,
+    file_sha256,
+    weights_path,
+)
 from vitq.models.reference import REFERENCES
 from vitq.paths import REPO_ROOT
 from vitq.quant.config import ConfigError, LayerQuantConfig
@@ -210,7 +217,8 @@ class Session:
         """The FP model, float32, in eval mode, on the session's device."""
         if self._model is None:
             m = self.model_spec
-            if m.name in REFERENCES and m.checkpoint is None and not m.kwargs_dict and not m.checkpoint_prefix:
+            check_weight_keys(m.name, m.pretrained, m.checkpoint, m.use_ema, m.resample_weights, m.checkpoint_prefix)
+            if m.name in REFERENCES and m.checkpoint is None and not m.kwargs_dict:
                 # trained once, then cached
                 from vitq.reference import load_reference
 

@@ -19,8 +19,8 @@ from torch import nn
 from vitq.models.reference import REFERENCES, build_reference
 from vitq.models.vit import check_quantizable
 
-__all__ = ["REFERENCE_NAME", "ModelError", "build_model", "create_model", "file_sha256", "load_checkpoint",
-           "read_weights", "weights_path"]
+__all__ = ["REFERENCE_NAME", "ModelError", "build_model", "check_weight_keys", "create_model", "file_sha256",
+           "load_checkpoint", "read_weights", "weights_path"]
 
 REFERENCE_NAME = "digits_reference"
 
@@ -317,13 +317,31 @@ def _pretrained_loaded(model: nn.Module, name: str, records: list[tuple[str, str
     return "; ".join(["timm pretrained", *lines, *adapted]) if lines or adapted else ""
 
 
+def check_weight_keys(name: str, pretrained: bool, checkpoint: str | None, use_ema: bool, resample_weights: bool,
+                       checkpoint_prefix: str | None) -> None:
+    """ModelError for a weights key that the other keys leave without effect: it would be ignored."""
+    if checkpoint_prefix and checkpoint is None:
+        raise ModelError("model.checkpoint_prefix: it selects keys of model.checkpoint, which is not set")
+    if not use_ema and checkpoint is None:
+        raise ModelError("model.use_ema=false: it chooses between the weights and the EMA weights of "
+                         "model.checkpoint, which is not set")
+    if pretrained and name in REFERENCES:
+        raise ModelError(f"model.pretrained: {name} is vitq's digits reference, trained by vitq; pretrained weights "
+                         "are timm's (model=timm model.name=...)")
+    if pretrained and checkpoint is not None:
+        raise ModelError("model.pretrained: model.checkpoint is set too, and its weights would replace timm's "
+                         "pretrained ones; set one of them")
+    if resample_weights and checkpoint is None and not pretrained:
+        raise ModelError("model.resample_weights: it lets timm interpolate the weights of model.checkpoint or "
+                         "model.pretrained, and neither is set")
+
+
 def build_model(name: str = REFERENCE_NAME, pretrained: bool = False, checkpoint: str | None = None,
                 kwargs: dict[str, Any] | None = None, use_ema: bool = True, resample_weights: bool = False,
                 checkpoint_prefix: str | None = None) -> tuple[nn.Module, str]:
     """The model of :func:`create_model`, and how its weights were converted ("" when loaded as they are)."""
     kwargs = dict(kwargs or {})
-    if checkpoint_prefix and checkpoint is None:
-        raise ModelError("model.checkpoint_prefix: it selects keys of model.checkpoint, which is not set")
+    check_weight_keys(name, pretrained, checkpoint, use_ema, resample_weights, checkpoint_prefix)
     if name in REFERENCES:
         if kwargs:
             raise ModelError(f"model.kwargs: the digits reference has a fixed architecture; got {sorted(kwargs)} "
