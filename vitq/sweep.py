@@ -25,7 +25,7 @@ from vitq.faults import fault, maybe_kill, maybe_meet
 from vitq.logs import progress_enabled, quiet_libraries
 from vitq.paths import CONF_DIR as PATHS_CONF_DIR
 from vitq.paths import FolderError, grid_failures_dir, output_folder
-from vitq.quant.config import SECTIONS, LayerQuantConfig
+from vitq.quant.config import SECTIONS, ConfigError, LayerQuantConfig, unknown_choice
 from vitq.redact import fail, install_log_redaction, redact, redact_tree, say
 from vitq.schema import check_known_keys, register
 
@@ -103,8 +103,6 @@ def session_of(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = ()):  #
 
 def _check_outputs(cfg: DictConfig) -> None:
     """ConfigError naming the key, before any trial: an empty study name, an export folder that cannot be written."""
-    from vitq.quant.config import ConfigError
-
     if "study_name" in cfg and not str(cfg.study_name or "").strip():
         raise ConfigError("study_name", "must be a name (the MLflow experiment), got an empty one")
     if cfg.get("export_dir"):
@@ -121,8 +119,6 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from vitq.quant.config import ConfigError
-
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
@@ -135,15 +131,13 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
         raise ConfigError("overrides", f"{' '.join(overrides)}: {msg[0] if msg else type(e).__name__}") from None
 
 
-def config_error(e: BaseException):  # noqa: ANN201 - ConfigError | None (vitq.quant.config is imported lazily)
+def config_error(e: BaseException) -> ConfigError | None:
     """Hydra's or OmegaConf's error on composing the config as one ConfigError naming the key, or None for any
     other exception: a misspelled key (with the closest one), a value of the wrong type, an unknown option of a
     config group (with the options), an override Hydra cannot parse."""
     from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
     from omegaconf import DictConfig
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
-
-    from vitq.quant.config import ConfigError, unknown_choice
 
     if isinstance(e, MissingConfigException) and e.missing_cfg_file and "/" in e.missing_cfg_file:
         group, _, option = e.missing_cfg_file.rpartition("/")
@@ -471,11 +465,11 @@ def cli() -> None:
         main()
     except Exception as e:  # noqa: BLE001 - the task reports its own errors; these are Hydra's
         err = config_error(e)
-        if err is None:
-            raise
-        fail(err)
+        if err is not None:
+            fail(err)
+        fail(f"{type(e).__name__}: {e} (HYDRA_FULL_ERROR=1 shows where)", code=1)
     finally:
-        del os.environ["HYDRA_FULL_ERROR"]
+        os.environ.pop("HYDRA_FULL_ERROR", None)
 
 
 if __name__ == "__main__":
