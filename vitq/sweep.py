@@ -206,11 +206,19 @@ class CheckInputs(Callback):
 
 def _check_output_dir(config: DictConfig, key: str) -> None:
     """Hydra creates this folder itself, with a traceback when it cannot: one line and rc 2 instead, before any
-    work (and before a sweep's MLflow parent run or study opens)."""
+    work (and before a sweep's MLflow parent run or study opens). What the check creates it removes again, so bad
+    input found later leaves no empty folders."""
+    path = Path(OmegaConf.select(config, key)).expanduser().absolute()
+    new = [p for p in (path, *path.parents) if not p.exists()]
     try:
-        output_folder(OmegaConf.select(config, key), key)
+        output_folder(path, key)
     except FolderError as e:
         fail(e)
+    for p in new:  # deepest first
+        try:
+            p.rmdir()
+        except OSError:  # (another worker of the sweep wrote into it meanwhile)
+            break
 
 
 def _check_grid_values(config: DictConfig) -> None:
