@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import typing
 from dataclasses import dataclass, field, make_dataclass
 from typing import Any
@@ -110,9 +111,14 @@ def check_known_keys(cfg: DictConfig) -> None:
     _check_keys(cfg, VitqConfig, "")
 
 
+@functools.cache
+def _fields(schema: type) -> tuple[dict[str, Any], list[str]]:
+    """A schema's field types and names in order (read once: every trial checks its config)."""
+    return typing.get_type_hints(schema), [f.name for f in dataclasses.fields(schema)]
+
+
 def _check_keys(node: DictConfig, schema: type, path: str) -> None:
-    hints = typing.get_type_hints(schema)
-    names = [f.name for f in dataclasses.fields(schema)]
+    hints, names = _fields(schema)
     for key in node:
         if not path and key == "hydra":  # (a callback's config carries Hydra's own node)
             continue
