@@ -185,6 +185,8 @@ class VitqOptunaSweeperImpl(Sweeper):
         composed: list[str] = []
         for p in spec.params:
             values = p.choices if p.choices is not None else [p.low, p.high]
+            if p.choices is None and p.type == "int":
+                values = [int(v) for v in values]  # (as Optuna's suggest_int draws them)
             for key in expand_key(p.name):
                 if "." not in key or key.split(".")[0] not in QUANT_SECTIONS:  # (``default=omse``: a group)
                     composed += [f"{key}={hydra_value(v)}" for v in values]
