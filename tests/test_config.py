@@ -129,3 +129,24 @@ def test_not_a_mapping_and_missing_file(tmp_path):
 def test_did_you_mean():
     with pytest.raises(ConfigError, match="Did you mean 'PercentileObserver'"):
         QuantConfig(observer_type="PercentilObserver")
+
+
+def test_an_observer_field_is_refused_only_where_no_point_reads_it():
+    """``percentile_alpha``/``percentile_sigma``/``kv_bins`` set on the command line must reach a point whose observer
+    reads them (in some block); else the run is the one without them, and it is refused naming the key."""
+    from vitq.sweep import check_fields_read
+
+    int8 = load_config_from_yaml(PRESETS / "int8.yaml")  # weights Minmax, activations Percentile
+    check_fields_read(int8, ["default.percentile_alpha=0.99", "attn_layer.kv_act.percentile_alpha=0.9",
+                             "layers.attn_qkv.bit_type.bits=4", "attn_layer.*.kv_bins=512"])  # (wildcards: a search's)
+    kl = int8.with_overrides({"attn_layer.kv_act.observer_type": "KLObserver"})
+    check_fields_read(kl, ["attn_layer.kv_act.kv_bins=512", "default.kv_bins=1024"])
+    with pytest.raises(ConfigError, match=r"^blocks.1.layers.attn_qkv.percentile_alpha: changes nothing: only "
+                                          r"PercentileObserver reads percentile_alpha, and attn_qkv uses "
+                                          r"MinmaxObserver"):
+        check_fields_read(int8, ["+blocks.1.layers.attn_qkv.percentile_alpha=0.99"])
+    one_block = int8.with_overrides({"blocks.1.layers.attn_qkv.observer_type": "PercentileObserver"})
+    check_fields_read(one_block, ["+blocks.1.layers.attn_qkv.percentile_alpha=0.99",
+                                  "layers.attn_qkv.percentile_alpha=0.99"])  # block 1 reads it
+    with pytest.raises(ConfigError, match=r"^default.kv_bins: changes nothing: only KLObserver reads kv_bins"):
+        check_fields_read(int8, ["default.kv_bins=1024"])

@@ -151,6 +151,17 @@ def test_bad_inputs_each_one_line_rc2(tmp_path):
         ("attn_layer.kv_act.kv_bins=1000000",): "kv_bins: must be an integer in 16..65536",
         ("data.n_train=1000",): "data.n_train=1000: model digits_reference was trained on the first 1400 digits",
         ("data.mean=[0.5]",): "vitq: data.mean: data=digits takes no mean (use data=folder)",  # (was ignored)
+        # an observer's own field where no point reads it (each ran, the same run as without it)
+        ("layers.attn_qkv.percentile_alpha=0.99",): "vitq: layers.attn_qkv.percentile_alpha: changes nothing: only "
+                                                    "PercentileObserver reads percentile_alpha, and attn_qkv uses "
+                                                    "MinmaxObserver",
+        ("attn_layer.kv_act.kv_bins=512",): "vitq: attn_layer.kv_act.kv_bins: changes nothing: only KLObserver reads "
+                                            "kv_bins, and kv_act uses PercentileObserver",
+        ("default.observer_type=MinmaxObserver", "default.percentile_alpha=0.99"):
+            "vitq: default.percentile_alpha: changes nothing: only PercentileObserver reads percentile_alpha, and the "
+            "points it reaches use MinmaxObserver",
+        ("attn_layer.kv_act.enabled=false", "attn_layer.kv_act.percentile_alpha=0.99"):
+            "vitq: attn_layer.kv_act.percentile_alpha: changes nothing: kv_act is disabled",
         # weights keys that the others leave without effect (each was ignored)
         ("model.pretrained=true",): "vitq: model.pretrained: digits_reference is vitq's digits reference, trained by "
                                     "vitq; pretrained weights are timm's",

@@ -25,7 +25,7 @@ from vitq.faults import fault, maybe_kill, maybe_meet
 from vitq.logs import progress_enabled, quiet_libraries
 from vitq.paths import CONF_DIR as PATHS_CONF_DIR
 from vitq.paths import FolderError, grid_failures_dir, output_folder
-from vitq.quant.config import SECTIONS, ConfigError, LayerQuantConfig, unknown_choice
+from vitq.quant.config import POINTS, SECTIONS, ConfigError, LayerQuantConfig, split_block, unknown_choice
 from vitq.redact import fail, install_log_redaction, redact, redact_tree, say
 from vitq.schema import check_known_keys, register
 
@@ -69,6 +69,31 @@ def _nan_data(data):  # noqa: ANN001, ANN202
                       data.num_classes, data.train, meta)
 
 
+def check_fields_read(qcfg: LayerQuantConfig, overrides: list[str] | tuple[str, ...]) -> None:
+    """ConfigError for a command-line override of an observer's own field (``percentile_alpha``,
+    ``percentile_sigma``, ``kv_bins``) that no enabled point it reaches reads: every point there uses another
+    observer, so the run would be the one without it."""
+    from vitq.quant.observers import OBSERVER_REGISTRY
+
+    readers = {f: sorted(o.name for o in OBSERVER_REGISTRY.values() if f in o.depends_on)
+               for f in ("percentile_alpha", "percentile_sigma", "kv_bins")}
+    for o in overrides:
+        key, _, _ = o.lstrip("+~").partition("=")
+        block, rest = split_block(key)
+        parts = rest.split(".")
+        if parts[-1] not in readers or "*" in rest:
+            continue
+        point = parts[1] if len(parts) == 3 else None  # section.point.field, or default.field
+        configs = [qcfg.resolved(b) for b in ((block,) if block is not None else (None, *qcfg.blocks))]
+        used = {c[k].observer_type for c in configs for k in ((point,) if point else POINTS) if c[k].enabled}
+        if not used:
+            raise ConfigError(key, f"changes nothing: {f'{point} is' if point else 'every point is'} disabled")
+        if not used & set(readers[parts[-1]]):
+            where = f"{point} uses" if point else "the points it reaches use"
+            raise ConfigError(key, f"changes nothing: only {', '.join(readers[parts[-1]])} reads {parts[-1]}, and "
+                                   f"{where} {', '.join(sorted(used))}")
+
+
 def default_fields_set(overrides: list[str] | tuple[str, ...]) -> dict[str, str]:
     """``default`` fields that command-line ``overrides`` set: ``default.X=...`` and the group ``default=NAME``."""
     out: dict[str, str] = {}
@@ -96,6 +121,8 @@ def session_of(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = ()):  #
     if not overrides and HydraConfig.initialized():
         overrides = list(HydraConfig.get().overrides.task)
     qcfg.check_default_reaches(default_fields_set(overrides))
+    if not _is_multirun():  # (a grid or a search may set a field for the values where another key makes it read)
+        check_fields_read(qcfg, overrides)
     session = Session.from_config(cfg).build()
     check_block_indices(qcfg, len(session.model.blocks))
     return qcfg, session
