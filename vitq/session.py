@@ -217,9 +217,10 @@ class Session:
         """The FP model, float32, in eval mode, on the session's device."""
         if self._model is None:
             m = self.model_spec
-            check_weight_keys(m.name, m.pretrained, m.checkpoint, m.use_ema, m.resample_weights, m.checkpoint_prefix)
             if m.name in REFERENCES and m.checkpoint is None and not m.kwargs_dict:
-                # trained once, then cached
+                # trained once, then cached (build_model checks the weights keys on the other path)
+                check_weight_keys(m.name, m.pretrained, m.checkpoint, m.use_ema, m.resample_weights,
+                                  m.checkpoint_prefix)
                 from vitq.reference import load_reference
 
                 model, _ = load_reference(REFERENCES[m.name])

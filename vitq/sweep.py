@@ -116,7 +116,8 @@ def session_of(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = ()):  #
     from vitq.session import Session
 
     qcfg = layer_config_from(cfg)
-    check_known_keys(cfg)
+    if cfg.get("trial_number") is None:  # (a trial of vitq's sweeper: its values cannot add keys, and the sweep's
+        check_known_keys(cfg)             # base config was checked when the study opened)
     _check_outputs(cfg)
     if not overrides and HydraConfig.initialized():
         overrides = list(HydraConfig.get().overrides.task)
