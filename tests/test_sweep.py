@@ -256,6 +256,7 @@ def test_grid_job_failing_before_its_run_opens_counts(tmp_path):
     children = runs[runs["tags.vitq.role"] == "trial"]
     assert list(parent["status"]) == ["FAILED"] and list(children["tags.trial_number"]) == ["1"]
     assert list(children["status"]) == ["FINISHED"]
+    assert not list(tmp_path.rglob(".vitq_failed"))  # the failure lines were read once and removed
 
 
 def test_kill_and_resume(tmp_path):

@@ -279,7 +279,8 @@ class GridFailures(Callback):
     """Exit 1 after a Hydra grid whose jobs failed, also without MLflow (with it, :class:`MlflowSweepCallback`
     counts them beside the parent's children: a job may fail before its run opens).
 
-    Each failed job leaves one line in a folder of this multirun (any launcher, any process); the end reads them.
+    Each failed job leaves one line in a folder of this multirun (any launcher, any process); the end reads them
+    (:func:`take_grid_failures`).
     """
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -290,24 +291,27 @@ class GridFailures(Callback):
         os.environ[GRID_FAILURES_ENV] = str(grid_failures_dir(config.hydra.sweep.dir, uuid.uuid4().hex))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        folder = os.environ.pop(GRID_FAILURES_ENV, None)
-        if folder is None:
-            return
-        import contextlib
-        import shutil
-
-        lines = {int(p.stem): p.read_text().strip() for p in Path(folder).glob("*.txt")}
-        shutil.rmtree(folder, ignore_errors=True)
-        with contextlib.suppress(OSError):  # (another multirun of this sweep folder may still use it)
-            Path(folder).parent.rmdir()
-        if lines and not config.tracking.enabled:
+        if config.tracking.enabled:
+            return  # MlflowSweepCallback reads them
+        lines = take_grid_failures()
+        if lines:
             fail(f"{len(lines)} trial(s) of the grid failed (first: {lines[min(lines)]}); MLflow is off "
                  f"(tracking=none)", code=1)
-        GRID_FAILED.clear()
-        GRID_FAILED.update(lines)  # MlflowSweepCallback counts them: a job may fail before its run opens
 
 
-GRID_FAILED: dict[int, str] = {}  # the failed jobs of the grid that just ended, by number (GridFailures' reading)
+def take_grid_failures() -> dict[int, str]:
+    """The failed jobs of the grid that just ended, by number; their folder is removed (read once)."""
+    folder = os.environ.pop(GRID_FAILURES_ENV, None)
+    if folder is None:
+        return {}
+    import contextlib
+    import shutil
+
+    lines = {int(p.stem): p.read_text().strip() for p in Path(folder).glob("*.txt")}
+    shutil.rmtree(folder, ignore_errors=True)
+    with contextlib.suppress(OSError):  # (another multirun of this sweep folder may still use it)
+        Path(folder).parent.rmdir()
+    return lines
 
 
 def _note_grid_failure(number: int | None, message: str) -> None:
@@ -354,6 +358,7 @@ class MlflowSweepCallback(Callback):
 
         parent, self.parent = self.parent, None
         os.environ.pop(PARENT_ENV, None)
+        grid_failed = take_grid_failures()  # first: its folder goes whatever happens below
         use_store(config.tracking.uri, config.study_name)
         client = MlflowClient()
         try:
@@ -364,8 +369,7 @@ class MlflowSweepCallback(Callback):
         runs = child_runs(parent)
         failed = runs[runs["status"] != "FINISHED"] if len(runs) else runs
         numbers = set(runs["tags.trial_number"].astype(str)) if "tags.trial_number" in runs else set()
-        no_run = [n for n in GRID_FAILED if str(n) not in numbers]  # jobs that failed before their run opened
-        GRID_FAILED.clear()
+        no_run = [n for n in grid_failed if str(n) not in numbers]  # jobs that failed before their run opened
         n_failed, n_total = len(failed) + len(no_run), len(runs) + len(no_run)
         client.set_terminated(parent, "FAILED" if n_failed else "FINISHED")
         if n_failed:
