@@ -11,7 +11,7 @@ from reference import fqvit as ref
 
 from vitq import ConfigError, LayerQuantConfig, QuantConfig, load_config_from_yaml
 from vitq.quant.config import BitTypeConfig
-from vitq.quant.modules import QAct, QIntSoftmax, int_layernorm
+from vitq.quant.modules import PROFILE_MAX_ELEMENTS, QAct, QIntSoftmax, int_layernorm
 from vitq.quant.quantizers import fake_quant_log2, ptf_qparams
 
 INT_SOFTMAX_ABS = 2e-3  # I-BERT's second-order i-exp: measured max |error| vs the float softmax is 1.0e-3
@@ -47,6 +47,31 @@ def test_integer_softmax_against_float_softmax_of_the_same_codes(bits, signed, m
     assert np.abs(got - expect).max() <= INT_SOFTMAX_ABS + step
     assert np.abs(got.sum(-1) - 1).max() <= 17 * step / 2 + 1e-6  # every row sums to 1 (to the intSoft grid)
     assert (got.max(-1) > 0).all()
+
+
+@pytest.mark.parametrize("mode", ["layer_wise", "channel_wise"])
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("shape", [(40, 4, 17, 17), (2, 4, 9, 9)])  # sampled runs; every value
+def test_integer_softmax_profiles_the_scores_as_kv_act_alone_does(shape, signed, mode):
+    """Through the integer softmax, ``kv_act``'s profile row (sampled codes, dequantized after sampling) is the row
+    that ``kv_act`` quantizing the same scores alone gives: per tensor and per head, with and without zero point."""
+    g = torch.Generator().manual_seed(5)
+    scores = torch.randn(*shape, generator=g) * torch.tensor([2.0, 6.0, 12.0, 20.0]).view(1, 4, 1, 1) + 1.5
+    cfg = QuantConfig(calibration_mode=mode, bit_type=BitTypeConfig(bits=6, signed=signed),
+                      observer_type="MinmaxObserver")
+    kv, alone = _calibrated("kv_act", cfg, scores), _calibrated("kv_act", cfg, scores)
+    out_q = _calibrated("intSoft", QuantConfig(bit_type=BitTypeConfig(bits=8, signed=False),
+                                               observer_type="MinmaxObserver"), scores.softmax(-1))
+    soft = QIntSoftmax(out_q)
+    assert soft.integer(kv) and kv.fq.has_zp == (not signed) and kv.fq.scale.numel() == (4 if mode != "layer_wise"
+                                                                                         else 1)
+    kv.profiling = alone.profiling = True
+    with torch.inference_mode():
+        soft(scores.clone(), kv)
+        alone(scores.clone())
+    got, want = kv.profile_row(), alone.profile_row()
+    assert kv.prof.count == alone.prof.count == min(scores.numel(), PROFILE_MAX_ELEMENTS)
+    assert got["mse"] == want["mse"] and got["sqnr_db"] == want["sqnr_db"] and 0 < got["mse"] < 1
 
 
 def test_integer_softmax_off_only_where_the_config_says_so():

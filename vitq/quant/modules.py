@@ -443,6 +443,18 @@ def _int_softmax(scores: Tensor, scale: Tensor) -> Tensor:
     return e.div_(e.sum(dim=-1, keepdim=True))
 
 
+def _sampled_dequantized(x_int: Tensor, grid: UniformGrid) -> Tensor:
+    """The profile's sample of the fake-quantized scores that the codes ``x_int`` stand for, dequantized after
+    sampling (the same values as sampling ``(x_int - zp) * scale``, without two passes over every map)."""
+    q = _Profile.sample(x_int)
+    scale, zp = grid.scale, grid.zero_point
+    if scale.ndim:  # per head: the same positions of the broadcast grid
+        scale, zp = (_Profile.sample(t.expand_as(x_int)) for t in (scale, zp))
+    if grid.has_zp:
+        q.sub_(zp)
+    return q.mul_(scale)
+
+
 class QIntSoftmax(nn.Module):
     """Softmax over the last axis of scores quantized at ``kv_act``, its output quantized at ``intSoft``
     (Uniform, or Log2 = FQ-ViT's LIS).
@@ -478,8 +490,7 @@ class QIntSoftmax(nn.Module):
             fp = _Profile.sample(scores) if score_q.profiling else None
             x_int = grid.to_int(scores, inplace=score_q.inplace)
             if fp is not None:
-                deq = (x_int - grid.zero_point) if grid.has_zp else x_int
-                score_q.prof.add(fp, deq * grid.scale)  # the fake-quantized scores, as score_q(scores) gives
+                score_q.prof.add(fp, _sampled_dequantized(x_int, grid))
             probs = self._lut_softmax(x_int, grid)
         else:
             scores = score_q(scores)
