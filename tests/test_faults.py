@@ -182,6 +182,15 @@ def test_bad_inputs_each_one_line_rc2(tmp_path):
             f"vitq: hydra.sweep.dir: cannot create {blocker / 'multi'}: Not a directory",
         ("-m", "hydra/sweeper=vitq_optuna", f"hydra.sweep.dir={blocker / 'multi'}"):
             f"vitq: hydra.sweep.dir: cannot create {blocker / 'multi'}: Not a directory",
+        # what one mode ignores (each ran with rc 0: one int8 trial where a search was asked for, or another folder)
+        ("hydra/sweeper=vitq_optuna", "hydra.sweeper.search=mixed_precision"):
+            "vitq: hydra/sweeper=vitq_optuna: takes effect only in a multirun: add -m (--multirun)",
+        ("hydra/launcher=joblib",): "vitq: hydra/launcher=joblib: takes effect only in a multirun",
+        (f"hydra.sweep.dir={tmp_path / 'sw'}",): f"vitq: hydra.sweep.dir={tmp_path / 'sw'}: takes effect only in a "
+                                                 "multirun",
+        ("-m", f"hydra.run.dir={tmp_path / 'r'}", "layers.attn_qkv.bit_type.bits=4,8"):
+            f"vitq: hydra.run.dir={tmp_path / 'r'}: a multirun ignores hydra.run.*: its jobs write under "
+            "hydra.sweep.dir",
     }
     for args, expect in cases.items():
         r = run_sweep(tmp_path, *args, timeout=300)

@@ -217,9 +217,11 @@ class CheckInputs(Callback):
     and the model and data build once, so bad input fails with rc 2 before any run."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _check_mode_keys(config, multirun=False)
         _check_output_dir(config, "hydra.run.dir")
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _check_mode_keys(config, multirun=True)
         _check_output_dir(config, "hydra.sweep.dir")
         if is_vitq_sweeper(config):
             return  # vitq's sweeper checks its inputs itself
@@ -230,6 +232,28 @@ class CheckInputs(Callback):
             session_of(config)
         except SessionError as e:
             fail(e)
+
+
+_SWEEP_ONLY = ("sweeper", "launcher", "sweep")  # hydra.<these> (and the groups hydra/sweeper, hydra/launcher)
+_RUN_ONLY = ("run",)
+
+
+def _check_mode_keys(config: DictConfig, multirun: bool) -> None:
+    """ConfigError for a command-line Hydra setting that this mode ignores: a sweeper, a launcher or the sweep folder
+    without ``-m`` (Hydra would run one trial, rc 0, where a search was asked for), ``hydra.run.dir`` with it (a
+    multirun writes to ``hydra.sweep.dir``)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    for o in OverridesParser.create().parse_overrides(list(config.hydra.overrides.hydra)):
+        parts = o.key_or_group.replace("/", ".").split(".")
+        if parts[0] != "hydra" or len(parts) < 2:
+            continue
+        if not multirun and parts[1] in _SWEEP_ONLY:
+            fail(ConfigError(o.input_line, "takes effect only in a multirun: add -m (--multirun), as in "
+                                           "python -m vitq.sweep -m ...; without it this is one run, which ignores it"))
+        if multirun and parts[1] in _RUN_ONLY:
+            fail(ConfigError(o.input_line, "a multirun ignores hydra.run.*: its jobs write under hydra.sweep.dir; set "
+                                           "that instead"))
 
 
 def _check_output_dir(config: DictConfig, key: str) -> None:
