@@ -112,15 +112,33 @@ def test_bad_sweeper_arguments_fail_before_any_trial(tmp_path):
         "quant=choice(int8,int88)": "vitq: quant=int88: unknown quant option 'int88'. Did you mean 'int8'?",
         "eval_batch_size=choice(64,big)": "vitq: eval_batch_size: Value 'big' of type 'str' could not be converted "
                                           "to Integer",
+        # settings that the others leave without effect (each ran with rc 0), or out of range
+        "hydra.sweeper.warm_start_metric=bops": "vitq: hydra.sweeper.warm_start_metric: it chooses how the warm-start "
+                                                "configs are solved, and hydra.sweeper.warm_start_budgets is not set",
+        "hydra.sweeper.warm_start_score=grad": "vitq: hydra.sweeper.warm_start_score: expected one of drop_loss, "
+                                               "drop_top1, grad_score, got 'grad'",
+        "hydra.sweeper.heartbeat_interval=0 hydra.sweeper.grace_period=10":
+            "vitq: hydra.sweeper.grace_period: heartbeats are off (hydra.sweeper.heartbeat_interval=0)",
+        "hydra.sweeper.grace_period=0": "vitq: hydra.sweeper.grace_period: must be >= 1 seconds, got 0",
+        "hydra.sweeper.storage=journal://j.log hydra.sweeper.heartbeat_interval=5":
+            "vitq: hydra.sweeper.heartbeat_interval: the journal storage journal://j.log has no heartbeats in Optuna",
+        "hydra.sweeper.storage=journal://j.log hydra.sweeper.reap_local=false":
+            "vitq: hydra.sweeper.reap_local: false leaves a dead worker's trials to the heartbeat, and the journal "
+            "storage has no heartbeats: nothing would fail them",
     }
     for i, (override, expect) in enumerate(cases.items()):
         cwd = tmp_path / str(i)
         cwd.mkdir()
-        r = run_sweep(cwd, *base, override, timeout=300)
+        r = run_sweep(cwd, *base, *override.split(" "), timeout=300)
         assert expect in _error_line(r), (override, r.stderr[-1000:])
         assert not (cwd / "mlflow.db").exists() and not (cwd / "db.log").exists(), override
         if "storage" not in override and "blocks.9" not in override:
             assert not (cwd / "optuna.db").exists(), override  # no study opened: no trial left RUNNING
+        assert not (cwd / "j.log").exists(), override
+    # heartbeat_interval=0 is "off", as documented (Optuna refused 0: every such sweep failed to open its storage)
+    r = run_sweep(tmp_path, *base, "hydra.sweeper.heartbeat_interval=0", "hydra.sweeper.n_trials=1",
+                  "hydra.sweeper.enqueue_baselines=false", "tracking=none", timeout=300)
+    assert r.returncode == 0 and "vitq: " not in r.stderr, r.stderr[-2000:]
 
 
 def test_env_vars_keep_urls_out_of_the_config(monkeypatch, tmp_path):

@@ -67,6 +67,7 @@ N_EVAL = 256  # evaluation images of the drop measure, unless --n-eval says (or 
 SENSITIVITY_VERSION = 4  # bump when the measure changes (v2: stratified eval subset; v3: OMSE/KL see every value;
 #                          v4: items per block)
 SCORES = ("drop_loss", "drop_top1", "grad_score")
+BUDGET_METRICS = ("weight_bytes", "bops")  # what a budget is counted in
 GRANULARITIES = ("point", "block")
 
 
@@ -300,8 +301,8 @@ def cost_table(model: nn.Module, base: LayerQuantConfig, candidates: tuple[int, 
     """Decompose :func:`model_cost`'s ``metric`` into per-item and per-pair terms (inclusion–exclusion around every
     item at the widest candidate; BOPs pair a weight with its input activation, and the softmax output with q·kᵀ,
     within a block)."""
-    if metric not in ("weight_bytes", "bops"):
-        raise ValueError(f"metric: expected weight_bytes or bops, got {metric!r}")
+    if metric not in BUDGET_METRICS:
+        raise ValueError(f"metric: expected one of {', '.join(BUDGET_METRICS)}, got {metric!r}")
     n_blocks = len(getattr(model, "model", model).blocks)
     anchor_cfg = with_bits(base, dict.fromkeys(items, candidates[-1]))
     anchor = [anchor_cfg.resolved(b) for b in range(n_blocks)]
@@ -490,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
                                         "default), model=, data=, device=, e.g. model=timm model.name=NAME "
                                         "model.checkpoint=PATH data=folder data.calib_root=A data.eval_root=B")
     ap.add_argument("--budgets", required=True, help="comma-separated budgets (bytes, or BOPs with --metric bops)")
-    ap.add_argument("--metric", default="weight_bytes", choices=("weight_bytes", "bops"))
+    ap.add_argument("--metric", default="weight_bytes", choices=BUDGET_METRICS)
     ap.add_argument("--score", default="drop_loss", choices=SCORES)
     ap.add_argument("--granularity", default="point", choices=GRANULARITIES,
                     help="point: one width per point, shared by every block; block: one width per (block, point). "

@@ -22,7 +22,7 @@ from vitq import tracking
 from vitq.paths import file_lock
 from vitq.redact import redact
 
-__all__ = ["STORAGE_ENV", "StorageError", "heartbeat", "make_storage", "process_alive", "retry_callback",
+__all__ = ["STORAGE_ENV", "StorageError", "heartbeat", "is_journal", "make_storage", "process_alive", "retry_callback",
            "storage_lock"]
 
 log = logging.getLogger(__name__)
@@ -31,6 +31,11 @@ STORAGE_ENV = "VITQ_STORAGE"  # the storage URL from the environment: it never r
 
 class StorageError(RuntimeError):
     """The Optuna storage cannot be opened (server down, bad URL); the message names the redacted URL."""
+
+
+def is_journal(url: str) -> bool:
+    """Whether ``url`` names Optuna's journal file (``journal:///path``, or a plain path without a scheme)."""
+    return url.startswith("journal:") or "://" not in url
 
 
 def make_storage(url: str, heartbeat_interval: int | None = 30, grace_period: int | None = None,
@@ -42,7 +47,7 @@ def make_storage(url: str, heartbeat_interval: int | None = 30, grace_period: in
     """
     from sqlalchemy.engine import make_url
 
-    if url.startswith("journal:") or "://" not in url:
+    if is_journal(url):
         from optuna.storages.journal import JournalFileBackend
 
         path = Path(url.removeprefix("journal://").removeprefix("journal:")).expanduser()

@@ -46,6 +46,7 @@ from vitq.search.storage import (
     STORAGE_ENV,
     StorageError,
     heartbeat,
+    is_journal,
     make_storage,
     process_alive,
     retry_callback,
@@ -174,6 +175,43 @@ class VitqOptunaSweeperImpl(Sweeper):
                         or f"sqlite:///{Path.cwd() / 'optuna.db'}")
         return spec, fixed_args
 
+    def _check_settings(self, spec: SearchSpec) -> None:
+        """ConfigError naming a sweeper setting that is out of range, or that the others leave without effect: a
+        warm-start choice without warm-start budgets, heartbeat settings on a journal file (Optuna gives it no
+        heartbeats) or a grace period with heartbeats off, and ``reap_local=false`` where nothing else would fail a
+        dead worker's trials (the study would wait for them for ever)."""
+        from vitq.search.sensitivity import BUDGET_METRICS, GRANULARITIES, SCORES
+
+        st = self.settings
+        for name, valid in (("warm_start_metric", BUDGET_METRICS), ("warm_start_score", SCORES),
+                            ("warm_start_granularity", GRANULARITIES)):
+            value = getattr(st, name)
+            if value not in valid:
+                raise ConfigError(f"hydra.sweeper.{name}", f"expected one of {', '.join(valid)}, got {value!r}")
+            if not st.warm_start_budgets and value != getattr(SweeperSettings, name):
+                raise ConfigError(f"hydra.sweeper.{name}", "it chooses how the warm-start configs are solved, "
+                                                           "and hydra.sweeper.warm_start_budgets is not set")
+        for name, least in (("heartbeat_interval", 0), ("grace_period", 1)):
+            value = getattr(st, name)
+            if value is not None and value < least:
+                raise ConfigError(f"hydra.sweeper.{name}", f"must be >= {least} seconds, got {value}")
+        journal = is_journal(spec.storage)
+        if journal:
+            for name in ("heartbeat_interval", "grace_period"):
+                value = getattr(st, name)
+                if value and value != getattr(SweeperSettings, name):
+                    raise ConfigError(f"hydra.sweeper.{name}",
+                                      f"the journal storage {spec.storage} has no heartbeats in Optuna; use a "
+                                      "database (sqlite:///..., postgresql://...) for them, or leave it unset")
+        elif st.grace_period is not None and not st.heartbeat_interval:
+            raise ConfigError("hydra.sweeper.grace_period", "heartbeats are off (hydra.sweeper.heartbeat_interval="
+                                                            f"{st.heartbeat_interval}); set an interval, or leave "
+                                                            "grace_period unset")
+        if not st.reap_local and (journal or not st.heartbeat_interval):
+            none = "the journal storage has no heartbeats" if journal else "heartbeats are off"
+            raise ConfigError("hydra.sweeper.reap_local", f"false leaves a dead worker's trials to the heartbeat, and "
+                                                          f"{none}: nothing would fail them")
+
     def _check_values(self, spec: SearchSpec, fixed: list[str]) -> None:
         """ConfigError naming the parameter when one of its values (each choice, an interval's ends) is not a value
         its keys take, before the study or the parent run opens: every trial that drew it would fail. Quant keys are
@@ -206,6 +244,7 @@ class VitqOptunaSweeperImpl(Sweeper):
         quiet_libraries()
         try:
             spec, arguments = self._spec(arguments)
+            self._check_settings(spec)
             self._check_values(spec, arguments)
         except ConfigError as e:
             fail(e)
@@ -251,7 +290,7 @@ class VitqOptunaSweeperImpl(Sweeper):
         assert self.config is not None
         st = self.settings
         try:
-            storage = make_storage(spec.storage, st.heartbeat_interval, st.grace_period, st.max_retry,
+            storage = make_storage(spec.storage, st.heartbeat_interval or None, st.grace_period, st.max_retry,
                                    on_stale=lambda t: self._dead.append(t.number))
         except StorageError as e:
             fail(e)
