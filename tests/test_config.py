@@ -150,3 +150,23 @@ def test_an_observer_field_is_refused_only_where_no_point_reads_it():
                                   "layers.attn_qkv.percentile_alpha=0.99"])  # block 1 reads it
     with pytest.raises(ConfigError, match=r"^default.kv_bins: changes nothing: only KLObserver reads kv_bins"):
         check_fields_read(int8, ["default.kv_bins=1024"])
+
+
+def test_a_range_field_of_a_log2_point_is_refused():
+    """A Log2 point (FQ-ViT's softmax output) reads its bit width alone: its observer, calibration mode, sign and
+    observer fields set on the command line change nothing, and are refused; where another block quantizes the point
+    uniformly, or ``default`` reaches other points, they are read."""
+    from vitq.sweep import check_fields_read
+
+    fqvit = load_config_from_yaml(PRESETS / "fqvit.yaml")  # intSoft: 4-bit Log2
+    for field, value in (("observer_type", "KLObserver"), ("calibration_mode", "channel_wise"),
+                         ("bit_type.signed", "true"), ("percentile_alpha", "0.99"), ("kv_bins", "512")):
+        with pytest.raises(ConfigError, match=rf"^attn_layer.intSoft.{field}: changes nothing: intSoft uses Log2 "
+                                              r"quantization, which reads bit_type.bits alone"):
+            check_fields_read(fqvit, [f"attn_layer.intSoft.{field}={value}"])
+    check_fields_read(fqvit, ["attn_layer.intSoft.bit_type.bits=3", "default.observer_type=OmseObserver",
+                              "default.bit_type.signed=false"])
+    uniform_in_one = fqvit.with_overrides({"blocks.2.attn_layer.intSoft.quantization_method": "Uniform"})
+    check_fields_read(uniform_in_one, ["attn_layer.intSoft.observer_type=KLObserver"])  # block 2 reads it
+    with pytest.raises(ConfigError, match=r"^blocks.1.attn_layer.intSoft.observer_type: changes nothing"):
+        check_fields_read(uniform_in_one, ["+blocks.1.attn_layer.intSoft.observer_type=KLObserver"])

@@ -180,6 +180,9 @@ def test_bad_inputs_each_one_line_rc2(tmp_path):
             "points it reaches use MinmaxObserver",
         ("attn_layer.kv_act.enabled=false", "attn_layer.kv_act.percentile_alpha=0.99"):
             "vitq: attn_layer.kv_act.percentile_alpha: changes nothing: kv_act is disabled",
+        ("quant=fqvit", "attn_layer.intSoft.observer_type=KLObserver"):
+            "vitq: attn_layer.intSoft.observer_type: changes nothing: intSoft uses Log2 quantization, which reads "
+            "bit_type.bits alone",
         # weights keys that the others leave without effect (each was ignored)
         ("model.pretrained=true",): "vitq: model.pretrained: digits_reference is vitq's digits reference, trained by "
                                     "vitq; pretrained weights are timm's",

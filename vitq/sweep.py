@@ -69,10 +69,14 @@ def _nan_data(data):  # noqa: ANN001, ANN202
                       data.num_classes, data.train, meta)
 
 
+LOG2_READS_NOT = ("observer_type", "calibration_mode", "bit_type.signed", "percentile_alpha", "percentile_sigma",
+                  "kv_bins")  # a Log2 point's grid is fixed (2^-q for q in 0..2^bits-1): it reads bits alone
+
+
 def check_fields_read(qcfg: LayerQuantConfig, overrides: list[str] | tuple[str, ...]) -> None:
-    """ConfigError for a command-line override of an observer's own field (``percentile_alpha``,
-    ``percentile_sigma``, ``kv_bins``) that no enabled point it reaches reads: every point there uses another
-    observer, so the run would be the one without it."""
+    """ConfigError for a command-line override that no enabled point it reaches reads, so that the run would be the
+    one without it: an observer's own field (``percentile_alpha``, ``percentile_sigma``, ``kv_bins``) where every
+    point there uses another observer, and a range or sign field where every point there quantizes Log2."""
     from vitq.quant.observers import OBSERVER_REGISTRY
 
     readers = {f: sorted(o.name for o in OBSERVER_REGISTRY.values() if f in o.depends_on)
@@ -81,16 +85,23 @@ def check_fields_read(qcfg: LayerQuantConfig, overrides: list[str] | tuple[str, 
         key, _, _ = o.lstrip("+~").partition("=")
         block, rest = split_block(key)
         parts = rest.split(".")
-        if parts[-1] not in readers or "*" in rest:
+        if parts[0] not in (*SECTIONS, "default") or "*" in rest:
             continue
-        point = parts[1] if len(parts) == 3 else None  # section.point.field, or default.field
+        point = None if parts[0] == "default" else parts[1]  # section.point.field, or default.field
+        field = ".".join(parts[1 if point is None else 2:])
+        if field not in LOG2_READS_NOT:
+            continue
         configs = [qcfg.resolved(b) for b in ((block,) if block is not None else (None, *qcfg.blocks))]
-        used = {c[k].observer_type for c in configs for k in ((point,) if point else POINTS) if c[k].enabled}
-        if not used:
+        reached = [c[k] for c in configs for k in ((point,) if point else POINTS) if c[k].enabled]
+        if not reached:
             raise ConfigError(key, f"changes nothing: {f'{point} is' if point else 'every point is'} disabled")
-        if not used & set(readers[parts[-1]]):
-            where = f"{point} uses" if point else "the points it reaches use"
-            raise ConfigError(key, f"changes nothing: only {', '.join(readers[parts[-1]])} reads {parts[-1]}, and "
+        where = f"{point} uses" if point else "the points it reaches use"
+        used = {c.observer_type for c in reached if c.quantization_method != "Log2"}
+        if not used:
+            raise ConfigError(key, f"changes nothing: {where} Log2 quantization, which reads bit_type.bits alone (a "
+                                   "fixed power-of-two grid)")
+        if field in readers and not used & set(readers[field]):
+            raise ConfigError(key, f"changes nothing: only {', '.join(readers[field])} reads {field}, and "
                                    f"{where} {', '.join(sorted(used))}")
 
 
