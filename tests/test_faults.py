@@ -120,6 +120,9 @@ def test_bad_sweeper_arguments_fail_before_any_trial(tmp_path):
         "hydra.sweeper.heartbeat_interval=0 hydra.sweeper.grace_period=10":
             "vitq: hydra.sweeper.grace_period: heartbeats are off (hydra.sweeper.heartbeat_interval=0)",
         "hydra.sweeper.grace_period=0": "vitq: hydra.sweeper.grace_period: must be >= 1 seconds, got 0",
+        "hydra.sweeper.n_jobs=2": "vitq: hydra.sweeper.n_jobs: 2 trials per batch, and Hydra's basic launcher runs "
+                                  "them one after another; add hydra/launcher=joblib hydra.launcher.n_jobs=2",
+        "hydra/launcher=joblib": "vitq: hydra.sweeper.n_jobs: 1: the joblib launcher gets one trial at a time",
         "hydra.sweeper.storage=journal://j.log hydra.sweeper.heartbeat_interval=5":
             "vitq: hydra.sweeper.heartbeat_interval: the journal storage journal://j.log has no heartbeats in Optuna",
         "hydra.sweeper.storage=journal://j.log hydra.sweeper.reap_local=false":

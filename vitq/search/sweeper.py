@@ -178,8 +178,9 @@ class VitqOptunaSweeperImpl(Sweeper):
     def _check_settings(self, spec: SearchSpec) -> None:
         """ConfigError naming a sweeper setting that is out of range, or that the others leave without effect: a
         warm-start choice without warm-start budgets, heartbeat settings on a journal file (Optuna gives it no
-        heartbeats) or a grace period with heartbeats off, and ``reap_local=false`` where nothing else would fail a
-        dead worker's trials (the study would wait for them for ever)."""
+        heartbeats) or a grace period with heartbeats off, batches of ``n_jobs`` trials that the launcher runs one
+        at a time, and ``reap_local=false`` where nothing else would fail a dead worker's trials (the study would
+        wait for them for ever)."""
         from vitq.search.sensitivity import BUDGET_METRICS, GRANULARITIES, SCORES
 
         st = self.settings
@@ -207,6 +208,15 @@ class VitqOptunaSweeperImpl(Sweeper):
             raise ConfigError("hydra.sweeper.grace_period", "heartbeats are off (hydra.sweeper.heartbeat_interval="
                                                             f"{st.heartbeat_interval}); set an interval, or leave "
                                                             "grace_period unset")
+        launcher = self.config.hydra.launcher if self.config is not None else {}
+        target = str(launcher.get("_target_", ""))
+        if spec.n_jobs > 1 and target.endswith(".BasicLauncher"):
+            raise ConfigError("hydra.sweeper.n_jobs", f"{spec.n_jobs} trials per batch, and Hydra's basic launcher "
+                                                      "runs them one after another; add hydra/launcher=joblib "
+                                                      f"hydra.launcher.n_jobs={spec.n_jobs} to run them at once")
+        if spec.n_jobs == 1 and "joblib" in target.lower() and launcher.get("n_jobs") != 1:
+            raise ConfigError("hydra.sweeper.n_jobs", "1: the joblib launcher gets one trial at a time (a batch of "
+                                                      "hydra.sweeper.n_jobs); set it to the trials to run at once")
         if not st.reap_local and (journal or not st.heartbeat_interval):
             none = "the journal storage has no heartbeats" if journal else "heartbeats are off"
             raise ConfigError("hydra.sweeper.reap_local", f"false leaves a dead worker's trials to the heartbeat, and "
