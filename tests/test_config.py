@@ -165,7 +165,8 @@ def test_a_range_field_of_a_log2_point_is_refused():
                                               r"quantization, which reads bit_type.bits alone"):
             check_fields_read(fqvit, [f"attn_layer.intSoft.{field}={value}"])
     check_fields_read(fqvit, ["attn_layer.intSoft.bit_type.bits=3", "default.observer_type=OmseObserver",
-                              "default.bit_type.signed=false"])
+                              "default.bit_type.signed=false", "attn_layer=a4", "default=omse",
+                              "attn_layer.intSoft={bit_type:{bits:4}}"])  # (groups and whole points: not fields)
     uniform_in_one = fqvit.with_overrides({"blocks.2.attn_layer.intSoft.quantization_method": "Uniform"})
     check_fields_read(uniform_in_one, ["attn_layer.intSoft.observer_type=KLObserver"])  # block 2 reads it
     with pytest.raises(ConfigError, match=r"^blocks.1.attn_layer.intSoft.observer_type: changes nothing"):

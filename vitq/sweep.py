@@ -85,8 +85,8 @@ def check_fields_read(qcfg: LayerQuantConfig, overrides: list[str] | tuple[str, 
         key, _, _ = o.lstrip("+~").partition("=")
         block, rest = split_block(key)
         parts = rest.split(".")
-        if parts[0] not in (*SECTIONS, "default") or "*" in rest:
-            continue
+        if parts[0] not in (*SECTIONS, "default") or len(parts) < (2 if parts[0] == "default" else 3) or "*" in rest:
+            continue  # (a group: layers=w4, default=omse; a whole point: layers.attn_qkv={...})
         point = None if parts[0] == "default" else parts[1]  # section.point.field, or default.field
         field = ".".join(parts[1 if point is None else 2:])
         if field not in LOG2_READS_NOT:
