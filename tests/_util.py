@@ -47,6 +47,16 @@ def run_sweep(cwd: Path, *args: str, timeout: int = 900, env: dict | None = None
     return run([sys.executable, "-m", "vitq.sweep", *args], cwd, env, timeout)
 
 
+def run_sweeps(cases: list[tuple[Path, tuple[str, ...]]], timeout: int = 300,
+               workers: int = 2) -> list[subprocess.CompletedProcess]:
+    """:func:`run_sweep` of independent (folder, arguments) cases, ``workers`` at a time (the bad-input tests: each
+    case is a process that mostly imports and fails); results in the cases' order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(lambda case: run_sweep(case[0], *case[1], timeout=timeout), cases))
+
+
 def alive_groups() -> list[int]:
     """Recorded process groups that still have a member."""
     out = []

@@ -19,7 +19,7 @@ import optuna
 import pytest
 import timm
 import torch
-from _util import run, run_sweep
+from _util import run, run_sweep, run_sweeps
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
@@ -705,8 +705,12 @@ def test_bad_inputs_are_one_line_rc2_and_nothing_logged(byo, tmp_path):
     }
     if not torch.cuda.is_available():
         cases["cuda without a GPU"] = ([kwargs, "device=cuda"], "vitq: device: cuda: no CUDA device is available")
-    for name, (extra, expect) in cases.items():
-        r = run_sweep(tmp_path, *base, *extra, f"tracking.uri={uri}", timeout=300)
+    folders = [tmp_path / f"case{i}" for i in range(len(cases))]  # (one each: they run two at a time)
+    for cwd in folders:
+        cwd.mkdir()
+    results = run_sweeps([(cwd, (*base, *extra, f"tracking.uri={uri}")) for cwd, (extra, _) in
+                          zip(folders, cases.values(), strict=True)])
+    for (name, (_, expect)), r in zip(cases.items(), results, strict=True):
         line = _one_line_error(r)
         assert expect in line, (name, line)
     # the default data (digits, 1×8×8) with a timm model built for 3×16×16 images

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 import sqlalchemy
-from _util import run_sweep
+from _util import run_sweep, run_sweeps
 
 from vitq.redact import redact
 
@@ -129,10 +129,11 @@ def test_bad_sweeper_arguments_fail_before_any_trial(tmp_path):
             "vitq: hydra.sweeper.reap_local: false leaves a dead worker's trials to the heartbeat, and the journal "
             "storage has no heartbeats: nothing would fail them",
     }
-    for i, (override, expect) in enumerate(cases.items()):
-        cwd = tmp_path / str(i)
+    folders = [tmp_path / str(i) for i in range(len(cases))]
+    for cwd in folders:
         cwd.mkdir()
-        r = run_sweep(cwd, *base, *override.split(" "), timeout=300)
+    results = run_sweeps([(cwd, (*base, *override.split(" "))) for cwd, override in zip(folders, cases, strict=True)])
+    for cwd, (override, expect), r in zip(folders, cases.items(), results, strict=True):
         assert expect in _error_line(r), (override, r.stderr[-1000:])
         assert not (cwd / "mlflow.db").exists() and not (cwd / "db.log").exists(), override
         if "storage" not in override and "blocks.9" not in override:
@@ -216,10 +217,13 @@ def test_bad_inputs_each_one_line_rc2(tmp_path):
             f"vitq: hydra.run.dir={tmp_path / 'r'}: a multirun ignores hydra.run.*: its jobs write under "
             "hydra.sweep.dir",
     }
-    for args, expect in cases.items():
-        r = run_sweep(tmp_path, *args, timeout=300)
+    folders = [tmp_path / f"case{i}" for i in range(len(cases))]
+    for cwd in folders:
+        cwd.mkdir()
+    for cwd, (args, expect), r in zip(folders, cases.items(), run_sweeps(list(zip(folders, cases, strict=True))),
+                                      strict=True):
         assert expect in _error_line(r), (args, r.stderr[-1500:])
-    assert not (tmp_path / "mlflow.db").exists()
+        assert not (cwd / "mlflow.db").exists(), args
 
 
 @pytest.mark.slow
