@@ -47,14 +47,19 @@ def run_sweep(cwd: Path, *args: str, timeout: int = 900, env: dict | None = None
     return run([sys.executable, "-m", "vitq.sweep", *args], cwd, env, timeout)
 
 
-def run_sweeps(cases: list[tuple[Path, tuple[str, ...]]], timeout: int = 300,
-               workers: int = 2) -> list[subprocess.CompletedProcess]:
-    """:func:`run_sweep` of independent (folder, arguments) cases, ``workers`` at a time (the bad-input tests: each
-    case is a process that mostly imports and fails); results in the cases' order."""
+def run_sweeps(root: Path, cases: list[tuple[str, ...]], timeout: int = 300,
+               workers: int = 2) -> list[tuple[Path, subprocess.CompletedProcess]]:
+    """:func:`run_sweep` of independent argument lists, ``workers`` at a time, each in a folder of its own under
+    ``root`` (the bad-input tests: each case is a process that mostly imports and fails); (folder, result) in the
+    cases' order."""
     from concurrent.futures import ThreadPoolExecutor
 
+    folders = [root / f"case{i}" for i in range(len(cases))]
+    for cwd in folders:
+        cwd.mkdir()
     with ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(lambda case: run_sweep(case[0], *case[1], timeout=timeout), cases))
+        results = pool.map(lambda cwd, args: run_sweep(cwd, *args, timeout=timeout), folders, cases)
+        return list(zip(folders, results, strict=True))
 
 
 def alive_groups() -> list[int]:

@@ -705,12 +705,8 @@ def test_bad_inputs_are_one_line_rc2_and_nothing_logged(byo, tmp_path):
     }
     if not torch.cuda.is_available():
         cases["cuda without a GPU"] = ([kwargs, "device=cuda"], "vitq: device: cuda: no CUDA device is available")
-    folders = [tmp_path / f"case{i}" for i in range(len(cases))]  # (one each: they run two at a time)
-    for cwd in folders:
-        cwd.mkdir()
-    results = run_sweeps([(cwd, (*base, *extra, f"tracking.uri={uri}")) for cwd, (extra, _) in
-                          zip(folders, cases.values(), strict=True)])
-    for (name, (_, expect)), r in zip(cases.items(), results, strict=True):
+    results = run_sweeps(tmp_path, [(*base, *extra, f"tracking.uri={uri}") for extra, _ in cases.values()])
+    for (name, (_, expect)), (_, r) in zip(cases.items(), results, strict=True):
         line = _one_line_error(r)
         assert expect in line, (name, line)
     # the default data (digits, 1×8×8) with a timm model built for 3×16×16 images

@@ -129,11 +129,8 @@ def test_bad_sweeper_arguments_fail_before_any_trial(tmp_path):
             "vitq: hydra.sweeper.reap_local: false leaves a dead worker's trials to the heartbeat, and the journal "
             "storage has no heartbeats: nothing would fail them",
     }
-    folders = [tmp_path / str(i) for i in range(len(cases))]
-    for cwd in folders:
-        cwd.mkdir()
-    results = run_sweeps([(cwd, (*base, *override.split(" "))) for cwd, override in zip(folders, cases, strict=True)])
-    for cwd, (override, expect), r in zip(folders, cases.items(), results, strict=True):
+    results = run_sweeps(tmp_path, [(*base, *override.split(" ")) for override in cases])
+    for (override, expect), (cwd, r) in zip(cases.items(), results, strict=True):
         assert expect in _error_line(r), (override, r.stderr[-1000:])
         assert not (cwd / "mlflow.db").exists() and not (cwd / "db.log").exists(), override
         if "storage" not in override and "blocks.9" not in override:
@@ -217,11 +214,7 @@ def test_bad_inputs_each_one_line_rc2(tmp_path):
             f"vitq: hydra.run.dir={tmp_path / 'r'}: a multirun ignores hydra.run.*: its jobs write under "
             "hydra.sweep.dir",
     }
-    folders = [tmp_path / f"case{i}" for i in range(len(cases))]
-    for cwd in folders:
-        cwd.mkdir()
-    for cwd, (args, expect), r in zip(folders, cases.items(), run_sweeps(list(zip(folders, cases, strict=True))),
-                                      strict=True):
+    for (args, expect), (cwd, r) in zip(cases.items(), run_sweeps(tmp_path, list(cases)), strict=True):
         assert expect in _error_line(r), (args, r.stderr[-1500:])
         assert not (cwd / "mlflow.db").exists(), args
 

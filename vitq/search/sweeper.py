@@ -208,7 +208,8 @@ class VitqOptunaSweeperImpl(Sweeper):
             raise ConfigError("hydra.sweeper.grace_period", "heartbeats are off (hydra.sweeper.heartbeat_interval="
                                                             f"{st.heartbeat_interval}); set an interval, or leave "
                                                             "grace_period unset")
-        launcher = self.config.hydra.launcher if self.config is not None else {}
+        assert self.config is not None
+        launcher = self.config.hydra.launcher
         target = str(launcher.get("_target_", ""))
         if spec.n_jobs > 1 and target.endswith(".BasicLauncher"):
             raise ConfigError("hydra.sweeper.n_jobs", f"{spec.n_jobs} trials per batch, and Hydra's basic launcher "

@@ -20,15 +20,12 @@ def warm_start_params(cfg: DictConfig, spec: SearchSpec, budgets: list[float], m
     """The sensitivity solver's configs at ``budgets`` of ``metric`` (cached sensitivity of the swept model; a width
     per point, or per (block, point), among the widths the search space allows there), each pinned as a whole config
     on top of the sweep's base; infeasible budgets are skipped with a warning."""
-    from vitq.quant.config import ConfigError, split_block
+    from vitq.quant.config import split_block
     from vitq.search import sensitivity as sens_mod
     from vitq.sweep import session_of
 
     base, session = session_of(cfg)
     model, data = session.model, session.data
-    if granularity not in sens_mod.GRANULARITIES:
-        raise ConfigError("hydra.sweeper.warm_start_granularity",
-                          f"expected one of {', '.join(sens_mod.GRANULARITIES)}, got {granularity!r}")
     sens = sens_mod.compute_sensitivity(model, data, base, batch_size=cfg.calib_batch_size, granularity=granularity,
                                         drops=granularity == "point" or score != "grad_score")
     table = sens_mod.cost_table(model, base, sens.candidates, metric, sens.items)
