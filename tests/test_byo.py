@@ -817,3 +817,23 @@ def test_sensitivity_cli_takes_a_timm_model_and_folders(byo, tmp_path):
             timeout=300)
     assert r.returncode == 2 and r.stderr.strip().endswith("error: --study=mine: names the MLflow experiment of "
                                                            "--tracking-uri, which is not given"), r.stderr
+    # budgets and widths no config meets: rc 0 with "infeasible" after the whole measurement, or a traceback (rc 1)
+    for args, says in ((["--budgets", "0"], "--budgets: a budget is a finite number > 0 (of weight bytes or BOPs), "
+                                            "got 0.0"),
+                       (["--budgets", "1e5", "--candidates", "1,8"], "--candidates: 1: a width is in 2..16"),
+                       (["--budgets", "1e5", "--min-act-bits", "9"], "--min-act-bits: must be in 2..8 (the widest "
+                                                                     "candidate), got 9")):
+        r = run([sys.executable, "-m", "vitq.search.sensitivity", *args], tmp_path, timeout=300)
+        assert r.returncode == 2 and r.stderr.strip().endswith(f"error: {says}"), (args, r.stderr)
+    # below the cheapest config, told before measuring: every block weight at 2 bits with its per-channel scale,
+    # everything else FP32 (counted here from the timm model itself)
+    model = timm.create_model(byo_case.MODEL_NAME, **byo_case.KWARGS)
+    linears = [m for name, m in model.named_modules() if name.startswith("blocks.") and isinstance(m, torch.nn.Linear)]
+    weights = sum(m.weight.numel() for m in linears)
+    others = sum(p.numel() for p in model.parameters()) - weights
+    cheapest = (2 * weights + 32 * sum(m.out_features for m in linears) + 32 * others) / 8
+    r = run([sys.executable, "-m", "vitq.search.sensitivity", "--budgets", "60000,1", *byo.cli()], tmp_path,
+            timeout=300)
+    assert _one_line_error(r) == (f"vitq: --budgets: 1 weight_bytes is below the cheapest config the widths allow, "
+                                  f"{cheapest:,.0f} weight_bytes (every item at its narrowest allowed width)")
+    assert "sensitivity (" not in r.stdout  # nothing measured

@@ -90,7 +90,8 @@ def test_compare_matched_budgets_table(tmp_path):
 @pytest.mark.parametrize(("args", "message"), [
     (["--block-drops"], "--block-drops does not apply without --matched"),
     (["--search-images", "100"], "--search-images does not apply without --matched"),
-    (["--matched", "--seeds", "2"], "--seeds does not apply with --matched")])
+    (["--matched", "--seeds", "2"], "--seeds does not apply with --matched"),
+    (["--matched", "--min-act-bits", "9"], "--min-act-bits: must be in 2..8 (the widest candidate), got 9")])
 def test_compare_refuses_a_flag_of_the_other_mode(capsys, args, message):
     from vitq.search.compare import main
 

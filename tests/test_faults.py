@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 
+import optuna
 import pytest
 import sqlalchemy
 from _util import run_sweep, run_sweeps
@@ -128,13 +129,22 @@ def test_bad_sweeper_arguments_fail_before_any_trial(tmp_path):
         "hydra.sweeper.storage=journal://j.log hydra.sweeper.reap_local=false":
             "vitq: hydra.sweeper.reap_local: false leaves a dead worker's trials to the heartbeat, and the journal "
             "storage has no heartbeats: nothing would fail them",
+        # warm-start budgets no config meets (each ran without its warm start, rc 0, after a warning)
+        "hydra.sweeper.warm_start_budgets=[0]": "vitq: hydra.sweeper.warm_start_budgets: a budget is a finite number "
+                                                "> 0 (of weight bytes or BOPs), got 0.0",
+        "hydra.sweeper.warm_start_budgets=[1000]": "vitq: hydra.sweeper.warm_start_budgets: 1,000 weight_bytes is "
+                                                   "below the cheapest config the widths allow, ",
+        "hydra.sweeper.warm_start_budgets=[1e12] layers.attn_qkv.bit_type.bits=choice(7)":
+            "vitq: hydra.sweeper.warm_start_budgets: no config is feasible: attn_qkv: none of the solver's widths "
+            "(2, 3, 4, 5, 6, 8) is allowed",
     }
     results = run_sweeps(tmp_path, [(*base, *override.split(" ")) for override in cases])
     for (override, expect), (cwd, r) in zip(cases.items(), results, strict=True):
         assert expect in _error_line(r), (override, r.stderr[-1000:])
         assert not (cwd / "mlflow.db").exists() and not (cwd / "db.log").exists(), override
-        if "storage" not in override and "blocks.9" not in override:
-            assert not (cwd / "optuna.db").exists(), override  # no study opened: no trial left RUNNING
+        if "storage" not in override:  # no study opened: no trial left RUNNING
+            db = cwd / "optuna.db"
+            assert not db.exists() or optuna.get_all_study_names(f"sqlite:///{db}") == [], override
         assert not (cwd / "j.log").exists(), override
     # heartbeat_interval=0 is "off", as documented (Optuna refused 0: every such sweep failed to open its storage)
     r = run_sweep(tmp_path, *base, "hydra.sweeper.heartbeat_interval=0", "hydra.sweeper.n_trials=1",

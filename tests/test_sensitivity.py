@@ -55,6 +55,16 @@ def test_knapsack_is_optimal_against_brute_force(seed, scale):
         assert choice is not None and table.cost(choice) <= budget + 1e-9
         assert sum(scores[i, k] for i, k in enumerate(choice)) == pytest.approx(best, rel=1e-6, abs=1e-6 * scale)
     assert solve_mck(scores, table, lo - 1) is None  # below the cheapest config: infeasible
+    # the cheapest config (what a budget is checked against before measuring), with and without allowed widths
+    allowed = rng.random((P, K)) < 0.6
+    allowed[np.arange(P), rng.integers(0, K, P)] = True  # a width for every item
+    least = min(table.cost(list(c)) for c in itertools.product(range(K), repeat=P)
+                if all(allowed[i, k] for i, k in enumerate(c)))
+    assert table.least() == pytest.approx(lo, rel=1e-12) and table.least(allowed) == pytest.approx(least, rel=1e-12)
+    assert solve_mck(scores, table, least, allowed) is not None and solve_mck(scores, table, least - 1, allowed) is None
+    allowed[1] = False
+    with pytest.raises(ValueError, match=r"^p1: none of the solver's widths \(2, 4, 8\) is allowed$"):
+        table.least(allowed)
 
 
 @pytest.mark.parametrize("metric", ["weight_bytes", "bops"])

@@ -31,7 +31,16 @@ import optuna
 import pandas as pd
 
 from vitq.pareto import hypervolume_2d, pareto_mask
-from vitq.search.sensitivity import bits_key, compute_sensitivity, configs_for_budgets, cost_table, enqueue_params
+from vitq.quant.config import ConfigError
+from vitq.search.sensitivity import (
+    CANDIDATES,
+    bits_key,
+    check_widths,
+    compute_sensitivity,
+    configs_for_budgets,
+    cost_table,
+    enqueue_params,
+)
 from vitq.search.space import SearchSpec, load_search
 
 __all__ = ["STRATEGIES", "compare", "main"]
@@ -103,7 +112,7 @@ def compare(n_trials: int = 30, seeds: int = 3, reference_trials: int = 300, sea
     sens = compute_sensitivity(model, data, base)
     sens_s = time.perf_counter() - t0
     table = cost_table(model, base, sens.candidates, "weight_bytes")
-    cheapest = table.cost([0] * len(table.items))  # every point at the narrowest candidate
+    cheapest = table.least()  # every point at the narrowest candidate
     widest = table.cost([len(table.candidates) - 1] * len(table.items))
     sols = configs_for_budgets(sens, table, [cheapest + f * (widest - cheapest) for f in budgets_frac])
     warm = [spec.pinned_params(base.with_overrides(enqueue_params(s["bits"])), base, "warm start")
@@ -425,6 +434,10 @@ def main(argv: list[str] | None = None) -> int:
     for flag in modes["hypervolume" if args.matched else "--matched"]:
         if getattr(args, flag[2:].replace("-", "_")) not in (None, False):
             ap.error(f"{flag} does not apply {'with' if args.matched else 'without'} --matched")
+    try:
+        check_widths(CANDIDATES, args.min_act_bits)
+    except ConfigError as e:
+        ap.error(str(e))
     from vitq.paths import FolderError, output_folder
     from vitq.search.modelopt_compare import ModelOptMissing
     from vitq.session import SessionError

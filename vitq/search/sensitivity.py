@@ -53,14 +53,15 @@ from vitq.quant.config import (
     SECTION_OF,
     WEIGHT_POINTS,
     BitTypeConfig,
+    ConfigError,
     LayerQuantConfig,
     QuantConfig,
     split_block,
 )
 
-__all__ = ["GRANULARITIES", "CostTable", "Sensitivity", "allowed_widths", "bits_key", "compute_sensitivity",
-           "configs_for_budgets", "cost_table", "enqueue_params", "item_name", "items_of", "solve_mck",
-           "with_bits"]
+__all__ = ["CANDIDATES", "GRANULARITIES", "CostTable", "Sensitivity", "allowed_widths", "bits_key", "check_budgets",
+           "check_widths", "compute_sensitivity", "configs_for_budgets", "cost_table", "enqueue_params", "item_name",
+           "items_of", "solve_mck", "with_bits"]
 
 CANDIDATES = (2, 3, 4, 5, 6, 8)
 N_EVAL = 256  # evaluation images of the drop measure, unless --n-eval says (or there are fewer)
@@ -295,6 +296,21 @@ class CostTable:
         c = self.const + sum(self.unary[i, k] for i, k in enumerate(choice))
         return float(c + sum(m[choice[i], choice[j]] for (i, j), m in self.pairs.items()))
 
+    def least(self, allowed: np.ndarray | None = None) -> float:
+        """The least cost of any choice of ``allowed`` widths (items × candidates, bool): a budget below it is
+        infeasible. ValueError naming an item that no width is allowed for."""
+        ok = np.ones(self.unary.shape, bool) if allowed is None else np.asarray(allowed, bool)
+        for item, row in zip(self.items, ok, strict=True):
+            if not row.any():
+                raise ValueError(f"{item}: none of the solver's widths ({', '.join(map(str, self.candidates))}) "
+                                 "is allowed")
+        paired = {i for ij in self.pairs for i in ij}
+        least = self.const + sum(self.unary[i][ok[i]].min() for i in range(len(self.items)) if i not in paired)
+        for (i, j), m in self.pairs.items():
+            joint = self.unary[i][:, None] + self.unary[j][None, :] + m
+            least += joint[np.ix_(ok[i], ok[j])].min()
+        return float(least)
+
 
 def cost_table(model: nn.Module, base: LayerQuantConfig, candidates: tuple[int, ...] = CANDIDATES,
                metric: str = "weight_bytes", items: tuple[str, ...] = POINTS) -> CostTable:
@@ -411,6 +427,41 @@ def configs_for_budgets(sens: Sensitivity, table: CostTable, budgets: list[float
     return out
 
 
+def check_budgets(budgets: list[float], key: str, table: CostTable | None = None,
+                  allowed: np.ndarray | None = None) -> None:
+    """ConfigError naming ``key`` for a budget that is not a finite number > 0, or (given the cost ``table``) below
+    the cheapest config of ``allowed`` widths, which needs no sensitivity: check before measuring it."""
+    if not budgets:
+        raise ConfigError(key, "give at least one budget")
+    for b in budgets:
+        if not math.isfinite(b) or b <= 0:
+            raise ConfigError(key, f"a budget is a finite number > 0 (of weight bytes or BOPs), got {b!r}")
+    if table is None:
+        return
+    try:
+        least = table.least(allowed)
+    except ValueError as e:
+        raise ConfigError(key, f"no config is feasible: {e}") from None
+    for b in budgets:
+        if b < least:
+            raise ConfigError(key, f"{b:,.0f} {table.metric} is below the cheapest config the widths allow, "
+                                   f"{least:,.0f} {table.metric} (every item at its narrowest allowed width)")
+
+
+def check_widths(candidates: tuple[int, ...], min_act_bits: int | None = None) -> tuple[int, ...]:
+    """The solver's candidate widths, sorted and distinct; ConfigError naming ``--candidates`` or ``--min-act-bits``
+    for a width outside 2..16, or a narrowest activation width that no candidate reaches."""
+    if not candidates:
+        raise ConfigError("--candidates", "give at least one width")
+    for b in candidates:
+        if not 2 <= b <= 16:
+            raise ConfigError("--candidates", f"{b}: a width is in 2..16")
+    widths = tuple(sorted(set(candidates)))
+    if min_act_bits is not None and not 2 <= min_act_bits <= widths[-1]:
+        raise ConfigError("--min-act-bits", f"must be in 2..{widths[-1]} (the widest candidate), got {min_act_bits}")
+    return widths
+
+
 def allowed_widths(items: tuple[str, ...], candidates: tuple[int, ...], min_weight_bits: int = 2,
                    min_act_bits: int = 2) -> np.ndarray:
     """(items × candidates) mask of the widths the solver may pick: weights ≥ ``min_weight_bits``, activations
@@ -510,11 +561,17 @@ def main(argv: list[str] | None = None) -> int:
     from vitq.session import SessionError
     from vitq.sweep import compose, session_of
 
+    for flag, parse in (("--budgets", float), ("--candidates", int)):
+        text = getattr(args, flag[2:])
+        try:
+            setattr(args, flag[2:], [parse(v) for v in text.split(",") if v.strip()])
+        except ValueError:
+            ap.error(f"{flag}: expected comma-separated {'numbers' if parse is float else 'integers'}, got {text!r}")
     try:
-        budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
-        candidates = tuple(int(b) for b in args.candidates.split(",") if b.strip())
-    except ValueError as e:
-        ap.error(f"--budgets/--candidates: {e}")
+        candidates = check_widths(tuple(args.candidates), args.min_act_bits)
+        check_budgets(args.budgets, "--budgets")
+    except ConfigError as e:
+        ap.error(str(e))
     if args.n_eval is not None and args.n_eval < 1:
         ap.error(f"--n-eval: must be >= 1, got {args.n_eval}")
     if args.study is not None and not args.tracking_uri:
@@ -536,11 +593,17 @@ def main(argv: list[str] | None = None) -> int:
               f"that many", file=sys.stderr)
         return 2
     n_eval = args.n_eval or min(N_EVAL, len(data.eval))
+    items = items_of(len(model.blocks), args.granularity)
+    table = cost_table(model, base, candidates, args.metric, items)
+    allowed = allowed_widths(items, candidates, min_act_bits=args.min_act_bits)
+    try:  # before the measurement: the cost model alone tells an infeasible budget
+        check_budgets(args.budgets, "--budgets", table, allowed)
+    except ConfigError as e:
+        print(f"vitq: {e}", file=sys.stderr)
+        return 2
     sens = compute_sensitivity(model, data, base, candidates, n_eval, session.calib_batch_size,
                                granularity=args.granularity, drops=drops)
-    table = cost_table(model, base, sens.candidates, args.metric, sens.items)
-    allowed = allowed_widths(sens.items, sens.candidates, min_act_bits=args.min_act_bits)
-    sols = configs_for_budgets(sens, table, budgets, args.score, allowed)
+    sols = configs_for_budgets(sens, table, args.budgets, args.score, allowed)
     n_drop = drop_passes(len(model.blocks), sens.candidates, args.granularity) if drops else 0
     print(f"sensitivity ({args.score}, per {args.granularity}: {len(sens.items)} items) on {session.model_spec.name}"
           f" / {data.name} ({n_eval} eval images, {session.device}), base top-1 "
@@ -550,9 +613,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"(at {min(sens.candidates)} bits, per block)")
     print(score_table(sens, args.score).round(5).to_string())
     for s in sols:
-        if not s["feasible"]:
-            print(f"\nbudget {s['budget']:.6g} {args.metric}: infeasible (below the cheapest config)")
-            continue
         actual = getattr(model_cost(model, with_bits(base, s["bits"])), args.metric)
         print(f"\nbudget {s['budget']:.6g} {args.metric}: predicted {s['predicted_cost']:.6g} (cost model "
               f"{actual:.6g}), summed sensitivity {s['predicted_score']:.4g}, solved in {s['solve_ms']:.1f} ms")

@@ -53,7 +53,7 @@ from vitq.search.storage import (
     storage_lock,
 )
 from vitq.search.summary import sweep_summary
-from vitq.search.warm_start import warm_start_params
+from vitq.search.warm_start import BUDGETS_KEY, WarmStart, plan_warm_start, warm_start_params
 
 log = logging.getLogger(__name__)
 TrialState = optuna.trial.TrialState
@@ -87,6 +87,7 @@ class VitqOptunaSweeperImpl(Sweeper):
         self._storage: BaseStorage | None = None  # the study's storage (Optuna's public storage API)
         self._study_id: int | None = None
         self._ids: dict[int, int] = {}  # trial number -> storage trial id
+        self._warm: WarmStart | None = None  # the warm start's budgets, checked before the study opens
 
     def _tid(self, number: int) -> int:
         """The storage's id of trial ``number`` (public storage API; asked once per trial)."""
@@ -176,14 +177,16 @@ class VitqOptunaSweeperImpl(Sweeper):
         return spec, fixed_args
 
     def _check_settings(self, spec: SearchSpec) -> None:
-        """ConfigError naming a sweeper setting that is out of range, or that the others leave without effect: a
-        warm-start choice without warm-start budgets, heartbeat settings on a journal file (Optuna gives it no
-        heartbeats) or a grace period with heartbeats off, batches of ``n_jobs`` trials that the launcher runs one
-        at a time, and ``reap_local=false`` where nothing else would fail a dead worker's trials (the study would
-        wait for them for ever)."""
-        from vitq.search.sensitivity import BUDGET_METRICS, GRANULARITIES, SCORES
+        """ConfigError naming a sweeper setting that is out of range (a warm-start budget that is not a number > 0),
+        or that the others leave without effect: a warm-start choice without warm-start budgets, heartbeat settings
+        on a journal file (Optuna gives it no heartbeats) or a grace period with heartbeats off, batches of
+        ``n_jobs`` trials that the launcher runs one at a time, and ``reap_local=false`` where nothing else would
+        fail a dead worker's trials (the study would wait for them for ever)."""
+        from vitq.search.sensitivity import BUDGET_METRICS, GRANULARITIES, SCORES, check_budgets
 
         st = self.settings
+        if st.warm_start_budgets:  # (whether a config reaches them: once the model is built, before the study opens)
+            check_budgets(list(st.warm_start_budgets), BUDGETS_KEY)
         for name, valid in (("warm_start_metric", BUDGET_METRICS), ("warm_start_score", SCORES),
                             ("warm_start_granularity", GRANULARITIES)):
             value = getattr(st, name)
@@ -313,6 +316,9 @@ class VitqOptunaSweeperImpl(Sweeper):
             base, session = session_of(self.config)
             spec.bind_blocks(len(session.model.blocks))
             fingerprint = study_fingerprint(self.config, spec, session)
+            if st.warm_start_budgets:
+                self._warm = plan_warm_start(spec, session.model, base, list(st.warm_start_budgets),
+                                             st.warm_start_metric, st.warm_start_score, st.warm_start_granularity)
         except SessionError as e:
             fail(e)
         study, created = _open_study(spec, storage)
@@ -348,10 +354,8 @@ class VitqOptunaSweeperImpl(Sweeper):
 
     def _first_params(self, spec: SearchSpec, base: Any) -> list[dict[str, Any]]:
         """Warm-start configs, then baselines, as whole configs (a baseline outside the space: ConfigError)."""
-        st = self.settings
-        first = warm_start_params(self.config, spec, st.warm_start_budgets, st.warm_start_metric,
-                                  st.warm_start_score, st.warm_start_granularity) if st.warm_start_budgets else []
-        if st.enqueue_baselines:
+        first = warm_start_params(self.config, spec, self._warm) if self._warm is not None else []
+        if self.settings.enqueue_baselines:
             first += spec.baseline_params(base)
         return first
 
