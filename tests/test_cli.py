@@ -47,6 +47,11 @@ def test_report_cli(tmp_path):
             tmp_path, timeout=300)
     assert r.returncode == 2 and r.stderr.strip() == f"vitq: --out: cannot create {tmp_path / 'a_file' / 'x'}: Not a " \
         "directory", r.stderr[-2000:]
+    for budgets in ("nan", "100.7"):  # a traceback (rc 1), and a key that named 100 B for 100.7 B
+        r = run([sys.executable, "-m", "vitq.report", "export", "--study", "nope", "--out", str(tmp_path / "x"),
+                 "--size-budgets", f"150000,{budgets}"], tmp_path, timeout=300)
+        assert r.returncode == 2 and r.stderr.strip().endswith(
+            f"error: --size-budgets: {budgets}: a budget is a whole number of bytes > 0"), r.stderr[-2000:]
     r = run([sys.executable, "-m", "vitq.report", "presets"], tmp_path, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "FQ-ViT: PTF + LIS (quant=fqvit)" in r.stdout and "MinMax W8A8, 4-bit attention maps" in r.stdout
@@ -92,7 +97,7 @@ def test_compare_matched_budgets_table(tmp_path):
     (["--search-images", "100"], "--search-images does not apply without --matched"),
     (["--matched", "--seeds", "2"], "--seeds does not apply with --matched"),
     (["--matched", "--min-act-bits", "9"], "--min-act-bits: must be in 2..8 (the widest candidate), got 9")])
-def test_compare_refuses_a_flag_of_the_other_mode(capsys, args, message):
+def test_compare_refuses_a_flag_of_the_other_mode_or_out_of_range(capsys, args, message):
     from vitq.search.compare import main
 
     with pytest.raises(SystemExit) as e:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,18 +158,19 @@ def observer_table(trials: pd.DataFrame, metric: str = "top1",
     return mean.where(n >= min_n), n
 
 
-def front_metrics(study: Study, size_budgets: list[float]) -> dict[str, float]:
-    """Best top-1 within each weight-size budget (bytes) and the front's normalized hypervolume.
+def front_metrics(study: Study, size_budgets: list[int]) -> dict[str, float | None]:
+    """Best top-1 within each weight-size budget (bytes; None where no trial fits) and the front's normalized
+    hypervolume.
 
     The hypervolume is over (top-1, weight bytes / FP32 bytes) up to the reference point (0, 1): 1.0 would
     be 100 % top-1 at zero size.
     """
     t = study.trials
-    out: dict[str, float] = {"n_trials": float(len(t)), "pareto_size": float(t["pareto"].sum()),
-                             "best_top1": float(t["metrics.top1"].max())}
+    out: dict[str, float | None] = {"n_trials": float(len(t)), "pareto_size": float(t["pareto"].sum()),
+                                    "best_top1": float(t["metrics.top1"].max())}
     for b in size_budgets:
         ok = t[t["metrics.weight_bytes"] <= b]
-        out[f"best_top1_at_{int(b)}B"] = float(ok["metrics.top1"].max()) if len(ok) else 0.0
+        out[f"best_top1_at_{b}B"] = float(ok["metrics.top1"].max()) if len(ok) else None
     size = "metrics.fp32_bytes" if "metrics.fp32_bytes" in t else "metrics.weight_bytes"
     fp32 = float(t[size].max())
     pts = np.stack([t["metrics.top1"].to_numpy(), t["metrics.weight_bytes"].to_numpy() / fp32], axis=1)
@@ -177,7 +179,7 @@ def front_metrics(study: Study, size_budgets: list[float]) -> dict[str, float]:
 
 
 # -------------------------------------------------------------------------------------------- CLI
-def export(uri: str | None, study: str, out: Path, size_budgets: list[float]) -> dict[str, float]:
+def export(uri: str | None, study: str, out: Path, size_budgets: list[int]) -> dict[str, float | None]:
     """Write ``pareto_front.csv`` (the parent run's own artifact), ``all_trials.csv`` and ``metrics.json``."""
     s = load_study(uri, study)
     out.mkdir(parents=True, exist_ok=True)
@@ -271,10 +273,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", metavar="OVERRIDES", help="model=, data=, device= (the sweep's)")
     args = ap.parse_args(argv)
     if args.cmd == "export":
-        try:
-            budgets = [float(b) for b in args.size_budgets.split(",") if b]
-        except ValueError as e:
-            ap.error(f"--size-budgets: {e}")
+        budgets = []
+        for text in filter(None, (b.strip() for b in args.size_budgets.split(","))):
+            try:
+                b = float(text)
+            except ValueError:
+                b = math.nan
+            if not (math.isfinite(b) and b > 0 and b == int(b)):
+                ap.error(f"--size-budgets: {text}: a budget is a whole number of bytes > 0")
+            budgets.append(int(b))
     if args.cmd in ("export", "notebook"):
         try:
             output_folder(args.out, "--out")

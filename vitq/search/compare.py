@@ -145,8 +145,8 @@ def compare(n_trials: int = 30, seeds: int = 3, reference_trials: int = 300, sea
         hvs = np.array([_hv(p) / ref_hv for p in found[name]])
         rows.append({"strategy": name, "hv_ratio_mean": float(hvs.mean()), "hv_ratio_std": float(hvs.std()),
                      "hv_ratio_min": float(hvs.min()), "hv_ratio_max": float(hvs.max()),
-                     "best_top1_at_half_size": float(max((p[p[:, 1] <= 0.5, 0].max() if (p[:, 1] <= 0.5).any()
-                                                          else 0.0) for p in found[name])),
+                     "best_top1_at_half_size": max((float(p[p[:, 1] <= 0.5, 0].max()) for p in found[name]
+                                                    if (p[:, 1] <= 0.5).any()), default=float("nan")),
                      "seconds_per_seed": seconds[name]})
     return {"table": rows, "n_trials": n_trials, "seeds": seeds, "reference_trials": reference_trials,
             "reference_hv": ref_hv, "reference_seconds": ref_s, "sensitivity_seconds": sens_s,
