@@ -23,7 +23,7 @@ from _util import run, run_sweep, run_sweeps
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from vitq.data import labels_of, load_image_folder, stratified_subset
+from vitq.data import DataError, labels_of, load_image_folder, resolve_transform, stratified_subset
 from vitq.models.factory import ModelError, build_model, create_model, load_checkpoint
 from vitq.session import Session, resolve_device
 from vitq.sweep import compose, layer_config_from
@@ -636,6 +636,37 @@ def test_cuda_batches_are_resident_and_a_trial_copies_nothing_per_batch(byo, mon
 
 
 # ------------------------------------------------------------------------------------------------ bad inputs
+@pytest.mark.parametrize(("kwargs", "overrides", "says"), [
+    ({}, {"crop_pct": 0}, "data.crop_pct: must be in (0, 1], got 0"),  # timm reads 0 as its default 0.875
+    ({}, {"crop_mode": "centre"}, "data.crop_mode: expected one of center, squash, border (timm crops any other as "
+                                  "center), got 'centre'"),
+    ({}, {"interpolation": "cubic"}, "data.interpolation: timm has no interpolation 'cubic'"),  # (a KeyError, rc 1)
+    ({}, {"input_size": [1, 16, 16]}, "data.input_size: 1 channel(s), and the model takes 3; give [H, W]"),  # (ran
+    # on 3 channels)
+    ({}, {"input_size": 24}, "data.input_size: 24x24, and the model takes 16x16 only"),
+    ({"dynamic_img_size": True}, {"input_size": [18, 16]}, "data.input_size: 18x16 is not a multiple of the model's "
+                                                           "patch size 4x4"),
+    ({}, {"std": [0.5, 0, 0.5]}, "data.std: must be finite and > 0, got [0.5, 0.0, 0.5]"),  # (NaN logits, rc 1)
+    ({}, {"mean": [float("inf"), 0, 0]}, "data.mean: must be finite, got [inf, 0.0, 0.0]"),
+    ({}, {"mean": ["x", 0, 0]}, "data.mean: expected a number or a list of numbers, got ['x', 0, 0]"),
+])
+def test_transform_fields_timm_would_ignore_or_fail_on_are_refused(kwargs, overrides, says):
+    model = timm.create_model(byo_case.MODEL_NAME, **{**byo_case.KWARGS, **kwargs})
+    with pytest.raises(DataError) as e:
+        resolve_transform(model, overrides)
+    assert str(e.value).startswith(says), str(e.value)
+    if kwargs:  # a size the model takes: any multiple of the patch
+        assert resolve_transform(model, {"input_size": [20, 16]})["input_size"] == (3, 20, 16)
+    cfg = resolve_transform(model, {"crop_mode": "squash", "interpolation": "bilinear", "crop_pct": 1.0})
+    assert (cfg["crop_mode"], cfg["interpolation"], cfg["crop_pct"]) == ("squash", "bilinear", 1.0)
+
+
+@pytest.mark.parametrize("key", ["seed", "num_workers"])
+def test_negative_data_seed_or_workers_are_refused(key):
+    with pytest.raises(DataError, match=rf"^data\.{key}: must be >= 0, got -1$"):
+        Session.from_config(compose([f"data.{key}=-1"]))
+
+
 def test_bad_inputs_are_one_line_rc2_and_nothing_logged(byo, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     differ = tmp_path / "eval_missing_class"
@@ -702,6 +733,10 @@ def test_bad_inputs_are_one_line_rc2_and_nothing_logged(byo, tmp_path):
         "a training split of folders": ([kwargs, "data.n_train=100"],  # (was ignored)
                                         "data.n_train=100: data=folder has no training split: calibration images "
                                         "come from data.calib_root"),
+        "crop_pct 0": ([kwargs, "data.crop_pct=0"], "vitq: data.crop_pct: must be in (0, 1], got 0.0"),  # (timm's
+        # default ran instead)
+        "an image size the model cannot take": ([kwargs, "data.input_size=24"],  # (an AssertionError, rc 1)
+                                                "vitq: data.input_size: 24x24, and the model takes 16x16 only"),
     }
     if not torch.cuda.is_available():
         cases["cuda without a GPU"] = ([kwargs, "device=cuda"], "vitq: device: cuda: no CUDA device is available")

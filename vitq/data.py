@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import pickle
 import re
@@ -45,6 +46,7 @@ RESIDENT_FRACTION = 0.25  # a CUDA device keeps a set whose tensors take at most
 SPLIT_NAMES = frozenset({"train", "training", "val", "valid", "validation", "calib", "calibration", "eval",
                          "evaluation", "test", "testing"})
 TRANSFORM_KEYS = ("input_size", "mean", "std", "crop_pct", "interpolation", "crop_mode")
+CROP_MODES = ("center", "squash", "border")  # timm's eval transform (others crop as center)
 SYNSET = re.compile(r"n\d{8}")  # a WordNet id, as ImageNet's class folders are named
 
 
@@ -249,6 +251,7 @@ def resolve_transform(model: torch.nn.Module, overrides: dict[str, Any] | None =
     model is built for (e.g. ``model.kwargs.img_size``), the model's own size is used.
     """
     from timm.data import resolve_data_config
+    from timm.data.transforms import str_to_interp_mode
 
     ov = {k: v for k, v in (overrides or {}).items() if v is not None}
     bad = sorted(set(ov) - set(TRANSFORM_KEYS))
@@ -265,13 +268,27 @@ def resolve_transform(model: torch.nn.Module, overrides: dict[str, Any] | None =
             size = [chans, *size]
         if len(size) != 3 or not all(isinstance(s, int) and s > 0 for s in size):
             raise DataError(f"data.input_size: expected an int, [H, W] or [C, H, W] of positive ints, got {size}")
+        if size[0] != chans:
+            raise DataError(f"data.input_size: {size[0]} channel(s), and the model takes {chans}; give [H, W]")
+        if (fixed := model_img_size(model)) is not None and tuple(size[1:]) != fixed:
+            raise DataError(f"data.input_size: {size[1]}x{size[2]}, and the model takes {fixed[0]}x{fixed[1]} only "
+                            "(model.kwargs.img_size builds it for another size, dynamic_img_size=true for any)")
+        pe = getattr(model, "patch_embed", None)
+        patch = getattr(pe, "patch_size", None)
+        if patch is not None and not getattr(pe, "dynamic_img_pad", False) and (size[1] % patch[0] or
+                                                                                  size[2] % patch[1]):
+            raise DataError(f"data.input_size: {size[1]}x{size[2]} is not a multiple of the model's patch size "
+                            f"{patch[0]}x{patch[1]} (model.kwargs.dynamic_img_pad=true pads it)")
         cfg["input_size"] = tuple(size)
     elif (fixed := model_img_size(model)) is not None and tuple(cfg["input_size"][1:]) != fixed:
         cfg["input_size"] = (chans, *fixed)
     for k in ("mean", "std"):
         if k in ov:
             v = ov.pop(k)
-            cfg[k] = tuple(float(x) for x in (v if isinstance(v, list | tuple) else [v]))
+            try:
+                cfg[k] = tuple(float(x) for x in (v if isinstance(v, list | tuple) else [v]))
+            except (TypeError, ValueError):
+                raise DataError(f"data.{k}: expected a number or a list of numbers, got {v!r}") from None
     cfg.update(ov)
     cfg["input_size"] = (chans, *cfg["input_size"][1:])
     for k in ("mean", "std"):
@@ -281,9 +298,19 @@ def resolve_transform(model: torch.nn.Module, overrides: dict[str, Any] | None =
         if len(vals) != chans:
             raise DataError(f"data.{k}: {len(vals)} values for a model with {chans} input channels; "
                             f"set data.{k} to {chans} value(s)")
+        if not all(math.isfinite(v) for v in vals) or (k == "std" and min(vals) <= 0):
+            raise DataError(f"data.{k}: must be finite{' and > 0' if k == 'std' else ''}, got {list(vals)}")
         cfg[k] = vals
-    if not 0 < float(cfg.get("crop_pct") or 1.0) <= 1.0:
+    if cfg.get("crop_pct") is not None and not 0 < float(cfg["crop_pct"]) <= 1.0:  # (timm reads 0 as its default)
         raise DataError(f"data.crop_pct: must be in (0, 1], got {cfg['crop_pct']}")
+    if cfg.get("crop_mode") is not None and cfg["crop_mode"] not in CROP_MODES:
+        raise DataError(f"data.crop_mode: expected one of {', '.join(CROP_MODES)} (timm crops any other as center), "
+                        f"got {cfg['crop_mode']!r}")
+    try:
+        str_to_interp_mode(cfg["interpolation"])
+    except KeyError:
+        raise DataError(f"data.interpolation: timm has no interpolation {cfg['interpolation']!r} (bilinear, bicubic, "
+                        "nearest, box, hamming, lanczos)") from None
     return cfg
 
 

@@ -200,6 +200,9 @@ class Session:
         for key, v in sizes.items():
             if v is not None and int(v) < 1:
                 raise ConfigError(key, f"must be >= 1, got {v}")
+        for key in ("seed", "num_workers"):  # (a negative seed failed in NumPy; negative workers ran as 0)
+            if (v := d.get(key)) is not None and int(v) < 0:
+                raise DataError(f"data.{key}: must be >= 0, got {v}")
         eval_bs = 512 if sizes["eval_batch_size"] is None else int(sizes["eval_batch_size"])
         calib_bs = 128 if sizes["calib_batch_size"] is None else int(sizes["calib_batch_size"])
         device = resolve_device(cfg.get("device"))
