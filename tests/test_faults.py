@@ -202,6 +202,11 @@ def test_bad_inputs_each_one_line_rc2(tmp_path):
         ("model.resample_weights=true",): "vitq: model.resample_weights: it lets timm interpolate the weights of "
                                           "model.checkpoint or model.pretrained, and neither is set",
         ("study_name=",): "vitq: study_name: must be a name (the MLflow experiment), got an empty one",
+        # keys only the sweepers set (a single int8 run was tagged a W8A8 baseline, rc 0)
+        ("baseline=W8A8",): "vitq: baseline: marks the uniform baselines that vitq's sweeper enqueues (tag "
+                            "vitq.baseline); leave it unset",
+        ("-m", "trial_number=3", "layers.attn_qkv.bit_type.bits=4,8"): "vitq: trial_number: numbers the trials of a "
+                                                                        "sweep",
         ("-m", "hydra/sweeper=vitq_optuna", "hydra.sweeper.study_name="): "vitq: hydra.sweeper.study_name: must be a "
                                                                           "name, got an empty one",
         (f"export_dir={blocker / 'configs'}",): f"vitq: export_dir: cannot create {blocker / 'configs'}: Not a "

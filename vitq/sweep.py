@@ -249,13 +249,25 @@ _SWEEP_ONLY = ("sweeper", "launcher", "sweep")  # hydra.<these> (and the groups 
 _RUN_ONLY = ("run",)
 
 
+_SWEEPER_SETS = {  # keys the sweepers set on each trial: given by the user, a run would claim to be what it is not
+    "trial_number": "numbers the trials of a sweep (vitq's sweeper and Hydra's grid set it)",
+    "baseline": "marks the uniform baselines that vitq's sweeper enqueues (tag vitq.baseline)",
+    "trial_params": "carries a search trial's values from vitq's sweeper (its MLflow params)",
+}
+
+
 def _check_mode_keys(config: DictConfig, multirun: bool) -> None:
-    """ConfigError for a command-line Hydra setting that this mode ignores: a sweeper, a launcher or the sweep folder
+    """ConfigError for a command-line setting that this mode ignores: a sweeper, a launcher or the sweep folder
     without ``-m`` (Hydra would run one trial, rc 0, where a search was asked for), ``hydra.run.dir`` with it (a
-    multirun writes to ``hydra.sweep.dir``)."""
+    multirun writes to ``hydra.sweep.dir``); or one that only the sweepers set (``baseline=W8A8`` tagged any run a
+    W8A8 baseline, ``trial_number`` also turned the check of unknown keys off)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    for o in OverridesParser.create().parse_overrides(list(config.hydra.overrides.hydra)):
+    parser = OverridesParser.create()
+    for o in parser.parse_overrides(list(config.hydra.overrides.task)):
+        if o.key_or_group in _SWEEPER_SETS:
+            fail(ConfigError(o.key_or_group, f"{_SWEEPER_SETS[o.key_or_group]}; leave it unset"))
+    for o in parser.parse_overrides(list(config.hydra.overrides.hydra)):
         parts = o.key_or_group.replace("/", ".").split(".")
         if parts[0] != "hydra" or len(parts) < 2:
             continue
