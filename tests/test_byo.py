@@ -667,6 +667,11 @@ def test_negative_data_seed_or_workers_are_refused(key):
         Session.from_config(compose([f"data.{key}=-1"]))
 
 
+def test_a_class_map_with_numeric_and_named_folders_is_read_as_names():
+    session = Session.from_config(compose(["data=folder", "data.root=/nowhere", "data.class_map={0:1,x:2}"]))
+    assert json.loads(session.data_spec.class_map) == {"0": 1, "x": 2}  # (a TypeError, rc 1: int and str keys)
+
+
 def test_bad_inputs_are_one_line_rc2_and_nothing_logged(byo, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     differ = tmp_path / "eval_missing_class"

@@ -190,11 +190,14 @@ class Session:
                           bool(m.get("use_ema", True)), bool(m.get("resample_weights", False)),
                           m.get("checkpoint_prefix") or None)
         transform = {k: d.get(k) for k in TRANSFORM_KEYS if d.get(k) is not None}
+        class_map = d.get("class_map")
+        if isinstance(class_map, dict):  # folder names: Hydra reads {0: 3} with int keys (and a mix could not sort)
+            class_map = {str(k): v for k, v in class_map.items()}
         dspec = DataSpec(str(d.get("name") or "digits"), d.get("root"), d.get("calib_root"), d.get("eval_root"),
                          int(d.get("seed") or 0), None if d.get("n_train") is None else int(d["n_train"]),
                          d.get("n_calib", 256),
                          d.get("n_eval"), json.dumps(transform, sort_keys=True), int(d.get("num_workers") or 0),
-                         bool(d.get("cache", True)), json.dumps(d.get("class_map"), sort_keys=True),
+                         bool(d.get("cache", True)), json.dumps(class_map, sort_keys=True),
                          d.get("class_order"))
         sizes = {"eval_batch_size": cfg.get("eval_batch_size"), "calib_batch_size": cfg.get("calib_batch_size")}
         for key, v in sizes.items():
