@@ -128,6 +128,13 @@ def test_command_line_sweep_syntax():
     ("direction: upward\nparams:\n  a: choice(1, 2)\n", "direction", "maximize"),
     ("params: {a: 'choice(1, 2'}\n", "params.a", "cannot parse"),
     ("search_space: {a: {type: int, low: 1, high: 2}}\n", "search_space", "use params"),
+    # ranges Optuna cannot draw from: each failed after the study opened (rc 1), or (step 0) ran with step 1
+    ("params: {a: 'interval(0.999, 0.99)'}\n", "params.a", "low 0.999 is above high 0.99"),
+    ("params: {a: 'range(2, 8, step=0)'}\n", "params.a", "step must be > 0, got 0"),
+    ("params: {a: 'tag(log, interval(0, 1))'}\n", "params.a", "a log scale needs low > 0 and no step"),
+    ("params: {a: {low: 1, high: 4, step: 1, log: true}}\n", "params.a", "a log scale needs low > 0 and no step"),
+    ("params: {a: {low: 1, high: .inf}}\n", "params.a", "low, high and step must be finite numbers, got inf"),
+    ("params: {a: []}\n", "params.a", "no choices to draw from"),
 ])
 def test_bad_search_files_name_the_key(tmp_path, text, key, valid):
     with pytest.raises(ConfigError) as e:

@@ -12,6 +12,7 @@ fixed for every trial), ``direction``, ``sampler: {_target_: optuna.samplers.TPE
 from __future__ import annotations
 
 import fnmatch
+import math
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -71,6 +72,26 @@ class Param:
     step: float | None = None
     log: bool = False
     type: str = "float"
+
+    def check(self, key: str, where: str = "") -> Param:
+        """Itself; ConfigError naming ``key`` where Optuna cannot draw from it (it failed after the study opened, or a
+        step of 0 ran as 1): no choices, ends that are not numbers or in the wrong order, a step <= 0, a log scale
+        with a step or reaching 0."""
+        if self.choices is not None:
+            if not self.choices:
+                raise ConfigError(key, f"no choices to draw from{where}")
+            return self
+        for end in (self.low, self.high, *(() if self.step is None else (self.step,))):
+            if not isinstance(end, int | float) or isinstance(end, bool) or not math.isfinite(end):
+                raise ConfigError(key, f"low, high and step must be finite numbers, got {end!r}{where}")
+        if self.low > self.high:
+            raise ConfigError(key, f"low {self.low} is above high {self.high}{where}")
+        if self.step is not None and self.step <= 0:
+            raise ConfigError(key, f"step must be > 0, got {self.step}{where}")
+        if self.log and (self.step is not None or self.low <= 0):
+            raise ConfigError(key, f"a log scale needs low > 0 and no step, got low {self.low}, step "
+                                   f"{self.step}{where}")
+        return self
 
     def accepts(self, value: Any) -> bool:
         if self.choices is not None:
@@ -425,7 +446,7 @@ def param_from_value(name: str, spec: Any, key: str, where: str = "") -> Param |
         raise ConfigError(key, f"unknown fields {sorted(unknown)}{where}; valid: choices, low, high, step, log, type")
     if "choices" not in spec and ("low" not in spec or "high" not in spec):
         raise ConfigError(key, f"needs 'choices' or 'low'/'high'{where}")
-    return Param(name=name, **spec)
+    return Param(name=name, **spec).check(key, where)
 
 
 def param_from_override(name: str, override: Any, key: str) -> Param | Any:
@@ -438,14 +459,15 @@ def param_from_override(name: str, override: Any, key: str) -> Param | Any:
         return override.value()
     value = override.value()
     if isinstance(value, ChoiceSweep) or (isinstance(value, RangeSweep) and value.shuffle):
-        return Param(name=name, choices=list(override.sweep_iterator()))
+        return Param(name=name, choices=list(override.sweep_iterator())).check(key)
     if isinstance(value, RangeSweep):
         ints = all(isinstance(v, int) for v in (value.start, value.stop, value.step))
-        return Param(name=name, low=value.start, high=value.stop, step=value.step, type="int" if ints else "float")
+        return Param(name=name, low=value.start, high=value.stop, step=value.step,
+                     type="int" if ints else "float").check(key)
     if isinstance(value, IntervalSweep):
         ints = isinstance(value.start, int) and isinstance(value.end, int)
         return Param(name=name, low=value.start, high=value.end, log="log" in value.tags,
-                     type="int" if ints else "float")
+                     type="int" if ints else "float").check(key)
     raise ConfigError(key, f"sweep {override.input_line!r} is not supported: use choice, range or interval")
 
 
