@@ -204,6 +204,8 @@ def test_bad_inputs_each_one_line_rc2(tmp_path):
         ("model.resample_weights=true",): "vitq: model.resample_weights: it lets timm interpolate the weights of "
                                           "model.checkpoint or model.pretrained, and neither is set",
         ("study_name=",): "vitq: study_name: must be a name (the MLflow experiment), got an empty one",
+        ("tracking=none", "tracking.uri=sqlite:///x.db"): "vitq: tracking.uri: sqlite:///x.db: tracking is off "
+                                                          "(tracking=none or tracking.enabled=false)",  # (ignored)
         # keys only the sweepers set (a single int8 run was tagged a W8A8 baseline, rc 0)
         ("baseline=W8A8",): "vitq: baseline: marks the uniform baselines that vitq's sweeper enqueues (tag "
                             "vitq.baseline); leave it unset",

@@ -141,9 +141,14 @@ def session_of(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = ()):  #
 
 
 def _check_outputs(cfg: DictConfig) -> None:
-    """ConfigError naming the key, before any trial: an empty study name, an export folder that cannot be written."""
+    """ConfigError naming the key, before any trial: an empty study name, an export folder that cannot be written,
+    an MLflow store given while tracking is off (nothing would be logged to it)."""
     if "study_name" in cfg and not str(cfg.study_name or "").strip():
         raise ConfigError("study_name", "must be a name (the MLflow experiment), got an empty one")
+    tr = cfg.get("tracking")
+    if tr is not None and not tr.get("enabled", True) and tr.get("uri"):
+        raise ConfigError("tracking.uri", f"{redact(str(tr.uri))}: tracking is off (tracking=none or "
+                                          "tracking.enabled=false), so nothing would be logged there; drop one of them")
     if cfg.get("export_dir"):
         try:
             output_folder(cfg.export_dir, "export_dir")
