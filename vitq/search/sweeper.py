@@ -341,13 +341,17 @@ class VitqOptunaSweeperImpl(Sweeper):
         except tracking.TrackingError as e:
             fail(e)
         space = {p.name: p.choices or [p.low, p.high] for p in spec.params}
-        parent = tracking.start_parent(cfg.tracking.uri, spec.study_name, key=f"optuna:{spec.study_name}",
-                                       params={"search": spec.name, "sampler": spec.sampler, "seed": spec.seed,
-                                               "storage": redact(spec.storage), "n_trials": spec.n_trials,
-                                               "objectives": spec.objectives, "space": space},
-                                       tags=session.provenance(), on_create=lambda rid: (
-                                           tracking.log_datasets(rid, session.datasets()),
-                                           tracking.log_run_config(rid, cfg)))
+        # one worker at a time on the study's storage: the first creates the parent, the others find it. (On an MLflow
+        # server, workers that created parents at once kept the earliest visible one; a parent whose request was
+        # still in flight could come first later, and its creator then deleted the one another worker had kept.)
+        with storage_lock(spec.storage, self._rdb):
+            parent = tracking.start_parent(cfg.tracking.uri, spec.study_name, key=f"optuna:{spec.study_name}",
+                                           params={"search": spec.name, "sampler": spec.sampler, "seed": spec.seed,
+                                                   "storage": redact(spec.storage), "n_trials": spec.n_trials,
+                                                   "objectives": spec.objectives, "space": space},
+                                           tags=session.provenance(), on_create=lambda rid: (
+                                               tracking.log_datasets(rid, session.datasets()),
+                                               tracking.log_run_config(rid, cfg)))
         os.environ[tracking.PARENT_ENV] = parent
         self._parent = parent
         return experiment_id
