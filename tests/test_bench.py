@@ -80,9 +80,10 @@ def test_an_unwritable_out_is_refused_before_the_bench_runs(tmp_path):
 def test_overrides_are_refused_when_ignored_or_bad_before_any_workload(tmp_path):
     """OVERRIDES set the config workload only: with --models leaving it out they were ignored (rc 0); a bad one
     was found only when that workload came, after the others' minutes."""
-    r = run([sys.executable, "-m", "vitq.bench", "--quick", "--models", "digits", "quant=int8"], tmp_path, timeout=120)
-    assert r.returncode == 2 and "error: OVERRIDES (quant=int8) set the config workload, which --models=digits " \
-                                 "leaves out: add config to --models" in r.stderr, r.stderr
+    r = run([sys.executable, "-m", "vitq.bench", "--quick", "--models", "digits", "model=digits_deep"], tmp_path,
+            timeout=120)
+    assert r.returncode == 2 and "error: OVERRIDES (model=digits_deep) set the config workload, which " \
+                                 "--models=digits leaves out: add config to --models" in r.stderr, r.stderr
     r = run([sys.executable, "-m", "vitq.bench", "--quick", "--models", "digits,config", "--sections=",
              f"model.checkpoint={tmp_path / 'missing.pth'}"], tmp_path, timeout=300)
     assert r.returncode == 2 and r.stderr.strip().endswith(f"vitq: model.checkpoint: file not found: "

@@ -877,3 +877,26 @@ def test_sensitivity_cli_takes_a_timm_model_and_folders(byo, tmp_path):
     assert _one_line_error(r) == (f"vitq: --budgets: 1 weight_bytes is below the cheapest config the widths allow, "
                                   f"{cheapest:,.0f} weight_bytes (every item at its narrowest allowed width)")
     assert "sensitivity (" not in r.stdout  # nothing measured
+
+
+def test_the_sensitivity_measure_calibrates_and_evaluates_as_the_trials_do(byo, tmp_path):
+    """The sensitivity CLI, the sweep's warm start and compare measured at 512 images a batch, with the default
+    values kept and no statistics folder, whatever the config said: a sweep with ``calib_max_values`` set was
+    solved from other ranges than its trials ran with (and calibrated once more for it)."""
+    from vitq.search.sensitivity import compute_sensitivity, session_settings
+    from vitq.sweep import session_of
+
+    stats = tmp_path / "stats"
+    ov = [*byo.cli(), "calib_max_values=64", "eval_batch_size=50", "calib_batch_size=100", f"stats_dir={stats}"]
+    base, session = session_of(compose(ov), ov)
+    assert session_settings(session) == {"batch_size": 100, "eval_batch_size": 50, "max_values": 64,
+                                         "stats_dir": str(stats)}
+    trial = session.run_trial(base, profile=False)
+    sens = compute_sensitivity(session.model, session.data, base, (8,), n_eval=None, cache=False, drops=False,
+                               **session_settings(session))
+    assert (sens.base_top1, sens.base_loss) == pytest.approx((trial.top1, trial.loss), rel=1e-6)
+    assert sorted(p.name for p in stats.iterdir())  # the statistics were stored where the config said
+    # the measure as it was: other calibration values, so another base loss than the trials'
+    before = compute_sensitivity(session.model, session.data, base, (8,), n_eval=None, cache=False, drops=False,
+                                 batch_size=100)
+    assert before.base_loss != pytest.approx(trial.loss, rel=1e-6)

@@ -105,6 +105,33 @@ def test_compare_refuses_a_flag_of_the_other_mode_or_out_of_range(capsys, args, 
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("argv", "message"), [
+    (["sensitivity", "--budgets", "1e9", "tracking.uri=sqlite:///z.db"],
+     "tracking.uri: vitq sensitivity does not read it; to log the table, give --tracking-uri (and --study)"),
+    (["sensitivity", "--budgets", "1e9", "study_name=mine"],
+     "study_name: vitq sensitivity does not read it; --study names the MLflow experiment of --tracking-uri"),
+    (["sensitivity", "--budgets", "1e9", "trial_number=3"],
+     "trial_number: vitq sensitivity does not read it: it numbers the trials of a sweep"),
+    (["compare", "export_dir=out"], "export_dir: vitq compare does not read it; its results go to --out"),
+    (["compare", "hydra.run.dir=x"], "hydra.run.dir: vitq compare does not read it: it sets Hydra's own run folders"),
+    (["bench", "--quick", "device=cpu"], "device: vitq bench does not read it; give --device"),
+    (["bench", "--quick", "blocks.0.layers.attn_qkv.bit_type.bits=4"],
+     "blocks.0.layers.attn_qkv.bit_type.bits: vitq bench does not read it; the bench times its own configs"),
+    (["bench", "--quick", "calib_max_values=null"], "calib_max_values: vitq bench does not read it; the bench "
+                                                    "calibrates at its own settings"),
+    (["report", "presets", "quant=w4a8"], "quant: vitq report presets does not read it; each of its recipes sets "
+                                          "the whole quant config"),
+    (["report", "presets", "tracking=none"], "tracking: vitq report presets does not read it: it sets how a sweep "
+                                             "logs to MLflow")])
+def test_sweep_settings_a_cli_does_not_read_are_refused(capsys, argv, message):
+    """Each ran with rc 0 on a run without it: no MLflow run logged, the recipe's quant config, the --device's."""
+    from vitq.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and f"error: {message}" in capsys.readouterr().err
+
+
 def test_with_modelopt_without_the_extra_prints_the_pip_command(tmp_path):
     code = ("import runpy, sys; sys.modules['modelopt'] = None; sys.argv = ['compare', '--matched', '--with-modelopt'];"
             " runpy.run_module('vitq.search.compare', run_name='__main__')")  # as if ModelOpt were not installed
@@ -151,13 +178,19 @@ def test_compare_cli_writes_its_table(tmp_path):
     # warm start runs the solver's configs first: tpe_warm's 2 trials are the first 2 of them, evaluated here anew
     from vitq import load_config_from_yaml
     from vitq.paths import PRESETS_DIR
-    from vitq.search.sensitivity import compute_sensitivity, configs_for_budgets, cost_table, enqueue_params
+    from vitq.search.sensitivity import (
+        compute_sensitivity,
+        configs_for_budgets,
+        cost_table,
+        enqueue_params,
+        session_settings,
+    )
     from vitq.session import Session
     from vitq.sweep import compose
 
     session = Session.from_config(compose([]))
     base = load_config_from_yaml(PRESETS_DIR / "int8.yaml")
-    sens = compute_sensitivity(session.model, session.data, base)  # the CLI's, from the cache
+    sens = compute_sensitivity(session.model, session.data, base, **session_settings(session))  # the CLI's (cached)
     costs = cost_table(session.model, base, sens.candidates, "weight_bytes")
     lo, hi = costs.cost([0] * len(costs.items)), costs.cost([len(costs.candidates) - 1] * len(costs.items))
     expected = []

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 
 import optuna
 import pytest
 import sqlalchemy
-from _util import run_sweep, run_sweeps
+from _util import run, run_sweep, run_sweeps
 
 from vitq.redact import redact
 
@@ -74,6 +75,24 @@ def test_secrets_never_written(tmp_path, pg_database):
     r = run_sweep(tmp_path, "-m", "hydra/sweeper=vitq_optuna", "hydra.sweeper.n_trials=2",
                   f"hydra.sweeper.storage={with_pw('postgresql://postgres@127.0.0.1:1/nope')}")  # unreachable storage
     assert "postgres:***@127.0.0.1:1/nope" in _error_line(r)
+    outputs.append(r)
+    # the CLIs that read the store: the sensitivity table logged there, the notebook (papermill wrote the URI into
+    # the executed notebook's parameters and its HTML), the export
+    r = run([sys.executable, "-m", "vitq.search.sensitivity", "--budgets", "1e9", "--tracking-uri", track,
+             "--study", "sens"], tmp_path, timeout=300)
+    assert r.returncode == 0 and "logged to postgresql+psycopg://postgres:***@" in r.stdout, redact(r.stderr[-3000:])
+    outputs.append(r)
+    r = run([sys.executable, "-m", "vitq.report", "notebook", "--tracking-uri", track, "--study", "secret", "--out",
+             str(tmp_path / "nb")], tmp_path, timeout=600)
+    assert r.returncode == 0 and (tmp_path / "nb" / "pareto_analysis.html").is_file(), redact(r.stderr[-3000:])
+    outputs.append(r)
+    r = run([sys.executable, "-m", "vitq.report", "export", "--tracking-uri", track, "--study", "secret", "--out",
+             str(tmp_path / "export")], tmp_path, timeout=300)
+    assert r.returncode == 0 and (tmp_path / "export" / "metrics.json").is_file(), redact(r.stderr[-3000:])
+    outputs.append(r)
+    r = run([sys.executable, "-m", "vitq.report", "export", "--tracking-uri", track, "--study", "nope", "--out",
+             str(tmp_path / "export")], tmp_path, timeout=300)
+    assert "tracking store postgresql+psycopg://postgres:***@" in _error_line(r)
     outputs.append(r)
     for r in outputs:
         assert MARK not in r.stdout and MARK not in r.stderr

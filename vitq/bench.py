@@ -61,7 +61,14 @@ from vitq.calibrate import calibrated_model, clear_cache
 from vitq.data import DataBundle, batches
 from vitq.evaluate import evaluate, model_device
 from vitq.paths import CONF_DIR
-from vitq.quant.config import ACTIVATION_POINTS, BitTypeConfig, LayerQuantConfig, QuantConfig, load_config_from_yaml
+from vitq.quant.config import (
+    ACTIVATION_POINTS,
+    BitTypeConfig,
+    ConfigError,
+    LayerQuantConfig,
+    QuantConfig,
+    load_config_from_yaml,
+)
 from vitq.quant.modules import STATS_MAX_ELEMENTS
 from vitq.quant.observers import BatchStats, create_observer
 from vitq.quant.quantizers import affine_qparams, fake_quant_uniform, uniform_qparams
@@ -715,6 +722,16 @@ def main(argv: list[str] | None = None) -> int:
                  "leaves out: add config to --models")
     if unknown:
         ap.error(f"--models: unknown {sorted(unknown)}; choose from digits, vit_small, folder, config")
+    from vitq.sweep import QUANT_KEYS, refuse_unread
+
+    own = "the bench calibrates at its own settings (128 images a batch, the default values kept, in memory)"
+    try:
+        refuse_unread(args.overrides, "vitq bench", {
+            **dict.fromkeys(QUANT_KEYS, "the bench times its own configs (int8, w4a8, and variants of observers and "
+                                        "widths)"),
+            "device": "give --device", **dict.fromkeys(("calib_batch_size", "calib_max_values", "stats_dir"), own)})
+    except ConfigError as e:
+        ap.error(str(e))
     sections = tuple(x for x in args.sections.split(",") if x)
     if set(sections) - {"sweep", "scaling"}:
         ap.error(f"--sections: unknown {sorted(set(sections) - {'sweep', 'scaling'})}; choose from sweep, scaling")

@@ -12,7 +12,10 @@ import argparse
 import ast
 import json
 import math
+import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,8 +27,8 @@ from mlflow.tracking import MlflowClient
 
 from vitq.pareto import hypervolume_2d, pareto_mask
 from vitq.paths import NOTEBOOK, FolderError, output_folder
-from vitq.quant.config import POINTS, WEIGHT_POINTS
-from vitq.redact import say
+from vitq.quant.config import POINTS, WEIGHT_POINTS, ConfigError
+from vitq.redact import redact, say
 from vitq.tracking import DEFAULT_OBJECTIVES, resolve_uri
 
 __all__ = ["ReportError", "Study", "front_metrics", "load_study", "observer_table", "pareto_configs",
@@ -77,11 +80,11 @@ def load_study(uri: str | None, study: str) -> Study:
     exp = client.get_experiment_by_name(study)
     if exp is None:
         names = sorted(e.name for e in client.search_experiments())
-        raise ReportError(f"tracking store {uri}: no study (experiment) {study!r}; found {names}")
+        raise ReportError(f"tracking store {redact(uri)}: no study (experiment) {study!r}; found {names}")
     parents = client.search_runs([exp.experiment_id], "tags.`vitq.role` = 'parent'",
                                  order_by=["attributes.start_time DESC"], max_results=1)
     if not parents:
-        raise ReportError(f"study {study!r} in {uri}: no sweep (parent run) found")
+        raise ReportError(f"study {study!r} in {redact(uri)}: no sweep (parent run) found")
     parent = parents[0]
     raw = parent.data.params.get("objectives")
     objectives = ast.literal_eval(raw) if raw else dict(DEFAULT_OBJECTIVES)
@@ -92,7 +95,7 @@ def load_study(uri: str | None, study: str) -> Study:
         runs = runs[runs["status"] == "FINISHED"]
         runs = runs.dropna(subset=[c for c in cols if c in runs.columns])
     if len(runs) == 0 or not all(c in runs.columns for c in cols):
-        raise ReportError(f"study {study!r} in {uri}: no finished trials with metrics {list(objectives)}")
+        raise ReportError(f"study {study!r} in {redact(uri)}: no finished trials with metrics {list(objectives)}")
     runs = runs.reset_index(drop=True)
     runs["pareto"] = pareto_mask(runs[cols].to_numpy(), list(objectives.values()))
     runs["trial_number"] = pd.to_numeric(runs.get("tags.trial_number"), errors="coerce")
@@ -196,8 +199,24 @@ def export(uri: str | None, study: str, out: Path, size_budgets: list[int]) -> d
     return metrics
 
 
+@contextmanager
+def _environ(**values: str) -> Iterator[None]:
+    """``values`` in ``os.environ`` (so in the processes started meanwhile), then the environment as it was."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def run_notebook(uri: str | None, studies: list[str], out: Path, timeout: int = 600) -> Path:
-    """Execute the Pareto notebook headless (papermill) and render it to HTML; returns the HTML path."""
+    """Execute the Pareto notebook headless (papermill) and render it to HTML; returns the HTML path. A URI with a
+    password reaches the kernel as ``MLFLOW_TRACKING_URI``: the executed notebook and its HTML hold no secret."""
     try:
         import nbformat
         import papermill as pm
@@ -220,9 +239,12 @@ def run_notebook(uri: str | None, studies: list[str], out: Path, timeout: int = 
             def __init__(self, **kwargs: Any) -> None:
                 super().__init__(transport="ipc", ip=str(Path(sockets) / "kernel"), **kwargs)
 
-        pm.execute_notebook(str(NOTEBOOK), str(executed), parameters={
-            "tracking_uri": resolve_uri(uri), "studies": ",".join(studies), "output_dir": str(out.resolve())},
-            progress_bar=False, execution_timeout=timeout, kernel_name="python3", kernel_manager_class=LocalKernel)
+        uri = resolve_uri(uri)
+        given = uri if redact(uri) == uri else None  # a password reaches the kernel by its environment, not the file
+        with _environ(MLFLOW_TRACKING_URI=uri):
+            pm.execute_notebook(str(NOTEBOOK), str(executed), parameters={
+                "tracking_uri": given, "studies": ",".join(studies), "output_dir": str(out.resolve())},
+                progress_bar=False, execution_timeout=timeout, kernel_name="python3", kernel_manager_class=LocalKernel)
     html, _ = HTMLExporter().from_notebook_node(nbformat.read(executed, as_version=4))
     path = out / "pareto_analysis.html"
     path.write_text(html)
@@ -282,6 +304,14 @@ def main(argv: list[str] | None = None) -> int:
             if not (math.isfinite(b) and b > 0 and b == int(b)):
                 ap.error(f"--size-budgets: {text}: a budget is a whole number of bytes > 0")
             budgets.append(int(b))
+    if args.cmd == "presets":
+        from vitq.sweep import QUANT_KEYS, refuse_unread
+
+        try:
+            refuse_unread(args.overrides, "vitq report presets",
+                          dict.fromkeys(QUANT_KEYS, "each of its recipes sets the whole quant config"))
+        except ConfigError as e:
+            ap.error(str(e))
     if args.cmd in ("export", "notebook"):
         try:
             output_folder(args.out, "--out")

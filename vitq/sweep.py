@@ -260,6 +260,28 @@ _SWEEPER_SETS = {  # keys the sweepers set on each trial: given by the user, a r
     "trial_params": "carries a search trial's values from vitq's sweeper (its MLflow params)",
 }
 
+SWEEP_KEYS = {  # what only a sweep reads: the other CLIs that take the sweep's overrides refuse these
+    "tracking": "sets how a sweep logs to MLflow",
+    "study_name": "names a sweep's MLflow experiment",
+    "export_dir": "names the folder where a sweep run writes its resolved config",
+    "hydra": "sets Hydra's own run folders, sweeper and launcher",
+    **_SWEEPER_SETS,
+}
+QUANT_KEYS = ("quant", *QUANT_SECTIONS)  # the quant config: its preset group and its sections
+
+
+def refuse_unread(overrides: list[str] | tuple[str, ...], prog: str, instead: dict[str, str] | None = None) -> None:
+    """ConfigError for an override of a top-level key (or config group) that ``prog`` composes the sweep's config
+    with but does not read, so that it would exit 0 on a run without it: those of :data:`SWEEP_KEYS`, and those of
+    ``instead``, which maps each to what ``prog`` reads in its place."""
+    for o in overrides:
+        key = o.lstrip("+~").partition("=")[0]
+        top = key.replace("/", ".").split(".")[0]
+        if top in (instead or {}):
+            raise ConfigError(key, f"{prog} does not read it; {instead[top]}")
+        if top in SWEEP_KEYS:
+            raise ConfigError(key, f"{prog} does not read it: it {SWEEP_KEYS[top]}")
+
 
 def _check_mode_keys(config: DictConfig, multirun: bool) -> None:
     """ConfigError for a command-line setting that this mode ignores: a sweeper, a launcher or the sweep folder

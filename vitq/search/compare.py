@@ -40,6 +40,7 @@ from vitq.search.sensitivity import (
     configs_for_budgets,
     cost_table,
     enqueue_params,
+    session_settings,
 )
 from vitq.search.space import SearchSpec, load_search
 
@@ -49,15 +50,14 @@ STRATEGIES = ("tpe_warm", "nsga2_warm", "nsga2", "random", "aimet_greedy")
 
 
 class Objective:
-    """Runs one trial of a params dict; remembers every (top-1, size fraction) it measured."""
+    """Runs one trial of a params dict on a session (its batch sizes, values kept, statistics folder) and returns
+    its (top-1, size fraction)."""
 
-    def __init__(self, model, data, base) -> None:  # noqa: ANN001
-        from vitq.trial import run_trial
-
-        self.model, self.data, self.base, self._run = model, data, base, run_trial
+    def __init__(self, session, base) -> None:  # noqa: ANN001
+        self.session, self.base = session, base
 
     def __call__(self, overrides: dict) -> tuple[float, float]:
-        res = self._run(self.model, self.data, self.base.with_overrides(overrides), profile=False)
+        res = self.session.run_trial(self.base.with_overrides(overrides), profile=False)
         return res.top1, res.weight_bytes / res.fp32_bytes
 
 
@@ -106,10 +106,10 @@ def compare(n_trials: int = 30, seeds: int = 3, reference_trials: int = 300, sea
     base, session = session_of(compose(overrides), overrides)
     model, data = session.model, session.data
     spec = load_search(search)
-    objective = Objective(model, data, base)
+    objective = Objective(session, base)
     objective({})
     t0 = time.perf_counter()
-    sens = compute_sensitivity(model, data, base)
+    sens = compute_sensitivity(model, data, base, **session_settings(session))
     sens_s = time.perf_counter() - t0
     table = cost_table(model, base, sens.candidates, "weight_bytes")
     cheapest = table.least()  # every point at the narrowest candidate
@@ -170,8 +170,8 @@ class Runner:
     selections see) and the test split's per-image correctness (what the table reports)."""
 
     def __init__(self, model, data, labels: np.ndarray, search_idx: np.ndarray, test_idx: np.ndarray,  # noqa: ANN001
-                 calib_batch_size: int) -> None:
-        self.model, self.data, self.bs, self.labels = model, data, calib_batch_size, labels
+                 settings: dict) -> None:
+        self.model, self.data, self.settings, self.labels = model, data, settings, labels
         self.search_idx, self.test_idx = search_idx, test_idx
         self.seconds = 0.0
         self.calls = 0
@@ -182,8 +182,10 @@ class Runner:
         from vitq.evaluate import evaluate
 
         t0 = time.perf_counter()
-        qm, _ = calibrated_model(self.model, self.data, cfg, self.bs)
-        pred = evaluate(qm, self.data.eval, 512).predictions.cpu().numpy()
+        st = self.settings
+        qm, _ = calibrated_model(self.model, self.data, cfg, st["batch_size"], st["stats_dir"],
+                                 max_values=st["max_values"])
+        pred = evaluate(qm, self.data.eval, st["eval_batch_size"]).predictions.cpu().numpy()
         correct = pred == self.labels
         cost = model_cost(self.model, cfg)
         self.seconds += time.perf_counter() - t0
@@ -231,16 +233,17 @@ def matched_budgets(n_trials: int = 30, seed: int = 0, min_act_bits: int = 4, n_
     test_idx = np.setdiff1d(np.arange(len(labels)), search_idx)
     search_data = DataBundle(data.name, data.calib, subset(data.eval, search_idx), data.num_classes, data.train,
                              {**data.meta, "eval_fingerprint": f"{data.meta['eval_fingerprint']}/search{n_search}"})
-    run = Runner(model, data, labels, search_idx, test_idx, session.calib_batch_size)
+    settings = session_settings(session)
+    run = Runner(model, data, labels, search_idx, test_idx, settings)
     fp_correct = run(base.with_overrides({f"{SECTION_OF[p]}.{p}.enabled": False for p in POINTS}))
     uniform = {name: with_bits(base, {p: w if p in WEIGHT_POINTS else a for p in POINTS})
                for name, (w, a) in UNIFORM.items()}
     uniform_res = {name: run(cfg) for name, cfg in uniform.items()}
     budgets = {name: ("bops" if name == "W4A4" else "weight_bytes",
                       uniform_res[name]["bops" if name == "W4A4" else "weight_bytes"]) for name in UNIFORM}
-    sens_point = compute_sensitivity(model, search_data, base, n_eval=None, batch_size=session.calib_batch_size)
-    sens_block = compute_sensitivity(model, search_data, base, n_eval=None, batch_size=session.calib_batch_size,
-                                     granularity="block", drops=block_drops)
+    sens_point = compute_sensitivity(model, search_data, base, n_eval=None, **settings)
+    sens_block = compute_sensitivity(model, search_data, base, n_eval=None, granularity="block", drops=block_drops,
+                                     **settings)
     point_s, block_s = sens_point.seconds, sens_block.seconds  # (as measured when computed; then cached)
     log(f"[compare] sensitivity: per point {point_s:.1f} s, per block {block_s:.1f} s")
     solvers = [("per-point solver (drop_loss)", sens_point, "drop_loss"),
@@ -304,7 +307,7 @@ def matched_budgets(n_trials: int = 30, seed: int = 0, min_act_bits: int = 4, n_
         t0 = time.perf_counter()
         weight_budgets = {name: float(w) for name, (w, a) in UNIFORM.items() if a == 8}
         for r in modelopt_compare.run_modelopt(model, data, labels, test_idx, weight_budgets,
-                                               session.calib_batch_size):
+                                               session.calib_batch_size, session.eval_batch_size):
             name = r["budget"]
             row = {"budget": name, "metric": budgets[name][0], "budget_value": budgets[name][1],
                    "strategy": r["strategy"], "effective_bits": r.get("effective_bits", r["effective_bits_target"])}
@@ -434,8 +437,11 @@ def main(argv: list[str] | None = None) -> int:
     for flag in modes["hypervolume" if args.matched else "--matched"]:
         if getattr(args, flag[2:].replace("-", "_")) not in (None, False):
             ap.error(f"{flag} does not apply {'with' if args.matched else 'without'} --matched")
+    from vitq.sweep import refuse_unread
+
     try:
         check_widths(CANDIDATES, args.min_act_bits)
+        refuse_unread(args.overrides, "vitq compare", {"export_dir": "its results go to --out"})
     except ConfigError as e:
         ap.error(str(e))
     from vitq.paths import FolderError, output_folder

@@ -55,7 +55,7 @@ def effective_bits(model: nn.Module, block_bits: float) -> float:
 
 
 def run_modelopt(model: nn.Module, data: DataBundle, labels: np.ndarray, test_idx: np.ndarray,
-                 budgets: dict[str, float], batch_size: int = 128) -> list[dict]:
+                 budgets: dict[str, float], batch_size: int = 128, eval_batch_size: int = 512) -> list[dict]:
     """``auto_quantize`` at each budget (uniform weight bits of vitq → effective bits): the test images' correctness
     (``labels``: the evaluation set's, in order) and the wall time."""
     mtq = require()
@@ -79,7 +79,7 @@ def run_modelopt(model: nn.Module, data: DataBundle, labels: np.ndarray, test_id
             rows.append(row)
             continue
         row["seconds"] = time.perf_counter() - t0
-        pred = evaluate(m.eval(), data.eval, 512).predictions.cpu().numpy()
+        pred = evaluate(m.eval(), data.eval, eval_batch_size).predictions.cpu().numpy()
         best = state["best"]
         formats = [str(r) for r in best["recipe"].values()]
         row.update(feasible=True, test_correct=(pred == labels)[test_idx],

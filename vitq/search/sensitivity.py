@@ -35,6 +35,7 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -58,10 +59,12 @@ from vitq.quant.config import (
     QuantConfig,
     split_block,
 )
+from vitq.quant.modules import STATS_MAX_ELEMENTS
+from vitq.redact import redact
 
 __all__ = ["CANDIDATES", "GRANULARITIES", "CostTable", "Sensitivity", "allowed_widths", "bits_key", "check_budgets",
            "check_widths", "compute_sensitivity", "configs_for_budgets", "cost_table", "enqueue_params", "item_name",
-           "items_of", "solve_mck", "with_bits"]
+           "items_of", "session_settings", "solve_mck", "with_bits"]
 
 CANDIDATES = (2, 3, 4, 5, 6, 8)
 N_EVAL = 256  # evaluation images of the drop measure, unless --n-eval says (or there are fewer)
@@ -217,9 +220,11 @@ def _grad_scores(qm: nn.Module, data: DataBundle, base: LayerQuantConfig, candid
 
 
 def _cache_path(model: nn.Module, data: DataBundle, base: LayerQuantConfig, candidates: tuple[int, ...],
-                n_eval: int | None, batch_size: int, granularity: str, drops: bool) -> Path:
-    key = "|".join([f"v{SENSITIVITY_VERSION}", model_checksum(model), calib_key(data, batch_size), str(n_eval),
-                    str(candidates), data.meta["eval_fingerprint"], base.to_yaml(), granularity, str(drops)])
+                n_eval: int | None, batch_size: int, granularity: str, drops: bool, eval_batch_size: int,
+                max_values: int | None) -> Path:
+    key = "|".join([f"v{SENSITIVITY_VERSION}", model_checksum(model), calib_key(data, batch_size, max_values),
+                    str(n_eval), str(candidates), data.meta["eval_fingerprint"], base.to_yaml(), granularity,
+                    str(drops), str(eval_batch_size)])
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return cache_root("sensitivity") / f"sens_{digest}.json"
 
@@ -229,25 +234,36 @@ def drop_passes(n_blocks: int, candidates: tuple[int, ...], granularity: str = "
     return len(items_of(n_blocks, granularity)) * len(candidates) + 1
 
 
+def session_settings(session: Any) -> dict[str, Any]:
+    """The batch sizes, calibration values kept and statistics folder of a :class:`~vitq.session.Session` (what its
+    trials use), as :func:`compute_sensitivity`'s keywords."""
+    return {"batch_size": session.calib_batch_size, "eval_batch_size": session.eval_batch_size,
+            "max_values": session.calib_max_values, "stats_dir": session.stats_dir}
+
+
 def compute_sensitivity(model: nn.Module, data: DataBundle, base: LayerQuantConfig,
                         candidates: tuple[int, ...] = CANDIDATES, n_eval: int | None = N_EVAL, batch_size: int = 128,
-                        cache: bool = True, granularity: str = "point", drops: bool = True) -> Sensitivity:
+                        cache: bool = True, granularity: str = "point", drops: bool = True,
+                        eval_batch_size: int = 512, max_values: int | None = STATS_MAX_ELEMENTS,
+                        stats_dir: str | Path | None = None) -> Sensitivity:
     """Sensitivity of every (item, width) from cached calibration statistics: the gradient score (one backward pass
     per calibration batch at either granularity) and, with ``drops``, the drop measures (one evaluation pass of
-    ``n_eval`` images per item and width: 14 × widths per point, blocks × 14 × widths per block)."""
+    ``n_eval`` images per item and width: 14 × widths per point, blocks × 14 × widths per block). ``batch_size``,
+    ``max_values`` and ``stats_dir`` are the calibration's (as a trial's), ``eval_batch_size`` the evaluations'."""
     candidates = tuple(sorted({int(b) for b in candidates}))
     n_blocks = len(getattr(model, "blocks", ()))
     items = items_of(n_blocks, granularity)
-    path = _cache_path(model, data, base, candidates, n_eval, batch_size, granularity, drops)
+    path = _cache_path(model, data, base, candidates, n_eval, batch_size, granularity, drops, eval_batch_size,
+                       max_values)
     if cache and path.is_file():
         blob = json.loads(path.read_text())
         return Sensitivity(pd.DataFrame(blob["table"]), blob["base_top1"], blob["base_loss"],
                            tuple(blob["candidates"]), blob["seconds"], {"cache": str(path)}, granularity)
     t0 = time.perf_counter()
-    qm, _ = calibrated_model(model, data, base, batch_size)
+    qm, _ = calibrated_model(model, data, base, batch_size, stats_dir, max_values=max_values)
     subset = _eval_subset(data, n_eval)
     qm.set_config(base)
-    ref = evaluate(qm, subset, 512)
+    ref = evaluate(qm, subset, eval_batch_size)
     rows = []
     for item in items:
         block, point = split_block(item)
@@ -255,7 +271,7 @@ def compute_sensitivity(model: nn.Module, data: DataBundle, base: LayerQuantConf
             row = {"item": item, "block": -1 if block is None else block, "point": point, "bits": b}
             if drops:
                 qm.set_config(with_bits(base, {item: b}))
-                r = evaluate(qm, subset, 512)
+                r = evaluate(qm, subset, eval_batch_size)
                 row.update(top1=r.top1, loss=r.loss, drop_top1=ref.top1 - r.top1, drop_loss=r.loss - ref.loss)
             else:
                 row.update(top1=math.nan, loss=math.nan, drop_top1=math.nan, drop_loss=math.nan)
@@ -559,7 +575,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*", metavar="OVERRIDES")
     args = ap.parse_args(argv)
     from vitq.session import SessionError
-    from vitq.sweep import compose, session_of
+    from vitq.sweep import compose, refuse_unread, session_of
 
     for flag, parse in (("--budgets", float), ("--candidates", int)):
         text = getattr(args, flag[2:])
@@ -570,6 +586,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         candidates = check_widths(tuple(args.candidates), args.min_act_bits)
         check_budgets(args.budgets, "--budgets")
+        refuse_unread(args.overrides, "vitq sensitivity",
+                      {"tracking": "to log the table, give --tracking-uri (and --study)",
+                       "study_name": "--study names the MLflow experiment of --tracking-uri"})
     except ConfigError as e:
         ap.error(str(e))
     if args.n_eval is not None and args.n_eval < 1:
@@ -601,8 +620,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"vitq: {e}", file=sys.stderr)
         return 2
-    sens = compute_sensitivity(model, data, base, candidates, n_eval, session.calib_batch_size,
-                               granularity=args.granularity, drops=drops)
+    sens = compute_sensitivity(model, data, base, candidates, n_eval, granularity=args.granularity, drops=drops,
+                               **session_settings(session))
     sols = configs_for_budgets(sens, table, args.budgets, args.score, allowed)
     n_drop = drop_passes(len(model.blocks), sens.candidates, args.granularity) if drops else 0
     print(f"sensitivity ({args.score}, per {args.granularity}: {len(sens.items)} items) on {session.model_spec.name}"
@@ -619,7 +638,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join("  " + ln for ln in bits_lines(s["bits"])))
     if args.tracking_uri:
         rid = log_to_mlflow(sens, sols, args.tracking_uri, args.study, args.score)
-        print(f"\nlogged to {args.tracking_uri} (experiment {args.study}, run {rid})")
+        print(f"\nlogged to {redact(args.tracking_uri)} (experiment {args.study}, run {rid})")
     return 0
 
 

@@ -57,8 +57,9 @@ def warm_start_params(cfg: DictConfig, spec: SearchSpec, plan: WarmStart) -> lis
 
     base, session = session_of(cfg)
     sens = sens_mod.compute_sensitivity(session.model, session.data, base, plan.table.candidates,
-                                        batch_size=cfg.calib_batch_size, granularity=plan.granularity,
-                                        drops=plan.granularity == "point" or plan.score != "grad_score")
+                                        granularity=plan.granularity,
+                                        drops=plan.granularity == "point" or plan.score != "grad_score",
+                                        **sens_mod.session_settings(session))
     sols = sens_mod.configs_for_budgets(sens, plan.table, plan.budgets, plan.score, plan.allowed)
     if cfg.tracking.enabled:
         sens_mod.log_to_mlflow(sens, sols, cfg.tracking.uri, spec.study_name, plan.score)
