@@ -1,5 +1,5 @@
-"""Shared fixtures: a temporary cache root, the digits reference trained once before any test, PostgreSQL
-databases made per test, and the guarantee that no process the suite starts outlives it."""
+"""Shared fixtures: a temporary cache root, the digits reference trained once before any test, PostgreSQL and
+MySQL/MariaDB databases made per test, and the guarantee that no process the suite starts outlives it."""
 
 from __future__ import annotations
 
@@ -99,4 +99,36 @@ def pg_database():
     with admin.connect() as c:
         for name in made:
             c.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+MYSQL_URL = os.environ.get("VITQ_TEST_MYSQL_URL", "mysql+pymysql://root@127.0.0.1:3306/test")
+
+
+@pytest.fixture
+def mysql_database():
+    """A factory of throwaway MySQL/MariaDB databases on the test server (dropped afterwards); the test is skipped,
+    with the reason, when no server answers at ``VITQ_TEST_MYSQL_URL``."""
+    import uuid
+
+    import sqlalchemy
+
+    admin = sqlalchemy.create_engine(MYSQL_URL, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 5})
+    try:
+        admin.connect().close()
+    except sqlalchemy.exc.OperationalError as e:
+        pytest.skip(f"no MySQL/MariaDB server at {MYSQL_URL}: {str(e.orig).splitlines()[0]}")
+    made: list[str] = []
+
+    def make() -> str:
+        name = f"vitq_test_{uuid.uuid4().hex[:10]}"
+        with admin.connect() as c:
+            c.execute(sqlalchemy.text(f"CREATE DATABASE `{name}`"))
+        made.append(name)
+        return MYSQL_URL.rsplit("/", 1)[0] + f"/{name}"
+
+    yield make
+    with admin.connect() as c:
+        for name in made:
+            c.execute(sqlalchemy.text(f"DROP DATABASE IF EXISTS `{name}`"))
     admin.dispose()

@@ -197,6 +197,12 @@ def test_three_workers_cold_start_postgres(tmp_path, workers, pg_database):
     _cold_start(tmp_path, workers, lambda cwd: url, rounds=1)
 
 
+def test_three_workers_cold_start_mysql(tmp_path, workers, mysql_database):
+    """Run unlocked before: of 3 rounds, 2 enqueued baselines twice or three times (7 trials, 2 left WAITING)."""
+    url = mysql_database()
+    _cold_start(tmp_path, workers, lambda cwd: url, rounds=2)
+
+
 def test_sqlite_stores_commit_with_synchronous_normal(tmp_path):
     """vitq's SQLite stores (MLflow's and Optuna's) are in WAL mode, and every connection SQLAlchemy opens to them
     in the process commits with synchronous=NORMAL (no fsync per commit); another SQLite file keeps SQLite's

@@ -117,7 +117,13 @@ def test_bad_sweeper_arguments_fail_before_any_trial(tmp_path):
         "hydra.sweeper.sampler=foo": "hydra.sweeper.sampler: unknown sampler 'foo'; valid: tpe, nsgaii",
         "hydra.sweeper.storage=postgresql://nobody@127.0.0.1:1/db.log":
             "cannot open the Optuna storage postgresql://nobody@127.0.0.1:1/db.log",
-        "hydra.sweeper.storage=notadialect://x/y": "cannot open the Optuna storage notadialect://x/y",
+        "hydra.sweeper.storage=notadialect://x/y": "vitq: hydra.sweeper.storage: notadialect databases are not "
+                                                   "supported: vitq serializes a study's workers on SQLite, "
+                                                   "PostgreSQL and MySQL/MariaDB (or a journal:/// file)",
+        "hydra.sweeper.storage=mssql+pyodbc://u:pw@h/db": "vitq: hydra.sweeper.storage: mssql databases are not "
+                                                          "supported",  # (they ran with the workers unserialized)
+        "hydra.sweeper.storage=mysql+notadriver://root@127.0.0.1:3306/test": "cannot open the Optuna storage "
+                                                                             "mysql+notadriver://",
         f"hydra.sweeper.storage=sqlite:///{tmp_path / 'a_file' / 'o.db'}":
             f"vitq: hydra.sweeper.storage: cannot create the folder of sqlite:///{tmp_path / 'a_file' / 'o.db'}",
         "blocks.9.layers.attn_qkv.bit_type.bits=choice(4,8)":

@@ -33,6 +33,15 @@ class StorageError(RuntimeError):
     """The Optuna storage cannot be opened (server down, bad URL); the message names the redacted URL."""
 
 
+DATABASES = ("sqlite", "postgresql", "mysql", "mariadb")  # the SQL databases whose workers vitq serializes
+MYSQL_DIALECTS = ("mysql", "mariadb")
+
+
+def unsupported(dialect: str) -> str:
+    return (f"hydra.sweeper.storage: {dialect} databases are not supported: vitq serializes a study's workers on "
+            "SQLite, PostgreSQL and MySQL/MariaDB (or a journal:/// file)")
+
+
 def is_journal(url: str) -> bool:
     """Whether ``url`` names Optuna's journal file (``journal:///path``, or a plain path without a scheme)."""
     return url.startswith("journal:") or "://" not in url
@@ -57,10 +66,12 @@ def make_storage(url: str, heartbeat_interval: int | None = 30, grace_period: in
         except OSError as e:
             raise StorageError(f"hydra.sweeper.storage: cannot open the journal file {path}: {e.strerror}") from None
     try:
-        make_url(url)
+        backend = make_url(url).get_backend_name()
     except Exception as e:  # noqa: BLE001 - sqlalchemy.exc.ArgumentError and friends
         raise StorageError(f"hydra.sweeper.storage: {redact(url)} is not a database URL ({type(e).__name__}); use "
                            "dialect+driver://user:password@host:port/db, sqlite:///path or journal:///path") from None
+    if backend not in DATABASES:
+        raise StorageError(unsupported(backend))
     try:
         tracking.sqlite_file(url)  # a SQLite storage's folder must exist
     except OSError as e:
@@ -74,7 +85,7 @@ def make_storage(url: str, heartbeat_interval: int | None = 30, grace_period: in
             on_stale(trial)
 
     engine = {"pool_pre_ping": True} if not url.startswith("sqlite") else {}
-    if url.startswith("postgresql"):
+    if backend != "sqlite":
         engine["connect_args"] = {"connect_timeout": 10}
     try:
         for attempt in range(3):  # workers creating one new database's tables together may collide: try again
@@ -90,7 +101,8 @@ def make_storage(url: str, heartbeat_interval: int | None = 30, grace_period: in
                 time.sleep(0.5 + random.random())
         raise AssertionError("unreachable")
     except ImportError as e:  # the database driver is an extra
-        extra = " (pip install 'vitq[postgres]')" if url.startswith("postgresql") else ""
+        extra = {"postgresql": " (pip install 'vitq[postgres]')", "mysql": " (pip install 'vitq[mysql]')",
+                 "mariadb": " (pip install 'vitq[mysql]')"}.get(backend, "")
         raise StorageError(f"cannot open the Optuna storage {redact(url)}: its driver is not installed: "
                            f"{e.name or e}{extra}") from None
     except Exception as e:  # noqa: BLE001 - any driver/SQLAlchemy error becomes one clear message
@@ -102,8 +114,9 @@ def make_storage(url: str, heartbeat_interval: int | None = 30, grace_period: in
 
 @contextmanager
 def storage_lock(url: str, storage: BaseStorage | None = None) -> Iterator[None]:
-    """Serialize workers on one storage: a file lock beside a SQLite database or a journal file, a PostgreSQL
-    advisory lock on a PostgreSQL storage (``storage`` given); other databases run the body unlocked."""
+    """Serialize workers on one storage: a file lock beside a SQLite database or a journal file; with ``storage``
+    given, a PostgreSQL advisory lock or a MySQL/MariaDB named lock (``GET_LOCK``) on that database (without it, a
+    server database runs the body unlocked: opening the storage, which retries instead)."""
     if url.startswith("journal:") or "://" not in url:
         with file_lock(Path(url.removeprefix("journal://").removeprefix("journal:")).expanduser().with_suffix(".lock")):
             yield
@@ -113,18 +126,27 @@ def storage_lock(url: str, storage: BaseStorage | None = None) -> Iterator[None]
             yield
         return
     engine = getattr(storage, "engine", None)
-    if engine is None or engine.dialect.name != "postgresql":
+    if engine is None:
         yield
         return
     import sqlalchemy
 
-    key = zlib.crc32(b"vitq-study-setup")
+    if engine.dialect.name == "postgresql":  # (advisory locks are per database)
+        key = zlib.crc32(b"vitq-study-setup")
+        lock, unlock, args = "SELECT pg_advisory_lock(:k)", "SELECT pg_advisory_unlock(:k)", {"k": key}
+    elif engine.dialect.name in MYSQL_DIALECTS:  # (named locks are per server: the database is in the name)
+        name = f"vitq-study-setup:{engine.url.database}"[:64]
+        lock, unlock, args = "SELECT GET_LOCK(:k, 31536000)", "SELECT RELEASE_LOCK(:k)", {"k": name}
+    else:
+        raise StorageError(unsupported(engine.dialect.name))
     with engine.connect() as conn:
-        conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+        got = conn.execute(sqlalchemy.text(lock), args).scalar()
+        if engine.dialect.name in MYSQL_DIALECTS and got != 1:  # (0: timed out, NULL: an error)
+            raise StorageError(f"could not take the study's lock on {redact(url)} (GET_LOCK returned {got})")
         try:
             yield
         finally:
-            conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+            conn.execute(sqlalchemy.text(unlock), args)
             conn.commit()
 
 
