@@ -164,16 +164,18 @@ def test_joblib_launcher_runs_trials_in_parallel(tmp_path):
     assert any(p != q and s1 < e2 and s2 < e1 for p, s1, e1 in spans for q, s2, e2 in spans)  # ...at the same time
 
 
-def _cold_start(tmp_path: Path, workers, storage: str, rounds: int) -> None:
-    """``rounds`` times: 3 workers started at once on an empty folder (and an empty study) all succeed, the study
-    ends with exactly n_trials COMPLETE, and each baseline runs exactly once."""
+def _cold_start(tmp_path: Path, workers, storage, rounds: int, tracking=None) -> None:  # noqa: ANN001
+    """``rounds`` times: 3 workers started at once on an empty folder (and an empty study; with ``tracking``, a new
+    MLflow store database of its own) all succeed, the study ends with exactly n_trials COMPLETE, each baseline runs
+    exactly once, and one parent run holds the trials."""
     spec = load_search("bits_only")
     for k in range(rounds):
         cwd = tmp_path / f"round{k}"
         study = f"cold_{k}_{uuid.uuid4().hex[:6]}"
+        store = tracking() if tracking else f"sqlite:///{cwd / 'mlflow.db'}"
         args = ["-m", "hydra/sweeper=vitq_optuna", "hydra.sweeper.search=bits_only", "hydra.sweeper.n_trials=5",
                 f"hydra.sweeper.study_name={study}", f"hydra.sweeper.storage={storage(cwd)}",
-                "hydra.sweeper.poll_interval=0.5"]
+                "hydra.sweeper.poll_interval=0.5", f"tracking.uri={store}"]
         procs = [workers(cwd, args) for _ in range(3)]
         outs = [p.communicate(timeout=600)[0] for p in procs]
         failing = "\n---\n".join(o[-4000:] for p, o in zip(procs, outs, strict=True) if p.returncode)
@@ -183,9 +185,10 @@ def _cold_start(tmp_path: Path, workers, storage: str, rounds: int) -> None:
         assert len(done) == 5 and not s.get_trials(states=(RUNNING,))
         labels = [t.system_attrs.get("fixed_params", {}).get("baseline") for t in s.trials]
         assert sorted(x for x in labels if x) == sorted(f"W{b[1]}A{b[3]}" for b in spec.baselines)  # once each
-        mlflow.set_tracking_uri(f"sqlite:///{cwd / 'mlflow.db'}")
+        mlflow.set_tracking_uri(store)
         runs = mlflow.search_runs([MlflowClient().get_experiment_by_name(study).experiment_id], max_results=100)
         assert (runs["tags.vitq.role"] == "parent").sum() == 1 and "RUNNING" not in set(runs["status"])
+        assert sorted(runs["status"]) == ["FINISHED"] * 6
 
 
 def test_three_workers_cold_start_sqlite(tmp_path, workers):
@@ -193,14 +196,17 @@ def test_three_workers_cold_start_sqlite(tmp_path, workers):
 
 
 def test_three_workers_cold_start_postgres(tmp_path, workers, pg_database):
+    """MLflow's store on the database itself: two of three workers died on its schema migration (rc 2,
+    ``UniqueViolation``) before the store lock."""
     url = pg_database()
-    _cold_start(tmp_path, workers, lambda cwd: url, rounds=1)
+    _cold_start(tmp_path, workers, lambda cwd: url, rounds=1, tracking=lambda: pg_database("postgresql+psycopg"))
 
 
 def test_three_workers_cold_start_mysql(tmp_path, workers, mysql_database):
-    """Run unlocked before: of 3 rounds, 2 enqueued baselines twice or three times (7 trials, 2 left WAITING)."""
+    """Unserialized before: in 2 of 3 rounds the workers enqueued baselines two or three times (7 trials, 2 left
+    WAITING), and on a new MLflow store two of three died on its schema migration ('Duplicate column name')."""
     url = mysql_database()
-    _cold_start(tmp_path, workers, lambda cwd: url, rounds=2)
+    _cold_start(tmp_path, workers, lambda cwd: url, rounds=2, tracking=mysql_database)
 
 
 def test_sqlite_stores_commit_with_synchronous_normal(tmp_path):

@@ -16,6 +16,7 @@ import random
 import tempfile
 import time
 import uuid
+import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -51,15 +52,62 @@ class TrackingError(RuntimeError):
     """The MLflow store cannot be used (server down, corrupt database); the message names the redacted URI."""
 
 
+MYSQL_DIALECTS = ("mysql", "mariadb")
+
+
+@contextmanager
+def database_lock(engine: Any, name: str) -> Iterator[None]:
+    """A lock that every process using ``engine``'s database takes in turn: PostgreSQL's advisory lock (per database)
+    or MySQL/MariaDB's named lock (per server: the database goes into the name). ValueError for another dialect."""
+    import sqlalchemy
+
+    dialect = engine.dialect.name
+    if dialect == "postgresql":
+        args = {"k": zlib.crc32(name.encode())}
+        lock, unlock = "SELECT pg_advisory_lock(:k)", "SELECT pg_advisory_unlock(:k)"
+    elif dialect in MYSQL_DIALECTS:
+        args = {"k": f"{name}:{engine.url.database}"[:64]}
+        lock, unlock = "SELECT GET_LOCK(:k, 31536000)", "SELECT RELEASE_LOCK(:k)"
+    else:
+        raise ValueError(f"{dialect}: no lock across processes (PostgreSQL and MySQL/MariaDB have one)")
+    with engine.connect() as conn:
+        got = conn.execute(sqlalchemy.text(lock), args).scalar()
+        if dialect in MYSQL_DIALECTS and got != 1:  # (0: timed out, NULL: an error)
+            raise RuntimeError(f"GET_LOCK({args['k']!r}) returned {got}")
+        try:
+            yield
+        finally:
+            conn.execute(sqlalchemy.text(unlock), args)
+            conn.commit()
+
+
+def _database(uri: str) -> str | None:
+    """The dialect of a PostgreSQL or MySQL/MariaDB store's URI, else None."""
+    scheme = uri.partition("://")[0].partition("+")[0]
+    return scheme if "://" in uri and scheme in ("postgresql", *MYSQL_DIALECTS) else None
+
+
 @contextmanager
 def _store_lock(uri: str) -> Iterator[None]:
-    """Workers starting together on one new SQLite store would race on MLflow's schema migration: serialize them."""
-    path = sqlite_file(uri)
-    if path is None:
+    """Workers starting together on one new store would race on MLflow's schema migration (on PostgreSQL two of
+    three died with ``UniqueViolation``): a file lock beside a SQLite store, the database's own lock on PostgreSQL
+    and MySQL/MariaDB; a tracking server migrates once itself."""
+    if (path := sqlite_file(uri)) is not None:
+        with file_lock(path.with_name(path.name + ".lock")):
+            yield
+        return
+    if _database(uri) is None:
         yield
         return
-    with file_lock(path.with_name(path.name + ".lock")):
-        yield
+    import sqlalchemy
+    from sqlalchemy.pool import NullPool
+
+    engine = sqlalchemy.create_engine(uri, poolclass=NullPool, connect_args={"connect_timeout": 10})
+    try:
+        with database_lock(engine, "vitq-mlflow-store"):
+            yield
+    finally:
+        engine.dispose()
 DEFAULT_OBJECTIVES: dict[str, str] = {"top1": "maximize", "weight_bytes": "minimize"}
 
 

@@ -9,7 +9,6 @@ import random
 import threading
 import time
 import warnings
-import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,7 +33,7 @@ class StorageError(RuntimeError):
 
 
 DATABASES = ("sqlite", "postgresql", "mysql", "mariadb")  # the SQL databases whose workers vitq serializes
-MYSQL_DIALECTS = ("mysql", "mariadb")
+MYSQL_DIALECTS = tracking.MYSQL_DIALECTS
 
 
 def unsupported(dialect: str) -> str:
@@ -129,25 +128,10 @@ def storage_lock(url: str, storage: BaseStorage | None = None) -> Iterator[None]
     if engine is None:
         yield
         return
-    import sqlalchemy
-
-    if engine.dialect.name == "postgresql":  # (advisory locks are per database)
-        key = zlib.crc32(b"vitq-study-setup")
-        lock, unlock, args = "SELECT pg_advisory_lock(:k)", "SELECT pg_advisory_unlock(:k)", {"k": key}
-    elif engine.dialect.name in MYSQL_DIALECTS:  # (named locks are per server: the database is in the name)
-        name = f"vitq-study-setup:{engine.url.database}"[:64]
-        lock, unlock, args = "SELECT GET_LOCK(:k, 31536000)", "SELECT RELEASE_LOCK(:k)", {"k": name}
-    else:
+    if engine.dialect.name not in ("postgresql", *MYSQL_DIALECTS):
         raise StorageError(unsupported(engine.dialect.name))
-    with engine.connect() as conn:
-        got = conn.execute(sqlalchemy.text(lock), args).scalar()
-        if engine.dialect.name in MYSQL_DIALECTS and got != 1:  # (0: timed out, NULL: an error)
-            raise StorageError(f"could not take the study's lock on {redact(url)} (GET_LOCK returned {got})")
-        try:
-            yield
-        finally:
-            conn.execute(sqlalchemy.text(unlock), args)
-            conn.commit()
+    with tracking.database_lock(engine, "vitq-study-setup"):
+        yield
 
 
 def retry_callback(max_retry: int | None) -> RetryHeartbeatStaleTrialCallback:
