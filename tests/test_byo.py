@@ -635,6 +635,33 @@ def test_cuda_batches_are_resident_and_a_trial_copies_nothing_per_batch(byo, mon
     assert copies[16] == copies[128], (copies, n_batches)
 
 
+def test_a_model_of_any_size_runs_at_its_built_size_and_costs_the_tokens_it_sees(byo, tmp_path):
+    """``dynamic_img_size``: timm's data config (224 for vit_tiny_patch16_224) was used for a model built for 16 (at
+    32, patch 4, its evaluation ran on 3136 tokens and was killed for memory); at another ``data.input_size`` the
+    BOPs counted the tokens of the built size (the same at 64x64 as at 32x32)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    kwargs = {**byo_case.KWARGS, "dynamic_img_size": True}
+    model = timm.create_model(byo_case.MODEL_NAME, **kwargs).eval()
+    assert resolve_transform(model)["input_size"] == (3, 16, 16)  # the size its position embedding is for
+    assert resolve_transform(timm.create_model(byo_case.MODEL_NAME, **{**kwargs, "dynamic_img_size": False,
+                                                                        "dynamic_img_pad": True}))["input_size"] \
+        == (3, 16, 16)
+    dyn = byo_case.KWARGS_CLI.replace("}", ",dynamic_img_size:true}")
+    cli = [dyn if a == byo_case.KWARGS_CLI else a for a in byo.cli()]
+    r = run_sweep(tmp_path, *cli, "tracking=none", "data.input_size=[20,16]")
+    assert r.returncode == 0, r.stderr[-3000:]
+    (metrics_file,) = tmp_path.glob("outputs/*/*/metrics.json")
+    metrics = json.loads(metrics_file.read_text())
+    assert metrics["mean_weight_bits"] == metrics["mean_act_bits"] == 8  # (int8: every point at 8 bits)
+    for b in model.blocks:  # (torch's flop counter does not count the CPU's fused attention kernel)
+        b.attn.fused_attn = False
+    with FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, 3, 20, 16))
+    macs = sum(counter.get_flop_counts()["VisionTransformer.blocks"].values()) / 2  # the blocks' matmuls, 20 tokens
+    assert metrics["bops"] == 8 * 8 * macs
+
+
 # ------------------------------------------------------------------------------------------------ bad inputs
 @pytest.mark.parametrize(("kwargs", "overrides", "says"), [
     ({}, {"crop_pct": 0}, "data.crop_pct: must be in (0, 1], got 0"),  # timm reads 0 as its default 0.875

@@ -15,7 +15,7 @@ from vitq.models.vit_block import block_linears
 from vitq.quant.config import ACTIVATION_POINTS, WEIGHT_POINTS, LayerQuantConfig, QuantConfig
 from vitq.quant.points import POINT_TABLE
 
-__all__ = ["BOP_PAIRS", "CostReport", "model_cost", "resolved_cost"]
+__all__ = ["BOP_PAIRS", "CostReport", "model_cost", "resolved_cost", "token_count"]
 
 FP_BITS = 32
 # linear weight point -> activation point that quantizes its input
@@ -43,18 +43,34 @@ def _fp_model(model: nn.Module) -> nn.Module:
     return getattr(model, "model", model)
 
 
-def model_cost(model: nn.Module, cfg: LayerQuantConfig) -> CostReport:
-    """Cost of ``model`` (a timm ViT or a QuantViT) under ``cfg``; needs no calibration."""
-    return resolved_cost(model, [cfg.resolved(b) for b in range(len(_fp_model(model).blocks))])
+def token_count(model: nn.Module, input_size: tuple[int, int] | None = None) -> int:
+    """Tokens per image: the patches of an ``input_size`` (H, W) image (None: the size the model was built for; a
+    model of any size, ``dynamic_img_size``, may see others) plus the prefix tokens (class, registers)."""
+    vit = _fp_model(model)
+    pe = vit.patch_embed
+    built = getattr(pe, "img_size", None)
+    if input_size is None or (built is not None and tuple(input_size) == tuple(built)):
+        patches = pe.num_patches
+    else:
+        gh, gw = pe.dynamic_feat_size(tuple(input_size))
+        patches = gh * gw
+    return int(patches) + getattr(vit, "num_prefix_tokens", 1)
 
 
-def resolved_cost(model: nn.Module, per_block: list[dict[str, QuantConfig]]) -> CostReport:
+def model_cost(model: nn.Module, cfg: LayerQuantConfig, input_size: tuple[int, int] | None = None) -> CostReport:
+    """Cost of ``model`` (a timm ViT or a QuantViT) under ``cfg`` on ``input_size`` images (see
+    :func:`token_count`); needs no calibration."""
+    return resolved_cost(model, [cfg.resolved(b) for b in range(len(_fp_model(model).blocks))], input_size)
+
+
+def resolved_cost(model: nn.Module, per_block: list[dict[str, QuantConfig]],
+                  input_size: tuple[int, int] | None = None) -> CostReport:
     """Cost of ``model`` with block ``b``'s points configured by ``per_block[b]`` (what ``cfg.resolved(b)`` gives);
     the budget solver's cost table calls it for thousands of configs without building a LayerQuantConfig each."""
     vit = _fp_model(model)
     params = dict(vit.named_parameters())
     fp32_bytes = sum(p.numel() for p in params.values()) * FP_BITS / 8
-    n_tokens = vit.patch_embed.num_patches + getattr(vit, "num_prefix_tokens", 1)
+    n_tokens = token_count(vit, input_size)
     quantized: set[int] = set()
     weight_bits = 0.0
     w_elems = w_bits_sum = 0.0

@@ -91,6 +91,11 @@ class DataBundle:
         return self.meta.get("fingerprint") or _digest(self.meta.get("calib_fingerprint"),
                                                        self.meta.get("eval_fingerprint"))
 
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(H, W) of the evaluation images, as the model sees them."""
+        return tuple(int(v) for v in self.eval[0][0].shape[-2:])
+
     def check_classes(self, model_classes: int) -> None:
         """DataError unless the labels index the model's outputs one to one (a label space of their size)."""
         if self.num_classes != model_classes:
@@ -233,6 +238,12 @@ def model_channels(model: torch.nn.Module) -> int | None:
     return chans
 
 
+def model_built_size(model: torch.nn.Module) -> tuple[int, int] | None:
+    """The input size a timm ViT was built for (``img_size``: its position embedding's grid), or None."""
+    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    return tuple(int(s) for s in size) if size is not None else None
+
+
 def model_img_size(model: torch.nn.Module) -> tuple[int, int] | None:
     """The input size a timm ViT is fixed to (None when it takes any size)."""
     pe = getattr(model, "patch_embed", None)
@@ -240,15 +251,15 @@ def model_img_size(model: torch.nn.Module) -> tuple[int, int] | None:
         return None
     if getattr(model, "dynamic_img_size", False):
         return None
-    size = getattr(pe, "img_size", None)
-    return tuple(int(s) for s in size) if size is not None else None
+    return model_built_size(model)
 
 
 def resolve_transform(model: torch.nn.Module, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """timm's eval data config for ``model`` with the ``data.*`` overrides (None = timm's value).
 
     ``input_size`` takes an int, [H, W] or [C, H, W]. Where timm's resolved size differs from the size the
-    model is built for (e.g. ``model.kwargs.img_size``), the model's own size is used.
+    model is built for (e.g. ``model.kwargs.img_size``), the model's own size is used, also by a model that takes
+    any size (``dynamic_img_size``, ``dynamic_img_pad``): the size its position embedding is for.
     """
     from timm.data import resolve_data_config
     from timm.data.transforms import str_to_interp_mode
@@ -280,8 +291,9 @@ def resolve_transform(model: torch.nn.Module, overrides: dict[str, Any] | None =
             raise DataError(f"data.input_size: {size[1]}x{size[2]} is not a multiple of the model's patch size "
                             f"{patch[0]}x{patch[1]} (model.kwargs.dynamic_img_pad=true pads it)")
         cfg["input_size"] = tuple(size)
-    elif (fixed := model_img_size(model)) is not None and tuple(cfg["input_size"][1:]) != fixed:
-        cfg["input_size"] = (chans, *fixed)
+    elif (built := model_built_size(model)) is not None and tuple(cfg["input_size"][1:]) != built:
+        cfg["input_size"] = (chans, *built)  # (a model of any size too: at 224, timm's, a model built for 32 ran
+        # on 3136 tokens with its position embedding interpolated 7x, and its evaluation was killed for memory)
     for k in ("mean", "std"):
         if k in ov:
             v = ov.pop(k)

@@ -68,7 +68,7 @@ def run_trial(model: nn.Module, data: DataBundle, cfg: LayerQuantConfig, *, batc
     calib_seconds = time.perf_counter() - t0
     res = evaluate(qm, data.eval, batch_size, fp.predictions, progress,
                    on_first_batch=qm.set_profiling if profile else None)
-    cost = model_cost(qm, cfg)
+    cost = model_cost(qm, cfg, data.image_size)
     table = qm.profile() if profile else pd.DataFrame()
     assert res.agreement is not None
     return TrialResult(top1=res.top1, top5=res.top5, loss=res.loss, fp_top1=fp.top1, top1_drop=fp.top1 - res.top1,

@@ -111,7 +111,7 @@ def compare(n_trials: int = 30, seeds: int = 3, reference_trials: int = 300, sea
     t0 = time.perf_counter()
     sens = compute_sensitivity(model, data, base, **session_settings(session))
     sens_s = time.perf_counter() - t0
-    table = cost_table(model, base, sens.candidates, "weight_bytes")
+    table = cost_table(model, base, sens.candidates, "weight_bytes", input_size=data.image_size)
     cheapest = table.least()  # every point at the narrowest candidate
     widest = table.cost([len(table.candidates) - 1] * len(table.items))
     sols = configs_for_budgets(sens, table, [cheapest + f * (widest - cheapest) for f in budgets_frac])
@@ -187,7 +187,7 @@ class Runner:
                                  max_values=st["max_values"])
         pred = evaluate(qm, self.data.eval, st["eval_batch_size"]).predictions.cpu().numpy()
         correct = pred == self.labels
-        cost = model_cost(self.model, cfg)
+        cost = model_cost(self.model, cfg, self.data.image_size)
         self.seconds += time.perf_counter() - t0
         self.calls += 1
         return {"search_top1": float(correct[self.search_idx].mean()), "test_correct": correct[self.test_idx],
@@ -251,7 +251,8 @@ def matched_budgets(n_trials: int = 30, seed: int = 0, min_act_bits: int = 4, n_
                ("per-block solver (grad_score)", sens_block, "grad_score")]
     if block_drops:
         solvers.append(("per-block solver (drop_loss)", sens_block, "drop_loss"))
-    tables = {(sens.granularity, metric): cost_table(model, base, sens.candidates, metric, sens.items)
+    tables = {(sens.granularity, metric): cost_table(model, base, sens.candidates, metric, sens.items,
+                                                     data.image_size)
               for sens in (sens_point, sens_block) for metric in ("weight_bytes", "bops")}
     rows: list[dict] = []
     picks: dict[tuple[str, str], dict] = {}

@@ -329,10 +329,11 @@ class CostTable:
 
 
 def cost_table(model: nn.Module, base: LayerQuantConfig, candidates: tuple[int, ...] = CANDIDATES,
-               metric: str = "weight_bytes", items: tuple[str, ...] = POINTS) -> CostTable:
-    """Decompose :func:`model_cost`'s ``metric`` into per-item and per-pair terms (inclusion–exclusion around every
-    item at the widest candidate; BOPs pair a weight with its input activation, and the softmax output with q·kᵀ,
-    within a block)."""
+               metric: str = "weight_bytes", items: tuple[str, ...] = POINTS,
+               input_size: tuple[int, int] | None = None) -> CostTable:
+    """Decompose :func:`model_cost`'s ``metric`` (on ``input_size`` images) into per-item and per-pair terms
+    (inclusion–exclusion around every item at the widest candidate; BOPs pair a weight with its input activation,
+    and the softmax output with q·kᵀ, within a block)."""
     if metric not in BUDGET_METRICS:
         raise ValueError(f"metric: expected one of {', '.join(BUDGET_METRICS)}, got {metric!r}")
     n_blocks = len(getattr(model, "model", model).blocks)
@@ -345,7 +346,7 @@ def cost_table(model: nn.Module, base: LayerQuantConfig, candidates: tuple[int, 
             block, point = split_block(item)
             for b in range(n_blocks) if block is None else (block,):
                 per_block[b][point] = at_bits(per_block[b][point], bits)
-        return float(getattr(resolved_cost(model, per_block), metric))
+        return float(getattr(resolved_cost(model, per_block, input_size), metric))
 
     const = cost({})
     unary = np.array([[cost({it: b}) - const for b in candidates] for it in items])
@@ -613,7 +614,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     n_eval = args.n_eval or min(N_EVAL, len(data.eval))
     items = items_of(len(model.blocks), args.granularity)
-    table = cost_table(model, base, candidates, args.metric, items)
+    table = cost_table(model, base, candidates, args.metric, items, data.image_size)
     allowed = allowed_widths(items, candidates, min_act_bits=args.min_act_bits)
     try:  # before the measurement: the cost model alone tells an infeasible budget
         check_budgets(args.budgets, "--budgets", table, allowed)
@@ -632,7 +633,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"(at {min(sens.candidates)} bits, per block)")
     print(score_table(sens, args.score).round(5).to_string())
     for s in sols:
-        actual = getattr(model_cost(model, with_bits(base, s["bits"])), args.metric)
+        actual = getattr(model_cost(model, with_bits(base, s["bits"]), data.image_size), args.metric)
         print(f"\nbudget {s['budget']:.6g} {args.metric}: predicted {s['predicted_cost']:.6g} (cost model "
               f"{actual:.6g}), summed sensitivity {s['predicted_score']:.4g}, solved in {s['solve_ms']:.1f} ms")
         print("\n".join("  " + ln for ln in bits_lines(s["bits"])))

@@ -318,7 +318,8 @@ class VitqOptunaSweeperImpl(Sweeper):
             fingerprint = study_fingerprint(self.config, spec, session)
             if st.warm_start_budgets:
                 self._warm = plan_warm_start(spec, session.model, base, list(st.warm_start_budgets),
-                                             st.warm_start_metric, st.warm_start_score, st.warm_start_granularity)
+                                             st.warm_start_metric, st.warm_start_score, st.warm_start_granularity,
+                                             session.data.image_size)
         except SessionError as e:
             fail(e)
         study, created = _open_study(spec, storage)

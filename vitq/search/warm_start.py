@@ -30,12 +30,14 @@ class WarmStart:
 
 
 def plan_warm_start(spec: SearchSpec, model: Any, base: LayerQuantConfig, budgets: list[float],
-                    metric: str = "weight_bytes", score: str = "drop_loss", granularity: str = "point") -> WarmStart:
-    """The warm start's cost table and allowed widths (no sensitivity needed: 0.06-2 s on a 12-block ViT-S); a
-    ConfigError naming ``hydra.sweeper.warm_start_budgets`` for a budget that no config of those widths reaches."""
+                    metric: str = "weight_bytes", score: str = "drop_loss", granularity: str = "point",
+                    input_size: tuple[int, int] | None = None) -> WarmStart:
+    """The warm start's cost table (on ``input_size`` images) and allowed widths (no sensitivity needed: 0.06-2 s on
+    a 12-block ViT-S); a ConfigError naming ``hydra.sweeper.warm_start_budgets`` for a budget that no config of
+    those widths reaches."""
     n_blocks = len(model.blocks)
     items, candidates = sens_mod.items_of(n_blocks, granularity), sens_mod.CANDIDATES
-    table = sens_mod.cost_table(model, base, candidates, metric, items)
+    table = sens_mod.cost_table(model, base, candidates, metric, items, input_size)
 
     def fits(item: str, bits: int) -> bool:  # every parameter that sets this item's width accepts ``bits``
         block, point = split_block(item)
