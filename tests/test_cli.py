@@ -33,6 +33,27 @@ def test_plain_single_run_logs_one_complete_run(tmp_path):
     assert len(profile) == 4 * 14 and profile["sqnr_db"].notna().all()
 
 
+def test_reference_cli_writes_the_cached_reference_or_refuses_its_out_before_training(tmp_path, reference):
+    """DVC's first stage. A --out it could not write failed with a traceback (rc 1) after the training."""
+    import torch
+
+    model, meta = reference
+    out = tmp_path / "artifacts" / "reference.pt"
+    r = run([sys.executable, "-m", "vitq.reference", "--out", str(out)], tmp_path, timeout=600)
+    assert r.returncode == 0 and f"checkpoint -> {out}" in r.stdout, r.stderr[-2000:]
+    assert f"held-out top-1 {100 * meta['top1']:.2f} %" in r.stdout
+    blob = torch.load(out, weights_only=True)
+    assert blob["meta"] == meta and blob["state_dict"].keys() == model.state_dict().keys()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in blob["state_dict"].items())
+    assert [p.name for p in out.parent.iterdir()] == ["reference.pt"]  # (no temporary file left)
+    (tmp_path / "a_file").write_text("")
+    for bad, says in ((tmp_path / "a_file" / "r.pt", f"vitq: --out: cannot create {tmp_path / 'a_file'}: "),
+                      (tmp_path, f"vitq: --out: {tmp_path} is a folder; give the checkpoint's path")):
+        r = run([sys.executable, "-m", "vitq.reference", "--out", str(bad)], tmp_path, timeout=600)
+        assert r.returncode == 2 and r.stderr.strip().startswith(says) and "Traceback" not in r.stderr, r.stderr
+        assert r.stdout == ""  # refused before loading or training anything
+
+
 def test_report_cli(tmp_path):
     r = run([sys.executable, "-m", "vitq.report", "export", "--tracking-uri", f"sqlite:///{tmp_path / 'none.db'}",
              "--study", "nope", "--out", str(tmp_path / "x")], tmp_path, timeout=300)

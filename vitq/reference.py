@@ -110,29 +110,47 @@ def _train_and_save(spec: ReferenceSpec, data: DataBundle, path: Path) -> None:
     model = train_reference(spec, data)
     meta = {"top1": _accuracy(model, data), "train_seconds": time.time() - t0, "spec": asdict(spec),
             "key": spec.key(), "n_params": sum(p.numel() for p in model.parameters())}
+    _save(model, meta, path)
+
+
+def _save(model: nn.Module, meta: dict, path: Path) -> None:
+    """The checkpoint (state_dict + meta) written whole or not at all: a killed write leaves no partial file."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     os.close(fd)
     torch.save({"state_dict": model.state_dict(), "meta": meta}, tmp)
     os.replace(tmp, path)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     import argparse
+    import sys
+
+    from vitq.paths import FolderError, output_folder
 
     ap = argparse.ArgumentParser(prog="python -m vitq.reference",
                                  description="Train (or read from the cache) the digits reference ViT.")
     ap.add_argument("--out", help="also write the checkpoint here (state_dict + meta), e.g. for DVC")
     args = ap.parse_args(argv)
+    out = Path(args.out).expanduser() if args.out else None
+    if out is not None:  # before the training, not after it
+        try:
+            output_folder(out.parent, "--out")
+        except FolderError as e:
+            print(f"vitq: {e}", file=sys.stderr)
+            return 2
+        if out.is_dir():
+            print(f"vitq: --out: {out} is a folder; give the checkpoint's path (e.g. {out / 'reference.pt'})",
+                  file=sys.stderr)
+            return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     model, meta = load_reference()
     print(f"digits reference ViT ({meta['n_params']:,} params, key {meta['key']}): held-out top-1 "
           f"{100 * meta['top1']:.2f} % (trained in {meta['train_seconds']:.0f} s)")
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"state_dict": model.state_dict(), "meta": meta}, out)
+    if out is not None:
+        _save(model, meta, out)
         print(f"checkpoint -> {out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
