@@ -32,13 +32,7 @@ class StorageError(RuntimeError):
     """The Optuna storage cannot be opened (server down, bad URL); the message names the redacted URL."""
 
 
-DATABASES = ("sqlite", "postgresql", "mysql", "mariadb")  # the SQL databases whose workers vitq serializes
-MYSQL_DIALECTS = tracking.MYSQL_DIALECTS
-
-
-def unsupported(dialect: str) -> str:
-    return (f"hydra.sweeper.storage: {dialect} databases are not supported: vitq serializes a study's workers on "
-            "SQLite, PostgreSQL and MySQL/MariaDB (or a journal:/// file)")
+DATABASES = ("sqlite", "postgresql", *tracking.MYSQL_DIALECTS)  # the SQL databases whose workers vitq serializes
 
 
 def is_journal(url: str) -> bool:
@@ -70,7 +64,8 @@ def make_storage(url: str, heartbeat_interval: int | None = 30, grace_period: in
         raise StorageError(f"hydra.sweeper.storage: {redact(url)} is not a database URL ({type(e).__name__}); use "
                            "dialect+driver://user:password@host:port/db, sqlite:///path or journal:///path") from None
     if backend not in DATABASES:
-        raise StorageError(unsupported(backend))
+        raise StorageError(f"hydra.sweeper.storage: {backend} databases are not supported: vitq serializes a study's "
+                           "workers on SQLite, PostgreSQL and MySQL/MariaDB (or a journal:/// file)")
     try:
         tracking.sqlite_file(url)  # a SQLite storage's folder must exist
     except OSError as e:
@@ -128,9 +123,7 @@ def storage_lock(url: str, storage: BaseStorage | None = None) -> Iterator[None]
     if engine is None:
         yield
         return
-    if engine.dialect.name not in ("postgresql", *MYSQL_DIALECTS):
-        raise StorageError(unsupported(engine.dialect.name))
-    with tracking.database_lock(engine, "vitq-study-setup"):
+    with tracking.database_lock(engine, "vitq-study-setup"):  # (make_storage refuses the dialects it cannot lock)
         yield
 
 
