@@ -240,8 +240,6 @@ def test_bad_inputs_each_one_line_rc2(tmp_path):
                                                                           "name, got an empty one",
         (f"export_dir={blocker / 'configs'}",): f"vitq: export_dir: cannot create {blocker / 'configs'}: Not a "
                                                 "directory",
-        (f"stats_dir={blocker / 'stats'}",): f"vitq: stats_dir: cannot create {blocker / 'stats'}: Not a directory "
-                                             "(or stats_dir=null",  # (rc 0: each run calibrated afresh, a warning)
         (f"tracking.uri=sqlite:///{blocker / 'mlflow.db'}",): f"vitq: tracking.uri: cannot use the MLflow store "
                                                              f"sqlite:///{blocker / 'mlflow.db'}: FileExistsError",
         (f"hydra.run.dir={blocker / 'out'}",): f"vitq: hydra.run.dir: cannot create {blocker / 'out'}: Not a "

@@ -141,8 +141,8 @@ def session_of(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = ()):  #
 
 
 def _check_outputs(cfg: DictConfig) -> None:
-    """ConfigError naming the key, before any trial: an empty study name, an export or statistics folder that
-    cannot be written, an MLflow store given while tracking is off (nothing would be logged to it)."""
+    """ConfigError naming the key, before any trial: an empty study name, an export folder that cannot be written,
+    an MLflow store given while tracking is off (nothing would be logged to it)."""
     if "study_name" in cfg and not str(cfg.study_name or "").strip():
         raise ConfigError("study_name", "must be a name (the MLflow experiment), got an empty one")
     tr = cfg.get("tracking")
@@ -154,12 +154,6 @@ def _check_outputs(cfg: DictConfig) -> None:
             output_folder(cfg.export_dir, "export_dir")
         except FolderError as e:
             raise ConfigError(e.key, e.detail) from None
-    if cfg.get("stats_dir"):  # (each run calibrated afresh, with a warning, where the workers meant to share them)
-        try:
-            output_folder(cfg.stats_dir, "stats_dir")
-        except FolderError as e:
-            raise ConfigError(e.key, f"{e.detail} (or stats_dir=null: calibration statistics kept in memory only; "
-                                     "its default lies under $VITQ_CACHE)") from None
 
 
 def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
