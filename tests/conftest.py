@@ -71,64 +71,45 @@ def byo(tmp_path_factory):
 
 
 PG_URL = os.environ.get("VITQ_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
+MYSQL_URL = os.environ.get("VITQ_TEST_MYSQL_URL", "mysql+pymysql://root@127.0.0.1:3306/test")
+
+
+def _databases(server: str, url: str, quote: str, drop_suffix: str = ""):  # noqa: ANN202
+    """Yield a factory of throwaway databases on the test server at ``url`` (dropped afterwards); skip the test,
+    with the reason, when no server answers. The factory takes the URL's scheme (a driver) and returns the URL."""
+    import uuid
+
+    import sqlalchemy
+
+    admin = sqlalchemy.create_engine(url, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 5})
+    try:
+        admin.connect().close()
+    except sqlalchemy.exc.OperationalError as e:
+        pytest.skip(f"no {server} server at {url}: {str(e.orig).splitlines()[0]}")
+    made: list[str] = []
+    scheme, rest = url.split("://", 1)
+
+    def make(driver: str = scheme) -> str:
+        name = f"vitq_test_{uuid.uuid4().hex[:10]}"
+        with admin.connect() as c:
+            c.execute(sqlalchemy.text(f"CREATE DATABASE {quote}{name}{quote}"))
+        made.append(name)
+        return f"{driver}://{rest.rsplit('/', 1)[0]}/{name}"
+
+    yield make
+    with admin.connect() as c:
+        for name in made:
+            c.execute(sqlalchemy.text(f"DROP DATABASE IF EXISTS {quote}{name}{quote}{drop_suffix}"))
+    admin.dispose()
 
 
 @pytest.fixture
 def pg_database():
-    """A factory of throwaway PostgreSQL databases on the test server (dropped afterwards); the test is skipped,
-    with the reason, when no server answers at ``VITQ_TEST_PG_URL``."""
-    import uuid
-
-    import sqlalchemy
-
-    admin = sqlalchemy.create_engine(PG_URL, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 5})
-    try:
-        admin.connect().close()
-    except sqlalchemy.exc.OperationalError as e:
-        pytest.skip(f"no PostgreSQL server at {PG_URL}: {str(e.orig).splitlines()[0]}")
-    made: list[str] = []
-
-    def make(driver: str = "postgresql") -> str:
-        name = f"vitq_test_{uuid.uuid4().hex[:10]}"
-        with admin.connect() as c:
-            c.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
-        made.append(name)
-        return driver + PG_URL.split("postgresql", 1)[1].rsplit("/", 1)[0] + f"/{name}"
-
-    yield make
-    with admin.connect() as c:
-        for name in made:
-            c.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
-
-
-MYSQL_URL = os.environ.get("VITQ_TEST_MYSQL_URL", "mysql+pymysql://root@127.0.0.1:3306/test")
+    """Throwaway PostgreSQL databases (``VITQ_TEST_PG_URL``): ``pg_database("postgresql+psycopg")`` is a URL."""
+    yield from _databases("PostgreSQL", PG_URL, '"', " WITH (FORCE)")
 
 
 @pytest.fixture
 def mysql_database():
-    """A factory of throwaway MySQL/MariaDB databases on the test server (dropped afterwards); the test is skipped,
-    with the reason, when no server answers at ``VITQ_TEST_MYSQL_URL``."""
-    import uuid
-
-    import sqlalchemy
-
-    admin = sqlalchemy.create_engine(MYSQL_URL, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 5})
-    try:
-        admin.connect().close()
-    except sqlalchemy.exc.OperationalError as e:
-        pytest.skip(f"no MySQL/MariaDB server at {MYSQL_URL}: {str(e.orig).splitlines()[0]}")
-    made: list[str] = []
-
-    def make() -> str:
-        name = f"vitq_test_{uuid.uuid4().hex[:10]}"
-        with admin.connect() as c:
-            c.execute(sqlalchemy.text(f"CREATE DATABASE `{name}`"))
-        made.append(name)
-        return MYSQL_URL.rsplit("/", 1)[0] + f"/{name}"
-
-    yield make
-    with admin.connect() as c:
-        for name in made:
-            c.execute(sqlalchemy.text(f"DROP DATABASE IF EXISTS `{name}`"))
-    admin.dispose()
+    """Throwaway MySQL/MariaDB databases (``VITQ_TEST_MYSQL_URL``)."""
+    yield from _databases("MySQL/MariaDB", MYSQL_URL, "`")
