@@ -240,6 +240,8 @@ def test_bad_inputs_each_one_line_rc2(tmp_path):
                                                                           "name, got an empty one",
         (f"export_dir={blocker / 'configs'}",): f"vitq: export_dir: cannot create {blocker / 'configs'}: Not a "
                                                 "directory",
+        (f"stats_dir={blocker / 'stats'}",): f"vitq: stats_dir: cannot create {blocker / 'stats'}: Not a directory "
+                                             "(or stats_dir=null",  # (rc 0: each run calibrated afresh, a warning)
         (f"tracking.uri=sqlite:///{blocker / 'mlflow.db'}",): f"vitq: tracking.uri: cannot use the MLflow store "
                                                              f"sqlite:///{blocker / 'mlflow.db'}: FileExistsError",
         (f"hydra.run.dir={blocker / 'out'}",): f"vitq: hydra.run.dir: cannot create {blocker / 'out'}: Not a "
@@ -289,7 +291,9 @@ def test_unwritable_cache_falls_back_with_a_warning(tmp_path):
     r = run_sweep(tmp_path, "tracking=none", "model=timm", f"model.name={MODEL_NAME}", KWARGS_CLI, "data=folder",
                   f"data.calib_root={calib}", f"data.eval_root={ev}", env={"VITQ_CACHE": str(unwritable)}, timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert f"cache folder {unwritable} is not writable" in r.stdout + r.stderr
+    out = r.stdout + r.stderr
+    assert f"cache folder {unwritable} is not writable" in out
+    assert "calibration statistics not cached" not in out  # stats_dir's default follows the fallback too
 
 
 @pytest.mark.slow

@@ -9,8 +9,9 @@ from dataclasses import dataclass, field, make_dataclass
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from vitq.paths import cache_root
 from vitq.quant.config import SECTIONS, unknown_choice
 
 
@@ -129,4 +130,7 @@ def _check_keys(node: DictConfig, schema: type, path: str) -> None:
 
 
 def register() -> None:
+    """The schema node, and ``${vitq.cache:SUB}``: ``$VITQ_CACHE/SUB``, or the per-user temp folder ``cache_root``
+    falls back to (with its warning) when the cache cannot be written: ``stats_dir``'s default."""
     ConfigStore.instance().store(name="vitq_schema", node=VitqConfig)
+    OmegaConf.register_new_resolver("vitq.cache", lambda sub="": str(cache_root(sub)), replace=True)

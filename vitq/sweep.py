@@ -154,6 +154,12 @@ def _check_outputs(cfg: DictConfig) -> None:
             output_folder(cfg.export_dir, "export_dir")
         except FolderError as e:
             raise ConfigError(e.key, e.detail) from None
+    if cfg.get("stats_dir"):  # (each run calibrated afresh, with a warning, where the workers meant to share them)
+        try:
+            output_folder(cfg.stats_dir, "stats_dir")
+        except FolderError as e:
+            raise ConfigError(e.key, f"{e.detail} (or stats_dir=null: calibration statistics kept in memory only; "
+                                     "its default lies under $VITQ_CACHE)") from None
 
 
 def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
