@@ -156,6 +156,9 @@ def test_a_class_map_scores_a_few_classes_of_a_model_at_their_outputs(byo, tmp_p
         load_image_folder(model, **roots, class_map={"digit_3": 3})
     with pytest.raises(DataError, match="data.class_map: the output of class digit_7 is 'seven', not an integer"):
         load_image_folder(model, **roots, class_map={"digit_3": 3, "digit_7": "seven"})
+    with pytest.raises(DataError, match=r"data.class_map: it scores class folders digit_3, digit_7 all as output 3; "
+                                        r"each folder must be its own class \(merge the folders"):
+        load_image_folder(model, **roots, class_map={"digit_3": 3, "digit_7": 3})
     with pytest.raises(DataError, match="data.class_map: it maps folders to outputs 3..12"):
         load_image_folder(model, **roots, class_map={"digit_3": 3, "digit_7": 12})
 

@@ -428,6 +428,12 @@ def class_indices(model: torch.nn.Module, classes: list[str], key: str, class_ma
         if bad:
             raise DataError(f"data.class_map: the output of class {bad[0]} is {index[bad[0]]!r}, not an integer")
         out = np.array([index[c] for c in classes], dtype=np.int64)
+        shared, counts = np.unique(out, return_counts=True)
+        if (counts > 1).any():  # (only a class map can: synsets and their indices are unique)
+            dup = shared[counts > 1][0]
+            raise DataError(f"data.class_map: it scores class folders {', '.join(np.array(classes)[out == dup])} all "
+                            f"as output {dup}; each folder must be its own class (merge the folders to score them "
+                            "as one)")
         if n and not (out.min() >= 0 and out.max() < n):
             raise DataError(f"data.class_map: it maps folders to outputs {out.min()}..{out.max()}, but the model "
                             f"has {n} outputs")
