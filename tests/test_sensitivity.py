@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 from pathlib import Path
 
 import numpy as np
@@ -162,19 +163,23 @@ def test_sensitivity_ranks_a_fragile_point_above_a_robust_one(reference, digits)
 
 
 @pytest.mark.slow
-def test_warm_start_enqueues_solver_configs_then_baselines(tmp_path):
+def test_warm_start_enqueues_solver_configs_then_baselines(reference, tmp_path):
     budgets = [110000, 140000]
+    cache = tmp_path / "cache"  # a cache of its own (with the reference): the warm start measures, not reads, the
+    cache.mkdir()               # sensitivity (a table another run cached leaves the first trial to calibrate)
+    for f in Path(os.environ["VITQ_CACHE"]).glob("digits_vit_*.pt"):
+        (cache / f.name).symlink_to(f)
     r = run_sweep(tmp_path, "-m", "hydra/sweeper=vitq_optuna", "hydra.sweeper.search=mixed_precision",
                   "hydra.sweeper.n_trials=7", "hydra.sweeper.study_name=warm",
                   f"hydra.sweeper.warm_start_budgets=[{budgets[0]},{budgets[1]}]", "calib_max_values=5000",
-                  f"stats_dir={tmp_path / 'stats'}")
+                  f"stats_dir={tmp_path / 'stats'}", env={"VITQ_CACHE": str(cache)})
     assert r.returncode == 0, r.stderr[-3000:]
     study = optuna.load_study(study_name="warm", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
     trials = sorted(study.trials, key=lambda t: t.number)
     assert len([t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]) == 7
     # the warm start calibrated as the trials do (values kept, statistics folder): no trial calibrates again
     assert [t.user_attrs["metrics"]["calib_passes"] for t in trials] == [0] * 7
-    assert list((tmp_path / "stats").iterdir())
+    assert list((tmp_path / "stats").iterdir()) and list((cache / "sensitivity").glob("sens_*.json"))
     spec = load_search("mixed_precision")
     baselines = spec.baseline_params(load_config_from_yaml(PRESETS / "int8.yaml"))
     assert len(baselines) == 4
