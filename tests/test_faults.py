@@ -179,6 +179,24 @@ def test_bad_sweeper_arguments_fail_before_any_trial(tmp_path):
     assert r.returncode == 0 and "vitq: " not in r.stderr, r.stderr[-2000:]
 
 
+@pytest.mark.parametrize(("args", "expect"), [
+    (["tracking=none", "default.bit_type.bits=99"], "vitq: default.bit_type.bits: must be in 2..16, got 99"),
+    (["tracking=none", "stats_dir=/dev/null/stats"], "vitq: stats_dir: cannot create /dev/null/stats"),
+    (["-m", "hydra/sweeper=vitq_optuna", "hydra.sweeper.n_trials=0"], "vitq: hydra.sweeper.n_trials: must be >= 1"),
+    (["-m", "hydra/sweeper=vitq_optuna", "hydra.sweeper.warm_start_budgets=[0]"],
+     "vitq: hydra.sweeper.warm_start_budgets: a budget is a finite number > 0"),
+])
+def test_bad_config_fails_before_torch_is_imported(tmp_path, args, expect):
+    """A bad quant value, folder or sweeper setting fails (rc 2, its line) before torch and timm load: in about a
+    second, not the seconds their imports take."""
+    code = ("import runpy, sys\nsys.argv = ['vitq.sweep', *sys.argv[1:]]\ntry:\n"
+            "    runpy.run_module('vitq.sweep', run_name='__main__')\nexcept SystemExit as e:\n"
+            "    print('exit', e.code, sorted({'torch', 'timm'} & set(sys.modules)))\n")
+    r = run([sys.executable, "-c", code, *args], tmp_path)
+    assert expect in r.stderr, r.stderr[-2000:]
+    assert r.stdout.splitlines()[-1] == "exit 2 []"
+
+
 def test_env_vars_keep_urls_out_of_the_config(monkeypatch, tmp_path):
     from vitq import tracking
 

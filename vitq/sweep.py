@@ -122,10 +122,8 @@ def default_fields_set(overrides: list[str] | tuple[str, ...]) -> dict[str, str]
 
 
 def session_of(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = ()):  # noqa: ANN201
-    """The validated quant config and the built :class:`~vitq.session.Session` of ``cfg`` (errors name the key)."""
-    from vitq.models.vit import check_block_indices
-    from vitq.session import Session
-
+    """The validated quant config and the built :class:`~vitq.session.Session` of ``cfg`` (errors name the key). The
+    config is checked before torch and timm are imported: a bad value fails in about a second."""
     qcfg = layer_config_from(cfg)
     if cfg.get("trial_number") is None:  # (a trial of vitq's sweeper: its values cannot add keys, and the sweep's
         check_known_keys(cfg)             # base config was checked when the study opened)
@@ -135,14 +133,17 @@ def session_of(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = ()):  #
     qcfg.check_default_reaches(default_fields_set(overrides))
     if not _is_multirun():  # (a grid or a search may set a field for the values where another key makes it read)
         check_fields_read(qcfg, overrides)
+    from vitq.models.vit import check_block_indices
+    from vitq.session import Session
+
     session = Session.from_config(cfg).build()
     check_block_indices(qcfg, len(session.model.blocks))
     return qcfg, session
 
 
 def _check_outputs(cfg: DictConfig) -> None:
-    """ConfigError naming the key, before any trial: an empty study name, an export folder that cannot be written,
-    an MLflow store given while tracking is off (nothing would be logged to it)."""
+    """ConfigError naming the key, before any trial: an empty study name, an export or statistics folder that
+    cannot be written, an MLflow store given while tracking is off (nothing would be logged to it)."""
     if "study_name" in cfg and not str(cfg.study_name or "").strip():
         raise ConfigError("study_name", "must be a name (the MLflow experiment), got an empty one")
     tr = cfg.get("tracking")
@@ -463,8 +464,6 @@ def _is_multirun() -> bool:
 
 def run(cfg: DictConfig) -> dict[str, float]:
     """One trial; returns its metrics."""
-    from vitq.session import SessionError
-
     multirun = _is_multirun()
     number = cfg.trial_number
     grid = multirun and "vitq" not in str(HydraConfig.get().sweeper.get("_target_", "")).lower()
@@ -478,8 +477,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
             raise
         fail("interrupted (Ctrl-C); the trial's MLflow run is KILLED", code=130)
     except Exception as e:  # noqa: BLE001 - one line for the user; vitq's sweeper records the failure itself
-        tracking = sys.modules.get("vitq.tracking")  # (not imported: the error cannot be a TrackingError)
-        bad_input = isinstance(e, SessionError) or (tracking is not None and isinstance(e, tracking.TrackingError))
+        bad = [getattr(sys.modules.get(m), name, ()) for m, name in (("vitq.session", "SessionError"),
+                                                                     ("vitq.tracking", "TrackingError"))]
+        bad_input = isinstance(e, (ConfigError, *bad))  # (a module not imported: the error cannot be one of its)
         if not multirun:
             fail(e if bad_input else f"{type(e).__name__}: {e}", code=2 if bad_input else 1)
         if not grid:

@@ -61,6 +61,7 @@ from vitq.quant.config import (
 )
 from vitq.quant.modules import STATS_MAX_ELEMENTS
 from vitq.redact import redact
+from vitq.search.budgets import BUDGET_METRICS, GRANULARITIES, SCORES, check_budget_values
 
 __all__ = ["CANDIDATES", "GRANULARITIES", "CostTable", "Sensitivity", "allowed_widths", "bits_key", "check_budgets",
            "check_widths", "compute_sensitivity", "configs_for_budgets", "cost_table", "enqueue_params", "item_name",
@@ -70,9 +71,6 @@ CANDIDATES = (2, 3, 4, 5, 6, 8)
 N_EVAL = 256  # evaluation images of the drop measure, unless --n-eval says (or there are fewer)
 SENSITIVITY_VERSION = 4  # bump when the measure changes (v2: stratified eval subset; v3: OMSE/KL see every value;
 #                          v4: items per block)
-SCORES = ("drop_loss", "drop_top1", "grad_score")
-BUDGET_METRICS = ("weight_bytes", "bops")  # what a budget is counted in
-GRANULARITIES = ("point", "block")
 
 
 # ------------------------------------------------------------------------------------------------ items
@@ -448,11 +446,7 @@ def check_budgets(budgets: list[float], key: str, table: CostTable | None = None
                   allowed: np.ndarray | None = None) -> None:
     """ConfigError naming ``key`` for a budget that is not a finite number > 0, or (given the cost ``table``) below
     the cheapest config of ``allowed`` widths, which needs no sensitivity: check before measuring it."""
-    if not budgets:
-        raise ConfigError(key, "give at least one budget")
-    for b in budgets:
-        if not math.isfinite(b) or b <= 0:
-            raise ConfigError(key, f"a budget is a finite number > 0 (of weight bytes or BOPs), got {b!r}")
+    check_budget_values(budgets, key)
     if table is None:
         return
     try:

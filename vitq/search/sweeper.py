@@ -23,7 +23,7 @@ import socket
 import time
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlflow
 import optuna
@@ -38,6 +38,7 @@ from vitq.faults import maybe_kill
 from vitq.logs import quiet_libraries
 from vitq.quant.config import ConfigError, split_block
 from vitq.redact import fail, install_log_redaction, redact
+from vitq.search.budgets import BUDGET_METRICS, BUDGETS_KEY, GRANULARITIES, SCORES, check_budget_values
 from vitq.search.fingerprint import FINGERPRINT_ATTR, fingerprint_diff, study_fingerprint
 from vitq.search.launch import InProcessLauncher
 from vitq.search.settings import SweeperSettings
@@ -53,7 +54,9 @@ from vitq.search.storage import (
     storage_lock,
 )
 from vitq.search.summary import sweep_summary
-from vitq.search.warm_start import BUDGETS_KEY, WarmStart, plan_warm_start, warm_start_params
+
+if TYPE_CHECKING:
+    from vitq.search.warm_start import WarmStart
 
 log = logging.getLogger(__name__)
 TrialState = optuna.trial.TrialState
@@ -182,11 +185,9 @@ class VitqOptunaSweeperImpl(Sweeper):
         on a journal file (Optuna gives it no heartbeats) or a grace period with heartbeats off, batches of
         ``n_jobs`` trials that the launcher runs one at a time, and ``reap_local=false`` where nothing else would
         fail a dead worker's trials (the study would wait for them for ever)."""
-        from vitq.search.sensitivity import BUDGET_METRICS, GRANULARITIES, SCORES, check_budgets
-
         st = self.settings
         if st.warm_start_budgets:  # (whether a config reaches them: once the model is built, before the study opens)
-            check_budgets(list(st.warm_start_budgets), BUDGETS_KEY)
+            check_budget_values(list(st.warm_start_budgets), BUDGETS_KEY)
         for name, valid in (("warm_start_metric", BUDGET_METRICS), ("warm_start_score", SCORES),
                             ("warm_start_granularity", GRANULARITIES)):
             value = getattr(st, name)
@@ -309,6 +310,7 @@ class VitqOptunaSweeperImpl(Sweeper):
         except StorageError as e:
             fail(e)
         self._rdb = storage if isinstance(storage, RDBStorage) else None  # (the study wraps it in a cache)
+        from vitq.search.warm_start import plan_warm_start
         from vitq.session import SessionError
         from vitq.sweep import session_of
 
@@ -359,6 +361,8 @@ class VitqOptunaSweeperImpl(Sweeper):
 
     def _first_params(self, spec: SearchSpec, base: Any) -> list[dict[str, Any]]:
         """Warm-start configs, then baselines, as whole configs (a baseline outside the space: ConfigError)."""
+        from vitq.search.warm_start import warm_start_params
+
         first = warm_start_params(self.config, spec, self._warm) if self._warm is not None else []
         if self.settings.enqueue_baselines:
             first += spec.baseline_params(base)

@@ -10,11 +10,10 @@ from omegaconf import DictConfig
 
 from vitq.quant.config import LayerQuantConfig, split_block
 from vitq.search import sensitivity as sens_mod
+from vitq.search.budgets import BUDGETS_KEY
 from vitq.search.space import SearchSpec
 
-__all__ = ["BUDGETS_KEY", "WarmStart", "plan_warm_start", "warm_start_params"]
-
-BUDGETS_KEY = "hydra.sweeper.warm_start_budgets"
+__all__ = ["WarmStart", "plan_warm_start", "warm_start_params"]
 
 
 @dataclass(frozen=True)
