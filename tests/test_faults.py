@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import optuna
 import pytest
@@ -59,41 +60,49 @@ def test_secrets_never_written(tmp_path, pg_database):
     with_pw = lambda url: url.replace("postgres@", f"postgres:{MARK}@")  # noqa: E731 - trust auth ignores it
     track, store = with_pw(track_db), with_pw(store_db)
     assert MARK in track and MARK in store
-    outputs = []
-    r = run_sweep(tmp_path, "-m", "hydra/sweeper=vitq_optuna", "hydra.sweeper.search=bits_only",
-                  "hydra.sweeper.n_trials=3", "hydra.sweeper.study_name=secret", f"hydra.sweeper.storage={store}",
-                  f"tracking.uri={track}")
-    assert r.returncode == 0, redact(r.stderr[-3000:])
-    outputs.append(r)
-    r = run_sweep(tmp_path, "-m", "layers.attn_qkv.bit_type.bits=4,8", "study_name=grid", f"tracking.uri={track}",
-                  env={"VITQ_FAULTS": "nan@*"})  # a sweep whose trials all fail
-    assert r.returncode == 1, redact(r.stderr[-3000:])
-    outputs.append(r)
-    r = run_sweep(tmp_path, "layers.attn_qkv.bit_type.bits=1", f"tracking.uri={track}")  # a bad config
-    assert r.returncode == 2, redact(r.stderr[-3000:])
-    outputs.append(r)
-    r = run_sweep(tmp_path, "-m", "hydra/sweeper=vitq_optuna", "hydra.sweeper.n_trials=2",
-                  f"hydra.sweeper.storage={with_pw('postgresql://postgres@127.0.0.1:1/nope')}")  # unreachable storage
-    assert "postgres:***@127.0.0.1:1/nope" in _error_line(r)
-    outputs.append(r)
-    # the CLIs that read the store: the sensitivity table logged there, the notebook (papermill wrote the URI into
-    # the executed notebook's parameters and its HTML), the export
-    r = run([sys.executable, "-m", "vitq.search.sensitivity", "--budgets", "1e9", "--tracking-uri", track,
-             "--study", "sens"], tmp_path, timeout=300)
+    sweep, cli = [sys.executable, "-m", "vitq.sweep"], [sys.executable, "-m"]
+
+    def go(name: str, args: list[str], env: dict | None = None, timeout: int = 600):  # noqa: ANN202
+        (tmp_path / name).mkdir()  # (a folder each: Hydra's run folders are named by the second)
+        return run(args, tmp_path / name, env, timeout)
+
+    with ThreadPoolExecutor(2) as pool:  # independent processes, two at a time, after the first sweep where they
+        #                                   read or write its MLflow store (the first creates its schema)
+        first = pool.submit(go, "sweep", [*sweep, "-m", "hydra/sweeper=vitq_optuna", "hydra.sweeper.search=bits_only",
+                                          "hydra.sweeper.n_trials=3", "hydra.sweeper.study_name=secret",
+                                          f"hydra.sweeper.storage={store}", f"tracking.uri={track}"])
+        jobs = {  # a bad config and an unreachable storage (both fail before the MLflow store is opened)
+            "bad": pool.submit(go, "bad", [*sweep, "layers.attn_qkv.bit_type.bits=1", f"tracking.uri={track}"]),
+            "unreachable": pool.submit(go, "unreachable", [
+                *sweep, "-m", "hydra/sweeper=vitq_optuna", "hydra.sweeper.n_trials=2",
+                f"hydra.sweeper.storage={with_pw('postgresql://postgres@127.0.0.1:1/nope')}"]),
+        }
+        r = first.result()
+        assert r.returncode == 0, redact(r.stderr[-3000:])
+        # a grid whose trials all fail, the sensitivity table logged to the store, and the CLIs that read it: the
+        # notebook (papermill wrote the URI into the executed notebook's parameters and its HTML), the export, and
+        # the export of a study that is not there
+        jobs["grid"] = pool.submit(go, "grid", [*sweep, "-m", "layers.attn_qkv.bit_type.bits=4,8", "study_name=grid",
+                                                f"tracking.uri={track}"], {"VITQ_FAULTS": "nan@*"})
+        jobs["sensitivity"] = pool.submit(go, "sensitivity", [*cli, "vitq.search.sensitivity", "--budgets", "1e9",
+                                                              "--tracking-uri", track, "--study", "sens"])
+        jobs |= {name: pool.submit(go, name, [*cli, "vitq.report", verb, "--tracking-uri", track, "--study", study,
+                                              "--out", str(tmp_path / out)])
+                 for name, verb, study, out in (("notebook", "notebook", "secret", "nb"),
+                                                ("export", "export", "secret", "export"),
+                                                ("missing", "export", "nope", "export_nope"))}
+        done = {name: job.result() for name, job in jobs.items()}
+    outputs = [r, *done.values()]
+    assert done["grid"].returncode == 1, redact(done["grid"].stderr[-3000:])
+    assert done["bad"].returncode == 2, redact(done["bad"].stderr[-3000:])
+    assert "postgres:***@127.0.0.1:1/nope" in _error_line(done["unreachable"])
+    r = done["sensitivity"]
     assert r.returncode == 0 and "logged to postgresql+psycopg://postgres:***@" in r.stdout, redact(r.stderr[-3000:])
-    outputs.append(r)
-    r = run([sys.executable, "-m", "vitq.report", "notebook", "--tracking-uri", track, "--study", "secret", "--out",
-             str(tmp_path / "nb")], tmp_path, timeout=600)
+    r = done["notebook"]
     assert r.returncode == 0 and (tmp_path / "nb" / "pareto_analysis.html").is_file(), redact(r.stderr[-3000:])
-    outputs.append(r)
-    r = run([sys.executable, "-m", "vitq.report", "export", "--tracking-uri", track, "--study", "secret", "--out",
-             str(tmp_path / "export")], tmp_path, timeout=300)
+    r = done["export"]
     assert r.returncode == 0 and (tmp_path / "export" / "metrics.json").is_file(), redact(r.stderr[-3000:])
-    outputs.append(r)
-    r = run([sys.executable, "-m", "vitq.report", "export", "--tracking-uri", track, "--study", "nope", "--out",
-             str(tmp_path / "export")], tmp_path, timeout=300)
-    assert "tracking store postgresql+psycopg://postgres:***@" in _error_line(r)
-    outputs.append(r)
+    assert "tracking store postgresql+psycopg://postgres:***@" in _error_line(done["missing"])
     for r in outputs:
         assert MARK not in r.stdout and MARK not in r.stderr
     written = [p for p in tmp_path.rglob("*") if p.is_file() and MARK.encode() in p.read_bytes()]
