@@ -47,19 +47,25 @@ def run_sweep(cwd: Path, *args: str, timeout: int = 900, env: dict | None = None
     return run([sys.executable, "-m", "vitq.sweep", *args], cwd, env, timeout)
 
 
-def run_sweeps(root: Path, cases: list[tuple[str, ...]], timeout: int = 300,
-               workers: int = 2) -> list[tuple[Path, subprocess.CompletedProcess]]:
-    """:func:`run_sweep` of independent argument lists, ``workers`` at a time, each in a folder of its own under
-    ``root`` (the bad-input tests: each case is a process that mostly imports and fails); (folder, result) in the
-    cases' order."""
+def run_many(commands: list[list[str]], cwds: list[Path], timeout: int = 300,
+             workers: int = 2) -> list[subprocess.CompletedProcess]:
+    """:func:`run` of independent commands, ``workers`` at a time (the bad-input tests: each case is a process that
+    mostly imports and fails); results in the commands' order."""
     from concurrent.futures import ThreadPoolExecutor
 
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(lambda args, cwd: run(args, cwd, timeout=timeout), commands, cwds))
+
+
+def run_sweeps(root: Path, cases: list[tuple[str, ...]], timeout: int = 300,
+               workers: int = 2) -> list[tuple[Path, subprocess.CompletedProcess]]:
+    """:func:`run_many` of ``python -m vitq.sweep`` with independent argument lists, each in a folder of its own under
+    ``root``; (folder, result) in the cases' order."""
     folders = [root / f"case{i}" for i in range(len(cases))]
     for cwd in folders:
         cwd.mkdir()
-    with ThreadPoolExecutor(workers) as pool:
-        results = pool.map(lambda cwd, args: run_sweep(cwd, *args, timeout=timeout), folders, cases)
-        return list(zip(folders, results, strict=True))
+    results = run_many([[sys.executable, "-m", "vitq.sweep", *args] for args in cases], folders, timeout, workers)
+    return list(zip(folders, results, strict=True))
 
 
 def alive_groups() -> list[int]:

@@ -19,7 +19,7 @@ import optuna
 import pytest
 import timm
 import torch
-from _util import run, run_sweep, run_sweeps
+from _util import run, run_many, run_sweep, run_sweeps
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
@@ -871,30 +871,6 @@ def test_sensitivity_cli_takes_a_timm_model_and_folders(byo, tmp_path):
     assert f"(grad_score, per block: {depth * 14} items)" in r.stdout and ": 0 evaluation passes" in r.stdout
     widths = [ln.split()[1:] for ln in r.stdout.splitlines() if ln.startswith("  attn_qkv ")]
     assert widths == [["8"] * depth]  # an unbounded budget keeps every block at the widest width
-    r = run([sys.executable, "-m", "vitq.search.sensitivity", "--budgets", "1", "model.name=nope_vit"], tmp_path,
-            timeout=300)
-    assert _one_line_error(r).startswith("vitq: model.name: unknown timm model 'nope_vit'")
-    (tmp_path / "a_file").write_text("")
-    r = run([sys.executable, "-m", "vitq.search.sensitivity", "--budgets", "1", "--tracking-uri",
-             f"sqlite:///{tmp_path / 'a_file' / 'mlflow.db'}"], tmp_path, timeout=300)  # checked before measuring
-    assert _one_line_error(r).startswith(f"vitq: tracking.uri: cannot use the MLflow store sqlite:///{tmp_path}")
-    # more images than the folder has were cut silently; an experiment with no store to log to was ignored
-    r = run([sys.executable, "-m", "vitq.search.sensitivity", "--budgets", "1", "--n-eval", "5000", *byo.cli()],
-            tmp_path, timeout=300)
-    assert _one_line_error(r) == "vitq: --n-eval=5000: data 'folder:eval' has 797 evaluation images; give at most " \
-                                 "that many"
-    r = run([sys.executable, "-m", "vitq.search.sensitivity", "--budgets", "1", "--study", "mine"], tmp_path,
-            timeout=300)
-    assert r.returncode == 2 and r.stderr.strip().endswith("error: --study=mine: names the MLflow experiment of "
-                                                           "--tracking-uri, which is not given"), r.stderr
-    # budgets and widths no config meets: rc 0 with "infeasible" after the whole measurement, or a traceback (rc 1)
-    for args, says in ((["--budgets", "0"], "--budgets: a budget is a finite number > 0 (of weight bytes or BOPs), "
-                                            "got 0.0"),
-                       (["--budgets", "1e5", "--candidates", "1,8"], "--candidates: 1: a width is in 2..16"),
-                       (["--budgets", "1e5", "--min-act-bits", "9"], "--min-act-bits: must be in 2..8 (the widest "
-                                                                     "candidate), got 9")):
-        r = run([sys.executable, "-m", "vitq.search.sensitivity", *args], tmp_path, timeout=300)
-        assert r.returncode == 2 and r.stderr.strip().endswith(f"error: {says}"), (args, r.stderr)
     # below the cheapest config, told before measuring: every block weight at 2 bits with its per-channel scale,
     # everything else FP32 (counted here from the timm model itself)
     model = timm.create_model(byo_case.MODEL_NAME, **byo_case.KWARGS)
@@ -902,11 +878,36 @@ def test_sensitivity_cli_takes_a_timm_model_and_folders(byo, tmp_path):
     weights = sum(m.weight.numel() for m in linears)
     others = sum(p.numel() for p in model.parameters()) - weights
     cheapest = (2 * weights + 32 * sum(m.out_features for m in linears) + 32 * others) / 8
-    r = run([sys.executable, "-m", "vitq.search.sensitivity", "--budgets", "60000,1", *byo.cli()], tmp_path,
-            timeout=300)
-    assert _one_line_error(r) == (f"vitq: --budgets: 1 weight_bytes is below the cheapest config the widths allow, "
-                                  f"{cheapest:,.0f} weight_bytes (every item at its narrowest allowed width)")
-    assert "sensitivity (" not in r.stdout  # nothing measured
+    (tmp_path / "a_file").write_text("")
+    lines = {  # (args, the error line): each checked before measuring
+        ("model.name=nope_vit",): "vitq: model.name: unknown timm model 'nope_vit'",
+        ("--tracking-uri", f"sqlite:///{tmp_path / 'a_file' / 'mlflow.db'}"):
+            f"vitq: tracking.uri: cannot use the MLflow store sqlite:///{tmp_path}",
+        # more images than the folder has were cut silently
+        ("--n-eval", "5000", *byo.cli()): "vitq: --n-eval=5000: data 'folder:eval' has 797 evaluation images; give at "
+                                          "most that many",
+        ("--budgets", "60000,1", *byo.cli()): f"vitq: --budgets: 1 weight_bytes is below the cheapest config the "
+                                              f"widths allow, {cheapest:,.0f} weight_bytes (every item at its "
+                                              f"narrowest allowed width)",
+    }
+    usage = {  # argparse's errors: an experiment with no store to log to was ignored; budgets and widths no config
+        #        meets gave rc 0 with "infeasible" after the whole measurement, or a traceback (rc 1)
+        ("--study", "mine"): "error: --study=mine: names the MLflow experiment of --tracking-uri, which is not given",
+        ("--budgets", "0"): "error: --budgets: a budget is a finite number > 0 (of weight bytes or BOPs), got 0.0",
+        ("--budgets", "1e5", "--candidates", "1,8"): "error: --candidates: 1: a width is in 2..16",
+        ("--budgets", "1e5", "--min-act-bits", "9"): "error: --min-act-bits: must be in 2..8 (the widest candidate), "
+                                                     "got 9",
+    }
+    cases = [[sys.executable, "-m", "vitq.search.sensitivity", *(() if "--budgets" in a else ("--budgets", "1")), *a]
+             for a in (*lines, *usage)]
+    results = run_many(cases, [tmp_path] * len(cases))
+    for (args, expect), r in zip((*lines.items(), *usage.items()), results, strict=True):
+        if args in lines:
+            line, exact = _one_line_error(r), "--budgets" in args or "--n-eval" in args
+            assert (line == expect) if exact else line.startswith(expect), (args, line)
+            assert "sensitivity (" not in r.stdout  # nothing measured
+        else:
+            assert r.returncode == 2 and r.stderr.strip().endswith(expect), (args, r.stderr)
 
 
 def test_the_sensitivity_measure_calibrates_and_evaluates_as_the_trials_do(byo, tmp_path):
