@@ -196,11 +196,11 @@ def test_bad_sweeper_arguments_fail_before_any_trial(tmp_path):
      "vitq: hydra.sweeper.warm_start_budgets: a budget is a finite number > 0"),
 ])
 def test_bad_config_fails_before_torch_is_imported(tmp_path, args, expect):
-    """A bad quant value, folder or sweeper setting fails (rc 2, its line) before torch and timm load: in about a
-    second, not the seconds their imports take."""
+    """A bad quant value, folder or sweeper setting fails (rc 2, its line) before torch, timm and MLflow load: in
+    about a second, not the seconds their imports take."""
     code = ("import runpy, sys\nsys.argv = ['vitq.sweep', *sys.argv[1:]]\ntry:\n"
             "    runpy.run_module('vitq.sweep', run_name='__main__')\nexcept SystemExit as e:\n"
-            "    print('exit', e.code, sorted({'torch', 'timm'} & set(sys.modules)))\n")
+            "    print('exit', e.code, sorted({'torch', 'timm', 'mlflow'} & set(sys.modules)))\n")
     r = run([sys.executable, "-c", code, *args], tmp_path)
     assert expect in r.stderr, r.stderr[-2000:]
     assert r.stdout.splitlines()[-1] == "exit 2 []"

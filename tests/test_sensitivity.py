@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import os
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +13,7 @@ from conftest import PRESETS
 
 from vitq.cost import model_cost
 from vitq.quant.config import POINTS, load_config_from_yaml
+from vitq.reference import reference_path
 from vitq.search.sensitivity import (
     CostTable,
     allowed_widths,
@@ -167,8 +167,7 @@ def test_warm_start_enqueues_solver_configs_then_baselines(reference, tmp_path):
     budgets = [110000, 140000]
     cache = tmp_path / "cache"  # a cache of its own (with the reference): the warm start measures, not reads, the
     cache.mkdir()               # sensitivity (a table another run cached leaves the first trial to calibrate)
-    for f in Path(os.environ["VITQ_CACHE"]).glob("digits_vit_*.pt"):
-        (cache / f.name).symlink_to(f)
+    (cache / reference_path().name).symlink_to(reference_path())
     r = run_sweep(tmp_path, "-m", "hydra/sweeper=vitq_optuna", "hydra.sweeper.search=mixed_precision",
                   "hydra.sweeper.n_trials=7", "hydra.sweeper.study_name=warm",
                   f"hydra.sweeper.warm_start_budgets=[{budgets[0]},{budgets[1]}]", "calib_max_values=5000",

@@ -26,7 +26,7 @@ from vitq.logs import progress_enabled
 from vitq.models.reference import ReferenceSpec, build_reference
 from vitq.paths import cache_root, file_lock
 
-__all__ = ["load_reference", "train_reference"]
+__all__ = ["load_reference", "reference_path", "train_reference"]
 
 log = logging.getLogger(__name__)
 
@@ -87,11 +87,16 @@ def _accuracy(model: nn.Module, data: DataBundle) -> float:
         return float((model(x).argmax(-1) == y).float().mean())
 
 
+def reference_path(spec: ReferenceSpec | None = None) -> Path:
+    """Where the reference of ``spec`` is cached (keyed by its settings)."""
+    return cache_root() / f"digits_vit_{(spec or ReferenceSpec()).key()}.pt"
+
+
 def load_reference(spec: ReferenceSpec | None = None) -> tuple[VisionTransformer, dict]:
     """The trained reference (trained once, then read from the cache) and its metadata. Processes that start
     together take turns: one trains, the others then read its checkpoint."""
     spec = spec or ReferenceSpec()
-    path = cache_root() / f"digits_vit_{spec.key()}.pt"
+    path = reference_path(spec)
     if not path.is_file():
         with file_lock(path.with_suffix(".lock")):
             if not path.is_file():

@@ -16,7 +16,6 @@ import random
 import tempfile
 import time
 import uuid
-import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -31,6 +30,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
+from vitq.db import MYSQL_DIALECTS, database_lock, sqlite_file, sqlite_wal
 from vitq.pareto import pareto_mask
 from vitq.paths import file_lock
 from vitq.quant.config import POINTS, SECTIONS, LayerQuantConfig
@@ -50,35 +50,6 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "8")
 
 class TrackingError(RuntimeError):
     """The MLflow store cannot be used (server down, corrupt database); the message names the redacted URI."""
-
-
-MYSQL_DIALECTS = ("mysql", "mariadb")
-
-
-@contextmanager
-def database_lock(engine: Any, name: str) -> Iterator[None]:
-    """A lock that every process using ``engine``'s database takes in turn: PostgreSQL's advisory lock (per database)
-    or MySQL/MariaDB's named lock (per server: the database goes into the name). ValueError for another dialect."""
-    import sqlalchemy
-
-    dialect = engine.dialect.name
-    if dialect == "postgresql":
-        args = {"k": zlib.crc32(name.encode())}
-        lock, unlock = "SELECT pg_advisory_lock(:k)", "SELECT pg_advisory_unlock(:k)"
-    elif dialect in MYSQL_DIALECTS:
-        args = {"k": f"{name}:{engine.url.database}"[:64]}
-        lock, unlock = "SELECT GET_LOCK(:k, 31536000)", "SELECT RELEASE_LOCK(:k)"
-    else:
-        raise ValueError(f"{dialect}: no lock across processes (PostgreSQL and MySQL/MariaDB have one)")
-    with engine.connect() as conn:
-        got = conn.execute(sqlalchemy.text(lock), args).scalar()
-        if dialect in MYSQL_DIALECTS and got != 1:  # (0: timed out, NULL: an error)
-            raise RuntimeError(f"GET_LOCK({args['k']!r}) returned {got}")
-        try:
-            yield
-        finally:
-            conn.execute(sqlalchemy.text(unlock), args)
-            conn.commit()
 
 
 def _database(uri: str) -> str | None:
@@ -124,53 +95,6 @@ def resolve_uri(uri: str | None) -> str:
     """The tracking URI: ``tracking.uri``, else ``MLFLOW_TRACKING_URI`` (keeps a password out of Hydra's files),
     else a SQLite database in the working folder."""
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
-
-
-def sqlite_file(uri: str) -> Path | None:
-    """The database file of a ``sqlite:///`` URL (its folder is created), else None."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    path = Path(uri.removeprefix("sqlite:///")).resolve()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-_WAL_FILES: set[str] = set()  # SQLite stores vitq put in WAL mode (real paths): their connections sync less often
-
-
-def _wal_sync_normal(dbapi_connection: Any, _record: Any) -> None:
-    """SQLAlchemy ``connect`` hook: ``synchronous=NORMAL`` on connections to a store of ``_WAL_FILES``."""
-    import sqlite3
-
-    if not isinstance(dbapi_connection, sqlite3.Connection):
-        return
-    row = dbapi_connection.execute("PRAGMA database_list").fetchone()  # (seq, "main", file)
-    if row is not None and row[2] and os.path.realpath(row[2]) in _WAL_FILES:
-        dbapi_connection.execute("PRAGMA synchronous=NORMAL")
-
-
-def sqlite_wal(uri: str) -> None:
-    """Put a ``sqlite:///`` database in write-ahead-log mode (a persistent setting of the file), and have every
-    connection to it that SQLAlchemy opens in this process (MLflow's, Optuna's) commit with ``synchronous=NORMAL``.
-
-    WAL lets readers run beside the writer. NORMAL drops the fsync from each commit (it syncs at checkpoints):
-    ~0.19 ms per commit here against ~0.01 ms, ~30 commits per trial, and far more on disks with slow fsync. What
-    a commit wrote survives a killed process (kill -9, OOM: the resume tests), and the file stays consistent; only
-    a power loss or OS crash may roll back the last commits, as SQLite documents for WAL with NORMAL. Safe for
-    processes on one machine, as SQLite stores must be; nothing for other URLs."""
-    import sqlite3
-
-    from sqlalchemy import event
-    from sqlalchemy.engine import Engine
-
-    path = sqlite_file(uri)
-    if path is None:
-        return
-    with contextlib.closing(sqlite3.connect(path, timeout=30)) as conn:
-        conn.execute("PRAGMA journal_mode=WAL")
-    _WAL_FILES.add(os.path.realpath(path))
-    if not event.contains(Engine, "connect", _wal_sync_normal):
-        event.listen(Engine, "connect", _wal_sync_normal)
 
 
 def artifact_root(uri: str) -> str | None:
@@ -489,6 +413,16 @@ def _log_plots(client: MlflowClient, parent_id: str, pts: pd.DataFrame, names: l
     html = px.scatter(pts, x=x, y=y, color="pareto", hover_data=["trial_number", "run_id"]).to_html(
         include_plotlyjs=True)  # embedded: the page works offline
     client.log_text(parent_id, html, "pareto/pareto_front.html")
+
+
+def end_run(run_id: str, status: str) -> None:
+    """End run ``run_id`` with ``status`` (FINISHED, FAILED, KILLED)."""
+    MlflowClient().set_terminated(run_id, status)
+
+
+def log_text(run_id: str, text: str, artifact_file: str) -> None:
+    """``text`` as the artifact ``artifact_file`` of run ``run_id``."""
+    MlflowClient().log_text(run_id, text, artifact_file)
 
 
 def kill_runs(uri: str | None, study: str, trial_numbers: list[int]) -> None:

@@ -63,7 +63,7 @@ from vitq.quant.modules import STATS_MAX_ELEMENTS
 from vitq.redact import redact
 from vitq.search.budgets import BUDGET_METRICS, GRANULARITIES, SCORES, check_budget_values
 
-__all__ = ["CANDIDATES", "GRANULARITIES", "CostTable", "Sensitivity", "allowed_widths", "bits_key", "check_budgets",
+__all__ = ["CANDIDATES", "CostTable", "Sensitivity", "allowed_widths", "bits_key", "check_budgets",
            "check_widths", "compute_sensitivity", "configs_for_budgets", "cost_table", "enqueue_params", "item_name",
            "items_of", "session_settings", "solve_mck", "with_bits"]
 

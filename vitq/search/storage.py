@@ -17,7 +17,7 @@ from typing import Any
 import optuna
 from optuna.storages import BaseStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 
-from vitq import tracking
+from vitq.db import MYSQL_DIALECTS, database_lock, sqlite_file, sqlite_wal
 from vitq.paths import file_lock
 from vitq.redact import redact
 
@@ -32,7 +32,7 @@ class StorageError(RuntimeError):
     """The Optuna storage cannot be opened (server down, bad URL); the message names the redacted URL."""
 
 
-DATABASES = ("sqlite", "postgresql", *tracking.MYSQL_DIALECTS)  # the SQL databases whose workers vitq serializes
+DATABASES = ("sqlite", "postgresql", *MYSQL_DIALECTS)  # the SQL databases whose workers vitq serializes
 
 
 def is_journal(url: str) -> bool:
@@ -67,7 +67,7 @@ def make_storage(url: str, heartbeat_interval: int | None = 30, grace_period: in
         raise StorageError(f"hydra.sweeper.storage: {backend} databases are not supported: vitq serializes a study's "
                            "workers on SQLite, PostgreSQL and MySQL/MariaDB (or a journal:/// file)")
     try:
-        tracking.sqlite_file(url)  # a SQLite storage's folder must exist
+        sqlite_file(url)  # a SQLite storage's folder must exist
     except OSError as e:
         raise StorageError(f"hydra.sweeper.storage: cannot create the folder of {redact(url)}: "
                            f"{e.strerror or e}") from None
@@ -85,7 +85,7 @@ def make_storage(url: str, heartbeat_interval: int | None = 30, grace_period: in
         for attempt in range(3):  # workers creating one new database's tables together may collide: try again
             try:
                 with storage_lock(url):
-                    tracking.sqlite_wal(url)
+                    sqlite_wal(url)
                     return RDBStorage(url, engine_kwargs=engine, heartbeat_interval=heartbeat_interval,
                                       grace_period=grace_period,
                                       heartbeat_stale_trial_callback=stale if heartbeat_interval else None)
@@ -115,7 +115,7 @@ def storage_lock(url: str, storage: BaseStorage | None = None) -> Iterator[None]
         with file_lock(Path(url.removeprefix("journal://").removeprefix("journal:")).expanduser().with_suffix(".lock")):
             yield
         return
-    if (path := tracking.sqlite_file(url)) is not None:
+    if (path := sqlite_file(url)) is not None:
         with file_lock(path.with_name(path.name + ".lock")):
             yield
         return
@@ -123,7 +123,7 @@ def storage_lock(url: str, storage: BaseStorage | None = None) -> Iterator[None]
     if engine is None:
         yield
         return
-    with tracking.database_lock(engine, "vitq-study-setup"):  # (make_storage refuses the dialects it cannot lock)
+    with database_lock(engine, "vitq-study-setup"):  # (make_storage refuses the dialects it cannot lock)
         yield
 
 

@@ -25,7 +25,6 @@ import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import mlflow
 import optuna
 from hydra.core.plugins import Plugins
 from hydra.plugins.sweeper import Sweeper
@@ -33,7 +32,6 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig
 from optuna.storages import BaseStorage, RDBStorage
 
-from vitq import tracking
 from vitq.faults import maybe_kill
 from vitq.logs import quiet_libraries
 from vitq.quant.config import ConfigError, split_block
@@ -264,6 +262,8 @@ class VitqOptunaSweeperImpl(Sweeper):
         except ConfigError as e:
             fail(e)
         study, created, base, session = self._open(spec)
+        from vitq import tracking  # (MLflow: imported once the inputs are checked, so bad input fails fast)
+
         if not created and spec.seed is not None:  # joining workers must not replay the creator's random draws
             study.sampler = spec.make_sampler(zlib.crc32(f"{spec.seed}/{_worker_id()}/{len(study.trials)}".encode()))
         cfg = self.config
@@ -280,7 +280,7 @@ class VitqOptunaSweeperImpl(Sweeper):
             returns, failed = self._run(study, spec, arguments)
         except KeyboardInterrupt:
             if self._parent is not None:
-                mlflow.MlflowClient().set_terminated(self._parent, "KILLED")
+                tracking.end_run(self._parent, "KILLED")
             fail(f"interrupted (Ctrl-C): the running trials of study {spec.study_name} are FAIL and their MLflow "
                  "runs KILLED; run the same command again to resume", code=130)
         finally:
@@ -337,6 +337,8 @@ class VitqOptunaSweeperImpl(Sweeper):
     def _start_parent(self, spec: SearchSpec, session: Any) -> str:
         """The sweep's MLflow parent run (found again on resume, shared by workers), with the data as its inputs;
         returns the experiment id."""
+        from vitq import tracking
+
         cfg = self.config
         assert cfg is not None
         try:
@@ -380,6 +382,8 @@ class VitqOptunaSweeperImpl(Sweeper):
 
     def _summarize(self, study: optuna.Study, spec: SearchSpec, experiment_id: str | None) -> None:
         """The summary: logged, in ``summary.txt`` in the sweep folder and on the parent run."""
+        from vitq import tracking
+
         cfg = self.config
         assert cfg is not None
         parent = self._parent
@@ -393,7 +397,7 @@ class VitqOptunaSweeperImpl(Sweeper):
             (sweep_dir / "summary.txt").write_text(text)
         if parent is not None:
             with contextlib.suppress(Exception):
-                mlflow.MlflowClient().log_text(parent, text, "summary.txt")
+                tracking.log_text(parent, text, "summary.txt")
 
     def _run(self, study: optuna.Study, spec: SearchSpec, arguments: list[str]) -> tuple[list[Any], list[tuple]]:
         """Ask, launch, tell until the study has ``n_trials`` COMPLETE; returns results and (number, error) fails."""
@@ -486,6 +490,8 @@ class VitqOptunaSweeperImpl(Sweeper):
         between MLflow's record and Optuna's), tell ``trial`` COMPLETE with that run's metrics; True if it did."""
         if self._parent is None:
             return False
+        from vitq import tracking
+
         metrics = tracking.finished_metrics(self._parent, number)
         if metrics is None or any(k not in metrics for k in spec.objectives):
             return False
@@ -523,6 +529,8 @@ class VitqOptunaSweeperImpl(Sweeper):
                 retry_callback(self.settings.max_retry)(study, storage.get_trial(self._tid(t.number)))
                 self._dead.append(t.number)
         if self._dead and self.config is not None and self.config.tracking.enabled:
+            from vitq import tracking
+
             tracking.kill_runs(self.config.tracking.uri, spec.study_name, self._dead)
             self._dead.clear()
 
@@ -543,15 +551,17 @@ def _open_study(spec: SearchSpec, storage: BaseStorage) -> tuple[optuna.Study, b
 def _finalize(parent: str, spec: SearchSpec, status: str = "FINISHED", attempts: int = 5) -> None:
     """Tag the front on the parent run and end it with ``status``; workers finishing together may collide on a
     tag, so retry. If the front cannot be written, the parent ends FAILED and the sweep exits 1."""
+    from vitq import tracking
+
     for i in range(attempts):
         try:
             tracking.finalize_parent(parent, spec.objectives, terminate=False)
-            mlflow.MlflowClient().set_terminated(parent, status)
+            tracking.end_run(parent, status)
             return
         except Exception as e:  # noqa: BLE001 - workers finishing together write the same tags: try again
             if i == attempts - 1:
                 with contextlib.suppress(Exception):
-                    mlflow.MlflowClient().set_terminated(parent, "FAILED")
+                    tracking.end_run(parent, "FAILED")
                 fail(f"could not write the Pareto front of parent run {parent}: {type(e).__name__}: {e}", code=1)
             time.sleep(0.2 + random.random())
 
