@@ -725,6 +725,11 @@ def test_bad_inputs_are_one_line_rc2_and_nothing_logged(byo, tmp_path):
     kwargs = next(a for a in byo.cli() if a.startswith("model.kwargs="))
     cases = {
         "missing root": ([kwargs, f"data.eval_root={tmp_path / 'nope'}"], "data.eval_root: image folder not found"),
+        # the folders are checked before the model is built (a model fetched from the hub first: 50 s of retries
+        # offline, then the model's error, before the folder's)
+        "missing root, and a model that cannot be built": (["model.kwargs={img_sizee:16}",
+                                                            f"data.calib_root={tmp_path / 'nope'}"],
+                                                           "data.calib_root: image folder not found"),
         "class sets differ": ([kwargs, f"data.eval_root={differ}"], "class folders differ from data.calib_root"),
         "split-looking root": ([kwargs, "data.calib_root=null", "data.eval_root=null", f"data.root={byo.root}"],
                                f"data.root: {byo.root} has class folders named like splits (calib, eval)"),

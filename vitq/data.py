@@ -34,9 +34,9 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from vitq.paths import cache_root
 
-__all__ = ["CLASS_ORDERS", "DIGITS_MEAN", "DIGITS_STD", "RESIDENT_FRACTION", "DataBundle", "DataError", "ImageSet",
-           "batches", "class_indices", "digits_pixels", "labels_of", "load_digits", "load_image_folder", "normalize",
-           "resident", "resolve_transform", "stratified_subset", "subset"]
+__all__ = ["CLASS_ORDERS", "DIGITS_MEAN", "DIGITS_STD", "RESIDENT_FRACTION", "DataBundle", "DataError", "FolderListing",
+           "ImageSet", "batches", "class_indices", "digits_pixels", "labels_of", "list_image_folders", "load_digits",
+           "load_image_folder", "normalize", "resident", "resolve_transform", "stratified_subset", "subset"]
 
 log = logging.getLogger(__name__)
 DIGITS_MEAN, DIGITS_STD = 0.5, 0.5  # applied after ToTensor-style scaling to [0, 1]
@@ -528,17 +528,23 @@ def _cached_images(samples: list[tuple[str, int]], tcfg: dict[str, Any], num_wor
     return x, y, content
 
 
-def load_image_folder(model: torch.nn.Module, *, root: str | Path | None = None,
-                      calib_root: str | Path | None = None, eval_root: str | Path | None = None,
-                      n_calib: int | None = 256, n_eval: int | None = None, seed: int = 0,
-                      transform: dict[str, Any] | None = None, num_workers: int = 4, cache: bool = True,
-                      class_map: str | dict[str, int] | None = None, class_order: str | None = None) -> DataBundle:
-    """Class folders with the model's timm eval transform (``transform`` overrides timm's fields).
+@dataclass(frozen=True)
+class FolderListing:
+    """Image folders listed and checked with no model: the class folder names (sorted), each folder's (file, class
+    position) samples by its key (``data.root``, or ``data.calib_root`` and ``data.eval_root``), and the folders."""
 
-    Either two folders, ``calib_root`` and ``eval_root`` (e.g. train and val, with the same class names), or one
-    ``root`` split into disjoint calibration and evaluation sets. Subsets of ``n_calib`` / ``n_eval`` images
-    (None = all) are class-stratified and seeded. Labels are the model's outputs (:func:`class_indices`).
-    """
+    classes: list[str]
+    samples: dict[str, list[tuple[str, int]]]
+    roots: dict[str, str]
+
+
+def list_image_folders(*, root: str | Path | None = None, calib_root: str | Path | None = None,
+                       eval_root: str | Path | None = None, n_calib: int | None = 256, n_eval: int | None = None,
+                       class_map: str | dict[str, int] | None = None,
+                       class_order: str | None = None) -> FolderListing:
+    """What :func:`load_image_folder` checks without a model: which folders, their class folders and images
+    (missing or split-looking folders, images outside or below class folders, class sets that differ) and the
+    subset sizes they can give. A ``data=folder`` session runs it before it builds, reads or fetches the model."""
     if root is not None and (calib_root is not None or eval_root is not None):
         raise DataError("data.root: set either data.root (one folder, split) or data.calib_root and data.eval_root")
     if root is None and (calib_root is None or eval_root is None):
@@ -548,44 +554,65 @@ def load_image_folder(model: torch.nn.Module, *, root: str | Path | None = None,
         if v is not None and v < 1:
             raise DataError(f"data.{k}={v}: must be >= 1 (or null for all images)")
     _check_order(class_order)
-    tcfg = resolve_transform(model, transform)
     if root is not None:
         root = Path(root).expanduser()
         classes, samples, nested = _list_folder(root, "data.root", class_order)
         _check_order_and_map(class_order, class_map, nested)
-        outputs, n_out, space = class_indices(model, classes, "data.root", class_map, class_order)
-        samples = [(p, int(outputs[lab])) for p, lab in samples]
-        labels = np.array([lab for _, lab in samples])
         if n_calib is None or (n_calib >= len(samples)):
             raise DataError(f"data.n_calib: {root} has {len(samples)} images; splitting one folder needs "
                             "n_calib below that (or use data.calib_root/data.eval_root)")
+        return FolderListing(classes, {"data.root": samples}, {"root": str(root.resolve())})
+    calib_root, eval_root = Path(calib_root).expanduser(), Path(eval_root).expanduser()
+    classes, c_samples, c_nested = _list_folder(calib_root, "data.calib_root", class_order)
+    e_classes, e_samples, e_nested = _list_folder(eval_root, "data.eval_root", class_order)
+    _check_order_and_map(class_order, class_map, c_nested or e_nested)
+    if classes != e_classes:
+        only_c, only_e = sorted(set(classes) - set(e_classes)), sorted(set(e_classes) - set(classes))
+        raise DataError(f"data.eval_root: class folders differ from data.calib_root: only in calib_root "
+                        f"{only_c[:8]}, only in eval_root {only_e[:8]}")
+    for key, want, found, folder in (("n_calib", n_calib, c_samples, calib_root),
+                                     ("n_eval", n_eval, e_samples, eval_root)):
+        if want is not None and want > len(found):
+            raise DataError(f"data.{key}={want}: {folder} has {len(found)} images; set data.{key} to at most "
+                            f"{len(found)}, or null for all of them")
+    return FolderListing(classes, {"data.calib_root": c_samples, "data.eval_root": e_samples},
+                         {"calib_root": str(calib_root.resolve()), "eval_root": str(eval_root.resolve())})
+
+
+def load_image_folder(model: torch.nn.Module, *, root: str | Path | None = None,
+                      calib_root: str | Path | None = None, eval_root: str | Path | None = None,
+                      n_calib: int | None = 256, n_eval: int | None = None, seed: int = 0,
+                      transform: dict[str, Any] | None = None, num_workers: int = 4, cache: bool = True,
+                      class_map: str | dict[str, int] | None = None, class_order: str | None = None,
+                      listing: FolderListing | None = None) -> DataBundle:
+    """Class folders with the model's timm eval transform (``transform`` overrides timm's fields).
+
+    Either two folders, ``calib_root`` and ``eval_root`` (e.g. train and val, with the same class names), or one
+    ``root`` split into disjoint calibration and evaluation sets. Subsets of ``n_calib`` / ``n_eval`` images
+    (None = all) are class-stratified and seeded. Labels are the model's outputs (:func:`class_indices`).
+    ``listing``: those folders' :func:`list_image_folders`, where the caller listed them already.
+    """
+    if listing is None:
+        listing = list_image_folders(root=root, calib_root=calib_root, eval_root=eval_root, n_calib=n_calib,
+                                     n_eval=n_eval, class_map=class_map, class_order=class_order)
+    tcfg = resolve_transform(model, transform)
+    classes, roots = listing.classes, listing.roots
+    outputs, n_out, space = class_indices(model, classes, next(iter(listing.samples)), class_map, class_order)
+    labelled = {k: [(p, int(outputs[lab])) for p, lab in ss] for k, ss in listing.samples.items()}
+    if "data.root" in labelled:
+        samples = labelled["data.root"]
+        labels = np.array([lab for _, lab in samples])
         cal = stratified_subset(labels, n_calib, seed)
         ev = stratified_subset(labels, n_eval, seed + 1, exclude=cal)
         if n_eval is not None and len(ev) < n_eval:
-            raise DataError(f"data.n_eval: {root} has {len(samples)} images; n_calib={n_calib} + n_eval={n_eval} "
-                            "do not fit")
+            raise DataError(f"data.n_eval: {roots['root']} has {len(samples)} images; n_calib={n_calib} + "
+                            f"n_eval={n_eval} do not fit")
         cal_samples, ev_samples = [samples[i] for i in cal], [samples[i] for i in ev]
-        roots = {"root": str(root.resolve())}
     else:
-        calib_root, eval_root = Path(calib_root).expanduser(), Path(eval_root).expanduser()
-        classes, c_samples, c_nested = _list_folder(calib_root, "data.calib_root", class_order)
-        e_classes, e_samples, e_nested = _list_folder(eval_root, "data.eval_root", class_order)
-        _check_order_and_map(class_order, class_map, c_nested or e_nested)
-        if classes != e_classes:
-            only_c, only_e = sorted(set(classes) - set(e_classes)), sorted(set(e_classes) - set(classes))
-            raise DataError(f"data.eval_root: class folders differ from data.calib_root: only in calib_root "
-                            f"{only_c[:8]}, only in eval_root {only_e[:8]}")
-        outputs, n_out, space = class_indices(model, classes, "data.calib_root", class_map, class_order)
-        for key, want, found, folder in (("n_calib", n_calib, c_samples, calib_root),
-                                         ("n_eval", n_eval, e_samples, eval_root)):
-            if want is not None and want > len(found):
-                raise DataError(f"data.{key}={want}: {folder} has {len(found)} images; set data.{key} to at most "
-                                f"{len(found)}, or null for all of them")
-        c_samples, e_samples = ([(p, int(outputs[lab])) for p, lab in ss] for ss in (c_samples, e_samples))
+        c_samples, e_samples = labelled["data.calib_root"], labelled["data.eval_root"]
         cal = stratified_subset(np.array([lab for _, lab in c_samples]), n_calib, seed)
         ev = stratified_subset(np.array([lab for _, lab in e_samples]), n_eval, seed + 1)
         cal_samples, ev_samples = [c_samples[i] for i in cal], [e_samples[i] for i in ev]
-        roots = {"calib_root": str(calib_root.resolve()), "eval_root": str(eval_root.resolve())}
     xc, yc, fc = _cached_images(cal_samples, tcfg, num_workers, cache)
     xe, ye, fe = _cached_images(ev_samples, tcfg, num_workers, cache)
     tmeta = {k: list(v) if isinstance(v, tuple) else v for k, v in tcfg.items()}

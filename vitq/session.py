@@ -26,6 +26,8 @@ from vitq.data import (
     TRANSFORM_KEYS,
     DataBundle,
     DataError,
+    FolderListing,
+    list_image_folders,
     load_digits,
     load_image_folder,
     model_channels,
@@ -170,6 +172,7 @@ class Session:
     checkpoint_sha: str | None = None
     _model: nn.Module | None = field(default=None, repr=False)
     _data: DataBundle | None = field(default=None, repr=False)
+    _listing: FolderListing | None = field(default=None, repr=False)  # data=folder: the folders, listed once
     _outputs_checked: bool = field(default=False, repr=False)
     _conversion: str = field(default="", repr=False)  # how timm converted the weights ("" loaded as they are)
 
@@ -243,32 +246,46 @@ class Session:
         """Calibration and evaluation sets (decoded once, cached on disk by content)."""
         if self._data is None:
             d = self.data_spec
+            listing = self._check_data_inputs()
             if d.name == "digits":
-                if d.root or d.calib_root or d.eval_root:
-                    raise DataError("data.root: data=digits takes no folders (use data=folder)")
-                for k, v in (("class_map", json.loads(d.class_map)), ("class_order", d.class_order),
-                             *json.loads(d.transform).items()):  # (the digits are 8×8 pixels, scaled as trained)
-                    if v is not None:
-                        raise DataError(f"data.{k}: data=digits takes no {k} (use data=folder)")
                 n_train, img_size = self._digits_split()
                 self._check_digits_fit(img_size)
                 n_calib = n_train if d.n_calib is None else d.n_calib  # null: every training image
                 self._data = load_digits(seed=d.seed, n_train=n_train, n_calib=n_calib, n_eval=d.n_eval,
                                          img_size=img_size)
-            elif d.name == "folder":
-                if d.n_train:
-                    raise DataError(f"data.n_train={d.n_train}: data=folder has no training split: calibration "
-                                    "images come from data.calib_root, or from data.root beside the evaluation images "
-                                    "(data.n_calib sets how many)")
-                self._data = load_image_folder(self.model, root=d.root, calib_root=d.calib_root,
-                                               eval_root=d.eval_root, n_calib=d.n_calib, n_eval=d.n_eval,
-                                               seed=d.seed, transform=json.loads(d.transform),
-                                               num_workers=d.num_workers, cache=d.cache,
-                                               class_map=json.loads(d.class_map), class_order=d.class_order)
             else:
-                raise DataError(f"data.name: unknown dataset {d.name!r}; valid: digits, folder")
+                self._data = load_image_folder(self.model, n_calib=d.n_calib, n_eval=d.n_eval, seed=d.seed,
+                                               transform=json.loads(d.transform), num_workers=d.num_workers,
+                                               cache=d.cache, class_map=json.loads(d.class_map),
+                                               class_order=d.class_order, listing=listing)
             self._data.check_classes(self.num_classes)
         return self._data
+
+    def _check_data_inputs(self) -> FolderListing | None:
+        """DataError for what the data keys get wrong with no model to read: a dataset vitq does not know, keys the
+        dataset takes none of, and every check of the folders (:func:`~vitq.data.list_image_folders`), whose
+        listing is returned. Runs before the model is built: a mistyped folder fails before a model is fetched."""
+        d = self.data_spec
+        if d.name == "digits":
+            if d.root or d.calib_root or d.eval_root:
+                raise DataError("data.root: data=digits takes no folders (use data=folder)")
+            for k, v in (("class_map", json.loads(d.class_map)), ("class_order", d.class_order),
+                         *json.loads(d.transform).items()):  # (the digits are 8×8 pixels, scaled as trained)
+                if v is not None:
+                    raise DataError(f"data.{k}: data=digits takes no {k} (use data=folder)")
+            self._digits_split()
+            return None
+        if d.name != "folder":
+            raise DataError(f"data.name: unknown dataset {d.name!r}; valid: digits, folder")
+        if d.n_train:
+            raise DataError(f"data.n_train={d.n_train}: data=folder has no training split: calibration images come "
+                            "from data.calib_root, or from data.root beside the evaluation images (data.n_calib sets "
+                            "how many)")
+        if self._listing is None:
+            self._listing = list_image_folders(root=d.root, calib_root=d.calib_root, eval_root=d.eval_root,
+                                               n_calib=d.n_calib, n_eval=d.n_eval, class_map=json.loads(d.class_map),
+                                               class_order=d.class_order)
+        return self._listing
 
     def _digits_split(self) -> tuple[int, int]:
         """(training images, image size) of the digits for this model: a digits reference's own split and size
@@ -301,6 +318,7 @@ class Session:
     def build(self) -> Session:
         """Build model and data now, and run the model on one image (so a bad config fails before any trial)."""
         if not self._outputs_checked:
+            self._check_data_inputs()  # (before the model: reading or fetching it may take minutes)
             x, _ = self.data.eval[0]
             with torch.inference_mode():
                 check_logits(self.model(x[None].to(self.device)), 1, self.data.num_classes)
