@@ -238,6 +238,10 @@ class Session:
                                                       m.resample_weights, m.checkpoint_prefix)
                 if self._conversion:
                     log.info("model: weights loaded: %s", self._conversion)
+                if not (m.pretrained or m.checkpoint):
+                    log.warning("model: %s has random weights (model.pretrained=false and no model.checkpoint): its "
+                                "accuracy says nothing of a trained model's; give model.checkpoint=PATH or "
+                                "model.pretrained=true", m.name)
             self._model = model.float().to(self.device).eval()
         return self._model
 

@@ -356,7 +356,8 @@ def build_model(name: str = REFERENCE_NAME, pretrained: bool = False, checkpoint
                          "and records it)")
     fetch = pretrained and checkpoint is None
     try:
-        with _timm_lines(*RESAMPLE_LOGGERS, BUILDER_LOGGER) as records:
+        with _timm_lines(*RESAMPLE_LOGGERS, BUILDER_LOGGER) as records, torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # weights left at random init are the same in every process (workers, resumes)
             model = timm.create_model(name, pretrained=fetch, **kwargs)
     except TypeError as e:  # an unknown or ill-typed kwarg
         raise ModelError(f"model.kwargs: timm.create_model({name!r}) rejected them: TypeError: "
