@@ -322,8 +322,7 @@ class Session:
     def build(self) -> Session:
         """Build model and data now, and run the model on one image (so a bad config fails before any trial)."""
         if not self._outputs_checked:
-            self._check_data_inputs()  # (before the model: reading or fetching it may take minutes)
-            x, _ = self.data.eval[0]
+            x, _ = self.data.eval[0]  # (data first: its inputs are checked before the model is read or fetched)
             with torch.inference_mode():
                 check_logits(self.model(x[None].to(self.device)), 1, self.data.num_classes)
             self._outputs_checked = True
