@@ -150,7 +150,8 @@ def test_sweep_settings_a_cli_does_not_read_are_refused(capsys, argv, message):
 
     with pytest.raises(SystemExit) as e:
         main(argv)
-    assert e.value.code == 2 and f"error: {message}" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"error: {message}" in err and err.startswith(f"usage: vitq {argv[0]} ")
 
 
 def test_with_modelopt_without_the_extra_prints_the_pip_command(tmp_path):

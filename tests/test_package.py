@@ -53,5 +53,8 @@ def test_vitq_command(tmp_path):
     assert r.returncode == 0 and r.stdout.startswith(f"vitq {version('vitq')} (torch {version('torch')}, timm ")
     bad = run([exe, "swep"], tmp_path)
     assert bad.returncode == 2 and "unknown command 'swep'" in bad.stderr
-    r = run([exe, "report", "--help"], tmp_path)
-    assert r.returncode == 0 and "usage:" in r.stdout
+    for name in ("report", "sensitivity", "compare", "bench"):  # usage names the command the user typed
+        r = run([exe, name, "--help"], tmp_path)
+        assert r.returncode == 0 and r.stdout.startswith(f"usage: vitq {name} "), r.stdout[:200]
+    r = run([sys.executable, "-m", "vitq.report", "--help"], tmp_path)
+    assert r.returncode == 0 and r.stdout.startswith("usage: python -m vitq.report "), r.stdout[:200]

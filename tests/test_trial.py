@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import datetime
 import pickle
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import PRESETS
@@ -64,6 +66,28 @@ def test_statistics_reuse_zero_forward_passes(reference, digits):
     for label, p in fresh.quantizers.items():
         mine = qm.quantizers[label]
         assert torch.equal(p.scale, mine.scale) and torch.equal(p.zero_point, mine.zero_point), label
+
+
+def test_digits_are_read_from_scikit_learn_once_then_from_the_cache(tmp_path, monkeypatch, caplog):
+    """The pixels a process reads from the cache equal scikit-learn's, without importing it; a torn file is rebuilt."""
+    from sklearn.datasets import load_digits as sk_digits
+
+    monkeypatch.setenv("VITQ_CACHE", str(tmp_path))
+    first, labels = digits_pixels()
+    sk = sk_digits()
+    assert first.dtype == np.uint8 and np.array_equal(first, (sk.images * 15).astype(np.uint8))
+    assert np.array_equal(labels, sk.target)
+    (cached,) = (tmp_path / "data").glob("digits_sklearn-*.pt")
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # an import of it now fails
+    again, labels_again = digits_pixels()
+    assert np.array_equal(again, first) and np.array_equal(labels_again, labels)
+    cached.write_bytes(cached.read_bytes()[:100])
+    with pytest.raises(ImportError):  # a torn file is not read as data: it sends the caller back to scikit-learn
+        digits_pixels()
+    assert "is unreadable" in caplog.text
+    monkeypatch.delitem(sys.modules, "sklearn.datasets")
+    rebuilt, _ = digits_pixels()
+    assert np.array_equal(rebuilt, first) and cached.stat().st_size > 100
 
 
 def test_image_folder_matches_in_memory(reference, tmp_path):

@@ -701,8 +701,8 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join([where, f"{'figure':<55} {'value':>14}  {'goal':>8}", "-" * 88, *rows, "-" * 88, verdict])
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m vitq.bench", description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None, prog: str = "python -m vitq.bench") -> int:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small image counts and repetitions (CI)")
     ap.add_argument("--out", default="bench.json", help="JSON file for the figures (default: bench.json)")
     ap.add_argument("--models", default=None,

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.argv = [f"vitq {name}", *rest]
         module.cli()
         return 0
-    return int(module.main(rest) or 0)
+    return int(module.main(rest, prog=f"vitq {name}") or 0)
 
 
 if __name__ == "__main__":

@@ -153,11 +153,40 @@ def batches(ds: Dataset, batch_size: int, device: torch.device | str | None = No
 
 
 def digits_pixels() -> tuple[np.ndarray, np.ndarray]:
-    """The 1,797 digits as uint8 pixels (0..240) and labels."""
+    """The 1,797 digits as uint8 pixels (0..240) and labels: from scikit-learn once per its version, then from the
+    cache, so that a process that reads them does not import scikit-learn (2 s on a slow CPU)."""
+    from importlib.metadata import version
+
+    path = cache_root("data") / f"digits_sklearn-{version('scikit-learn')}.pt"
+    if path.is_file():
+        try:
+            blob = torch.load(path, weights_only=True)
+            if blob["pixels"].shape == (1797, 8, 8) and blob["labels"].shape == (1797,):
+                return blob["pixels"].numpy(), blob["labels"].numpy()
+        except Exception as e:  # noqa: BLE001 - a torn or foreign file: rebuild it
+            log.warning("digits cache %s is unreadable (%s); rebuilding it", path, type(e).__name__)
     from sklearn.datasets import load_digits as sk_digits
 
     d = sk_digits()
-    return (d.images * DIGITS_PIXEL_SCALE).astype(np.uint8), d.target.astype(np.int64)
+    pixels, labels = (d.images * DIGITS_PIXEL_SCALE).astype(np.uint8), d.target.astype(np.int64)
+    _write_cache(path, {"pixels": torch.from_numpy(pixels), "labels": torch.from_numpy(labels)}, "digits")
+    return pixels, labels
+
+
+def _write_cache(path: Path, blob: dict[str, Tensor | str], what: str) -> None:
+    """``torch.save`` of ``blob`` to ``path`` through a temp file and a rename (readers never see a torn file); an
+    unwritable cache is skipped with a warning."""
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        os.close(fd)
+        torch.save(blob, tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        log.warning("%s cache not written (%s: %s)", what, path.parent, e.strerror or e)
 
 
 def stratified_subset(labels: np.ndarray, n: int | None, seed: int, exclude: np.ndarray | None = None) -> np.ndarray:
@@ -517,14 +546,7 @@ def _cached_images(samples: list[tuple[str, int]], tcfg: dict[str, Any], num_wor
             log.warning("image cache %s is unreadable (%s); rebuilding it", path, type(e).__name__)
     x, y, content = _decode(samples, tcfg, num_workers)
     if cache:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-            os.close(fd)
-            torch.save({"x": x, "y": y, "content": content}, tmp)
-            os.replace(tmp, path)
-        except OSError as e:
-            log.warning("image cache not written (%s: %s)", path.parent, e.strerror or e)
+        _write_cache(path, {"x": x, "y": y, "content": content}, "image")
     return x, y, content
 
 

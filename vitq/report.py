@@ -280,8 +280,8 @@ def presets_table(overrides: list[str]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m vitq.report", description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None, prog: str = "python -m vitq.report") -> int:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     for name in ("export", "notebook"):
         p = sub.add_parser(name)

@@ -492,7 +492,6 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
 def _job(cfg: DictConfig, number: int | None, multirun: bool) -> dict[str, float]:
     qcfg, session = session_of(cfg)
-    from vitq import tracking
     from vitq.trial import run_trial
 
     if cfg.export_dir:
@@ -514,6 +513,8 @@ def _job(cfg: DictConfig, number: int | None, multirun: bool) -> dict[str, float
 
     maybe_kill("before_run", number)
     if cfg.tracking.enabled:
+        from vitq import tracking  # (MLflow: not imported with tracking off)
+
         with tracking.trial_run(cfg.tracking.uri, cfg.study_name, number, qcfg, params=run_params(cfg),
                                 tags={**session.provenance(), "vitq.process": f"{socket.gethostname()}:{os.getpid()}",
                                       **({"vitq.baseline": cfg.baseline} if cfg.baseline else {})}) as run:

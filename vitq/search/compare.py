@@ -408,8 +408,8 @@ def _given(value: int | None, default: int) -> int:
     return default if value is None else value
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m vitq.search.compare", description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None, prog: str = "python -m vitq.search.compare") -> int:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     ap.add_argument("--trials", type=int, default=30)
     ap.add_argument("--seeds", type=int, default=None, help="hypervolume mode (default 3)")
     ap.add_argument("--reference-trials", type=int, default=None, help="hypervolume mode (default 300)")

@@ -547,8 +547,8 @@ def score_table(sens: Sensitivity, score: str) -> pd.DataFrame:
     return narrow.pivot(index="point", columns="block", values=score).loc[list(POINTS)]
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m vitq.search.sensitivity", description=__doc__.split("\n\n")[0],
+def main(argv: list[str] | None = None, prog: str = "python -m vitq.search.sensitivity") -> int:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                                  epilog="OVERRIDES are the sweep's Hydra overrides: the base config (quant=int8 by "
                                         "default), model=, data=, device=, e.g. model=timm model.name=NAME "
                                         "model.checkpoint=PATH data=folder data.calib_root=A data.eval_root=B")
