@@ -18,9 +18,14 @@ PRESETS = ROOT / "conf" / "quant"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing downloads in tests: fail at once instead of timing out
 
 # A cache root of this session (VITQ_TEST_CACHE reuses one across sessions, e.g. to keep the trained reference);
-# subprocesses inherit it through the environment.
-_OWN_CACHE = not os.environ.get("VITQ_TEST_CACHE")
-os.environ["VITQ_CACHE"] = os.environ.get("VITQ_TEST_CACHE") or tempfile.mkdtemp(prefix="vitq-test-cache-")
+# subprocesses inherit it through the environment, and so do pytest-xdist's workers: the process that starts them
+# makes it (and removes it at the end), so that the reference is trained once.
+_WORKER = "PYTEST_XDIST_WORKER" in os.environ
+if _WORKER:  # two workers on two cores: one torch thread each (and in the processes they start), not two each
+    os.environ["OMP_NUM_THREADS"] = "1"
+_OWN_CACHE = not os.environ.get("VITQ_TEST_CACHE") and not _WORKER
+if not _WORKER:
+    os.environ["VITQ_CACHE"] = os.environ.get("VITQ_TEST_CACHE") or tempfile.mkdtemp(prefix="vitq-test-cache-")
 
 
 def _sigterm(signum: int, frame: object) -> None:
@@ -29,6 +34,16 @@ def _sigterm(signum: int, frame: object) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     signal.signal(signal.SIGTERM, _sigterm)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Train the digits reference (or read it from the cache) before any test, in the process that starts the
+    workers and with its torch threads: a reference trained on one thread has other weights."""
+    if not _WORKER:
+        from vitq.reference import load_reference
+
+        load_reference()
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
