@@ -47,14 +47,15 @@ def run_sweep(cwd: Path, *args: str, timeout: int = 900, env: dict | None = None
     return run([sys.executable, "-m", "vitq.sweep", *args], cwd, env, timeout)
 
 
-def run_many(commands: list[list[str]], cwds: list[Path], timeout: int = 300,
-             workers: int = 2) -> list[subprocess.CompletedProcess]:
-    """:func:`run` of independent commands, ``workers`` at a time (the bad-input tests: each case is a process that
-    mostly imports and fails); results in the commands' order."""
+def run_many(commands: list[list[str]], cwds: list[Path], timeout: int = 300, workers: int = 2,
+             envs: list[dict | None] | None = None) -> list[subprocess.CompletedProcess]:
+    """:func:`run` of independent commands (each with its ``envs`` entry), ``workers`` at a time (the bad-input
+    tests: each case is a process that mostly imports and fails); results in the commands' order."""
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(lambda args, cwd: run(args, cwd, timeout=timeout), commands, cwds))
+        return list(pool.map(lambda args, cwd, env: run(args, cwd, env, timeout), commands, cwds,
+                             envs or [None] * len(commands)))
 
 
 def run_sweeps(root: Path, cases: list[tuple[str, ...]], timeout: int = 300,

@@ -5,12 +5,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 
 import optuna
 import pytest
 import sqlalchemy
-from _util import run, run_sweep, run_sweeps
+from _util import run, run_many, run_sweep, run_sweeps
 
 from vitq.redact import redact
 
@@ -62,36 +61,41 @@ def test_secrets_never_written(tmp_path, pg_database):
     assert MARK in track and MARK in store
     sweep, cli = [sys.executable, "-m", "vitq.sweep"], [sys.executable, "-m"]
 
-    def go(name: str, args: list[str], env: dict | None = None, timeout: int = 600):  # noqa: ANN202
-        (tmp_path / name).mkdir()  # (a folder each: Hydra's run folders are named by the second)
-        return run(args, tmp_path / name, env, timeout)
+    def stage(jobs: dict[str, tuple[list[str], dict | None]]) -> dict[str, subprocess.CompletedProcess]:
+        """Independent processes, two at a time, each in a folder of its own (Hydra's run folders are named by the
+        second)."""
+        for name in jobs:
+            (tmp_path / name).mkdir()
+        results = run_many([args for args, _ in jobs.values()], [tmp_path / name for name in jobs], timeout=600,
+                           envs=[env for _, env in jobs.values()])
+        return dict(zip(jobs, results, strict=True))
 
-    with ThreadPoolExecutor(2) as pool:  # independent processes, two at a time, after the first sweep where they
-        #                                   read or write its MLflow store (the first creates its schema)
-        first = pool.submit(go, "sweep", [*sweep, "-m", "hydra/sweeper=vitq_optuna", "hydra.sweeper.search=bits_only",
-                                          "hydra.sweeper.n_trials=3", "hydra.sweeper.study_name=secret",
-                                          f"hydra.sweeper.storage={store}", f"tracking.uri={track}"])
-        jobs = {  # a bad config and an unreachable storage (both fail before the MLflow store is opened)
-            "bad": pool.submit(go, "bad", [*sweep, "layers.attn_qkv.bit_type.bits=1", f"tracking.uri={track}"]),
-            "unreachable": pool.submit(go, "unreachable", [
-                *sweep, "-m", "hydra/sweeper=vitq_optuna", "hydra.sweeper.n_trials=2",
-                f"hydra.sweeper.storage={with_pw('postgresql://postgres@127.0.0.1:1/nope')}"]),
-        }
-        r = first.result()
-        assert r.returncode == 0, redact(r.stderr[-3000:])
-        # a grid whose trials all fail, the sensitivity table logged to the store, and the CLIs that read it: the
-        # notebook (papermill wrote the URI into the executed notebook's parameters and its HTML), the export, and
-        # the export of a study that is not there
-        jobs["grid"] = pool.submit(go, "grid", [*sweep, "-m", "layers.attn_qkv.bit_type.bits=4,8", "study_name=grid",
-                                                f"tracking.uri={track}"], {"VITQ_FAULTS": "nan@*"})
-        jobs["sensitivity"] = pool.submit(go, "sensitivity", [*cli, "vitq.search.sensitivity", "--budgets", "1e9",
-                                                              "--tracking-uri", track, "--study", "sens"])
-        jobs |= {name: pool.submit(go, name, [*cli, "vitq.report", verb, "--tracking-uri", track, "--study", study,
-                                              "--out", str(tmp_path / out)])
-                 for name, verb, study, out in (("notebook", "notebook", "secret", "nb"),
-                                                ("export", "export", "secret", "export"),
-                                                ("missing", "export", "nope", "export_nope"))}
-        done = {name: job.result() for name, job in jobs.items()}
+    # first the sweep that creates the MLflow store's schema, beside a bad config and an unreachable storage (both
+    # fail before the MLflow store is opened)
+    done = stage({
+        "sweep": ([*sweep, "-m", "hydra/sweeper=vitq_optuna", "hydra.sweeper.search=bits_only",
+                   "hydra.sweeper.n_trials=3", "hydra.sweeper.study_name=secret", f"hydra.sweeper.storage={store}",
+                   f"tracking.uri={track}"], None),
+        "bad": ([*sweep, "layers.attn_qkv.bit_type.bits=1", f"tracking.uri={track}"], None),
+        "unreachable": ([*sweep, "-m", "hydra/sweeper=vitq_optuna", "hydra.sweeper.n_trials=2",
+                         f"hydra.sweeper.storage={with_pw('postgresql://postgres@127.0.0.1:1/nope')}"], None),
+    })
+    r = done.pop("sweep")
+    assert r.returncode == 0, redact(r.stderr[-3000:])
+    # then what reads or writes that store: a grid whose trials all fail, the sensitivity table logged to it, and the
+    # CLIs that read it: the notebook (papermill wrote the URI into the executed notebook's parameters and its HTML),
+    # the export, and the export of a study that is not there
+    done |= stage({
+        "grid": ([*sweep, "-m", "layers.attn_qkv.bit_type.bits=4,8", "study_name=grid", f"tracking.uri={track}"],
+                 {"VITQ_FAULTS": "nan@*"}),
+        "sensitivity": ([*cli, "vitq.search.sensitivity", "--budgets", "1e9", "--tracking-uri", track, "--study",
+                         "sens"], None),
+        **{name: ([*cli, "vitq.report", verb, "--tracking-uri", track, "--study", study, "--out", str(tmp_path / out)],
+                  None)
+           for name, verb, study, out in (("notebook", "notebook", "secret", "nb"),
+                                          ("export", "export", "secret", "export"),
+                                          ("missing", "export", "nope", "export_nope"))},
+    })
     outputs = [r, *done.values()]
     assert done["grid"].returncode == 1, redact(done["grid"].stderr[-3000:])
     assert done["bad"].returncode == 2, redact(done["bad"].stderr[-3000:])

@@ -36,11 +36,13 @@ from vitq.paths import cache_root
 
 __all__ = ["CLASS_ORDERS", "DIGITS_MEAN", "DIGITS_STD", "RESIDENT_FRACTION", "DataBundle", "DataError", "FolderListing",
            "ImageSet", "batches", "class_indices", "digits_pixels", "labels_of", "list_image_folders", "load_digits",
-           "load_image_folder", "normalize", "resident", "resolve_transform", "stratified_subset", "subset"]
+           "load_image_folder", "load_listed_images", "normalize", "resident", "resolve_transform",
+           "stratified_subset", "subset"]
 
 log = logging.getLogger(__name__)
 DIGITS_MEAN, DIGITS_STD = 0.5, 0.5  # applied after ToTensor-style scaling to [0, 1]
 DIGITS_PIXEL_SCALE = 15  # digits values 0..16 → 0..240 as 8-bit PNG pixels
+_DIGITS_SHAPE = (1797, 8, 8)  # scikit-learn's digits: images, rows, columns
 IMAGE_CACHE_VERSION = 1  # bump when decoding or the cache layout changes
 RESIDENT_FRACTION = 0.25  # a CUDA device keeps a set whose tensors take at most this share of its free memory
 SPLIT_NAMES = frozenset({"train", "training", "val", "valid", "validation", "calib", "calibration", "eval",
@@ -161,7 +163,7 @@ def digits_pixels() -> tuple[np.ndarray, np.ndarray]:
     if path.is_file():
         try:
             blob = torch.load(path, weights_only=True)
-            if blob["pixels"].shape == (1797, 8, 8) and blob["labels"].shape == (1797,):
+            if blob["pixels"].shape == _DIGITS_SHAPE and blob["labels"].shape == _DIGITS_SHAPE[:1]:
                 return blob["pixels"].numpy(), blob["labels"].numpy()
         except Exception as e:  # noqa: BLE001 - a torn or foreign file: rebuild it
             log.warning("digits cache %s is unreadable (%s); rebuilding it", path, type(e).__name__)
@@ -558,6 +560,10 @@ class FolderListing:
     classes: list[str]
     samples: dict[str, list[tuple[str, int]]]
     roots: dict[str, str]
+    n_calib: int | None
+    n_eval: int | None
+    class_map: str | dict[str, int] | None
+    class_order: str | None
 
 
 def list_image_folders(*, root: str | Path | None = None, calib_root: str | Path | None = None,
@@ -576,6 +582,7 @@ def list_image_folders(*, root: str | Path | None = None, calib_root: str | Path
         if v is not None and v < 1:
             raise DataError(f"data.{k}={v}: must be >= 1 (or null for all images)")
     _check_order(class_order)
+    request = (n_calib, n_eval, class_map, class_order)
     if root is not None:
         root = Path(root).expanduser()
         classes, samples, nested = _list_folder(root, "data.root", class_order)
@@ -583,7 +590,7 @@ def list_image_folders(*, root: str | Path | None = None, calib_root: str | Path
         if n_calib is None or (n_calib >= len(samples)):
             raise DataError(f"data.n_calib: {root} has {len(samples)} images; splitting one folder needs "
                             "n_calib below that (or use data.calib_root/data.eval_root)")
-        return FolderListing(classes, {"data.root": samples}, {"root": str(root.resolve())})
+        return FolderListing(classes, {"data.root": samples}, {"root": str(root.resolve())}, *request)
     calib_root, eval_root = Path(calib_root).expanduser(), Path(eval_root).expanduser()
     classes, c_samples, c_nested = _list_folder(calib_root, "data.calib_root", class_order)
     e_classes, e_samples, e_nested = _list_folder(eval_root, "data.eval_root", class_order)
@@ -598,25 +605,31 @@ def list_image_folders(*, root: str | Path | None = None, calib_root: str | Path
             raise DataError(f"data.{key}={want}: {folder} has {len(found)} images; set data.{key} to at most "
                             f"{len(found)}, or null for all of them")
     return FolderListing(classes, {"data.calib_root": c_samples, "data.eval_root": e_samples},
-                         {"calib_root": str(calib_root.resolve()), "eval_root": str(eval_root.resolve())})
+                         {"calib_root": str(calib_root.resolve()), "eval_root": str(eval_root.resolve())}, *request)
 
 
 def load_image_folder(model: torch.nn.Module, *, root: str | Path | None = None,
                       calib_root: str | Path | None = None, eval_root: str | Path | None = None,
                       n_calib: int | None = 256, n_eval: int | None = None, seed: int = 0,
                       transform: dict[str, Any] | None = None, num_workers: int = 4, cache: bool = True,
-                      class_map: str | dict[str, int] | None = None, class_order: str | None = None,
-                      listing: FolderListing | None = None) -> DataBundle:
+                      class_map: str | dict[str, int] | None = None, class_order: str | None = None) -> DataBundle:
     """Class folders with the model's timm eval transform (``transform`` overrides timm's fields).
 
     Either two folders, ``calib_root`` and ``eval_root`` (e.g. train and val, with the same class names), or one
     ``root`` split into disjoint calibration and evaluation sets. Subsets of ``n_calib`` / ``n_eval`` images
     (None = all) are class-stratified and seeded. Labels are the model's outputs (:func:`class_indices`).
-    ``listing``: those folders' :func:`list_image_folders`, where the caller listed them already.
     """
-    if listing is None:
-        listing = list_image_folders(root=root, calib_root=calib_root, eval_root=eval_root, n_calib=n_calib,
-                                     n_eval=n_eval, class_map=class_map, class_order=class_order)
+    listing = list_image_folders(root=root, calib_root=calib_root, eval_root=eval_root, n_calib=n_calib,
+                                 n_eval=n_eval, class_map=class_map, class_order=class_order)
+    return load_listed_images(model, listing, seed=seed, transform=transform, num_workers=num_workers, cache=cache)
+
+
+def load_listed_images(model: torch.nn.Module, listing: FolderListing, *, seed: int = 0,
+                       transform: dict[str, Any] | None = None, num_workers: int = 4,
+                       cache: bool = True) -> DataBundle:
+    """:func:`load_image_folder` of folders :func:`list_image_folders` listed already (the subset sizes and class
+    names are the listing's)."""
+    n_calib, n_eval, class_map, class_order = listing.n_calib, listing.n_eval, listing.class_map, listing.class_order
     tcfg = resolve_transform(model, transform)
     classes, roots = listing.classes, listing.roots
     outputs, n_out, space = class_indices(model, classes, next(iter(listing.samples)), class_map, class_order)

@@ -29,7 +29,7 @@ from vitq.data import (
     FolderListing,
     list_image_folders,
     load_digits,
-    load_image_folder,
+    load_listed_images,
     model_channels,
     model_img_size,
 )
@@ -258,10 +258,8 @@ class Session:
                 self._data = load_digits(seed=d.seed, n_train=n_train, n_calib=n_calib, n_eval=d.n_eval,
                                          img_size=img_size)
             else:
-                self._data = load_image_folder(self.model, n_calib=d.n_calib, n_eval=d.n_eval, seed=d.seed,
-                                               transform=json.loads(d.transform), num_workers=d.num_workers,
-                                               cache=d.cache, class_map=json.loads(d.class_map),
-                                               class_order=d.class_order, listing=listing)
+                self._data = load_listed_images(self.model, listing, seed=d.seed, transform=json.loads(d.transform),
+                                                num_workers=d.num_workers, cache=d.cache)
             self._data.check_classes(self.num_classes)
         return self._data
 
