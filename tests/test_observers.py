@@ -68,6 +68,21 @@ def test_minmax_per_channel_weights_equal_torch_ao(name, signed):
     assert torch.equal(out, ref)
 
 
+@pytest.mark.parametrize("signed", [True, False])
+def test_fake_quant_keeps_nan_and_clamps_infinities(signed):
+    """A NaN value stays NaN (a trial that meets one then fails at the logits' finite check), ±inf clamp to the
+    grid's ends, and finite values match torch.ao's. (ATen's fused ``fake_quantize_per_tensor_affine`` casts to an
+    integer before clamping: it returns a grid value for NaN, one reason vitq runs its own passes.)"""
+    bt = BitTypeConfig(bits=8, signed=signed)
+    x = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.5, -0.25, 3.0])
+    s, z = uniform_qparams(torch.tensor(-1.0), torch.tensor(1.0), bt)
+    for inplace in (False, True):
+        out = fake_quant_uniform(x.clone(), s, z, bt.qmin, bt.qmax, inplace=inplace)
+        assert torch.isnan(out[0]) and not torch.isnan(out[1:]).any()
+        assert out[1] == (bt.qmax - z) * s and out[2] == (bt.qmin - z) * s
+        assert torch.equal(out[3:], torch.fake_quantize_per_tensor_affine(x[3:], float(s), int(z), bt.qmin, bt.qmax))
+
+
 def test_fake_quant_has_straight_through_gradient():
     x = torch.randn(16, 8, requires_grad=True)
     s, z = uniform_qparams(x.min(), x.max(), BitTypeConfig(bits=4))
