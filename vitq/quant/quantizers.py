@@ -86,10 +86,11 @@ def ptf_qparams(lo: Tensor, hi: Tensor, x: Tensor, bit_type: BitTypeConfig, k: i
 class UniformGrid:
     """A uniform grid prepared once per config: scale, its reciprocal, zero point and integer bounds.
 
-    Calling it fake-quantizes with the arithmetic of ``torch.fake_quantize_per_*_affine`` (bit-exact):
-    ``round(x * (1/scale)) + zp``, clamped, minus ``zp``, times ``scale``. With gradients on it is a
-    straight-through estimator; otherwise it runs in place on a fresh buffer, or on ``x`` itself when
-    ``inplace`` (the caller owns ``x``). ``scale``/``zero_point`` must already broadcast against ``x``.
+    Calling it fake-quantizes with the arithmetic of ``torch.fake_quantize_per_*_affine`` (bit-exact on finite
+    values; NaN stays NaN, where ATen's kernel returns a grid value): ``round(x * (1/scale)) + zp``, clamped, minus
+    ``zp``, times ``scale``. With gradients on it is a straight-through estimator; otherwise it runs in place on a
+    fresh buffer, or on ``x`` itself when ``inplace`` (the caller owns ``x``). ``scale``/``zero_point`` must already
+    broadcast against ``x``.
     ``has_zp`` says whether to add and subtract the zero point; left out, it is read from ``zero_point`` (on a GPU,
     one read back to the host).
     """
