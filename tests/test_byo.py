@@ -260,14 +260,23 @@ def test_images_below_their_class_folders_are_labelled_as_the_training_script_di
 
 
 def test_grayscale_and_rgba_images_become_the_models_channels(byo, tmp_path):
+    """Also what a user's folders hold beside the images: an upper-case extension is an image; a Finder or Explorer
+    file and a note are not."""
     for split in ("calib", "eval"):
         shutil.copytree(byo.calib / "digit_0", tmp_path / split / "digit_0")
         shutil.copytree(byo.calib / "digit_1", tmp_path / split / "digit_1")
     rgba = next((tmp_path / "eval" / "digit_1").iterdir())
     Image.open(rgba).convert("RGBA").save(rgba)
+    first = min((tmp_path / "eval" / "digit_0").iterdir())
+    upper = first.rename(first.with_name("upper.PNG"))
+    n_images = len(list((tmp_path / "eval").rglob("*.*")))
+    for junk in (".DS_Store", "Thumbs.db", "notes.txt"):
+        (tmp_path / "eval" / "digit_0" / junk).write_bytes(b"\0\0\0\1not an image")
     model = create_model(byo_case.MODEL_NAME, checkpoint=str(byo.checkpoint), kwargs=byo_case.KWARGS)
     data = load_image_folder(model, calib_root=tmp_path / "calib", eval_root=tmp_path / "eval", n_calib=None,
                              n_eval=None, cache=False, class_map={"digit_0": 0, "digit_1": 1})
+    assert len(data.eval) == n_images and str(upper) in data.meta["eval_files"]
+    assert not [p for p in data.meta["eval_files"] if Path(p).name in (".DS_Store", "Thumbs.db", "notes.txt")]
     x, _ = next(iter(torch.utils.data.DataLoader(data.eval, batch_size=len(data.eval))))
     assert x.shape[1:] == (3, 16, 16)
     i = data.meta["eval_files"].index(str(rgba))
