@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 from _util import mlflow_server, run, run_sweep
 
-from vitq.report import front_metrics, load_study, observer_table, run_notebook, sensitivity_table
+from vitq.report import SizeBudget, front_metrics, load_study, observer_table, run_notebook, sensitivity_table
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,10 +54,14 @@ def test_notebook_runs_against_a_small_sweep(tmp_path, capfd):
     study = load_study(uri, "nb_study")
     baselines = set(study.trials["baseline"]) - {""}
     assert {"W8A8", "W6A6", "W4A8"} <= baselines  # the enqueued uniform baselines are recognised
-    m = front_metrics(study, [150_000, 1_000])
+    m = front_metrics(study, [SizeBudget.parse(b) for b in ("150000", "1000", "5x", "1e3x")])
     t = study.trials
     assert m["best_top1_at_150000B"] == t.loc[t["metrics.weight_bytes"] <= 150_000, "metrics.top1"].max() > 0.9
     assert 0 < m["hypervolume"] < 1 and m["best_top1_at_1000B"] is None  # no trial fits (it read 0.0: a 0 % model)
+    # a compression over the FP32 weights: at most a fifth of their bytes, read from the sizes the trials logged
+    fifth = t["metrics.weight_bytes"] * 5 <= t["metrics.fp32_bytes"]
+    assert 0 < fifth.sum() < len(t) and m["best_top1_at_5x"] == t.loc[fifth, "metrics.top1"].max() > 0.9
+    assert m["best_top1_at_1000x"] is None
     # offline and honest: plotly embedded, no warnings in the rendered notebook, no mean of fewer than 3 trials
     page = mlflow.artifacts.load_text(f"runs:/{study.parent_id}/pareto/pareto_front.html")
     assert not re.search(r"<script[^>]*src=[\"']https?:", page) and "Plotly.newPlot" in page
@@ -120,6 +124,7 @@ def test_dvc_repro_on_your_own_model(byo, tmp_path):
     rest = [a for a in byo.cli() if not a.startswith(("model.kwargs=", "model.name="))]
     params["sweep"] |= {"n_trials": 3, "study": "own_model",
                         "overrides": " ".join([f"model.name={byo_case.MODEL_NAME}", f"'{kwargs}'", *rest])}
+    params["report"]["size_budgets"] = "1x,6x,1000x"  # compressions fit any model, where bytes must be the user's
     (clone / "params.yaml").write_text(yaml.safe_dump(params))
     env = {"DVC_NO_ANALYTICS": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     r = run([sys.executable, "-m", "dvc", "repro"], clone, env, timeout=900)
@@ -129,6 +134,9 @@ def test_dvc_repro_on_your_own_model(byo, tmp_path):
     mlflow.set_tracking_uri(f"sqlite:///{clone / 'artifacts/sweep/mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["own_model"], filter_string="tags.`vitq.role` = 'trial'")
     assert len(runs) == 3
+    assert metrics["best_top1_at_1x"] == runs["metrics.top1"].max() and metrics["best_top1_at_1000x"] is None
+    six = runs.loc[runs["metrics.weight_bytes"] * 6 <= runs["metrics.fp32_bytes"], "metrics.top1"]
+    assert metrics["best_top1_at_6x"] == (six.max() if len(six) else None)
     sha = hashlib.sha256(byo.checkpoint.read_bytes()).hexdigest()
     assert set(runs["tags.model.checkpoint_sha256"]) == {sha}
     pred, labels, _ = byo_case.plain_timm_predictions(byo)

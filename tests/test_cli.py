@@ -68,11 +68,15 @@ def test_report_cli(tmp_path):
             tmp_path, timeout=300)
     assert r.returncode == 2 and r.stderr.strip() == f"vitq: --out: cannot create {tmp_path / 'a_file' / 'x'}: Not a " \
         "directory", r.stderr[-2000:]
-    for budgets in ("nan", "100.7"):  # a traceback (rc 1), and a key that named 100 B for 100.7 B
+    for budgets in ("nan", "100.7", "0.5x", "nanx", "x", "8X"):  # nan: a traceback (rc 1); 100.7: a key named 100 B
         r = run([sys.executable, "-m", "vitq.report", "export", "--study", "nope", "--out", str(tmp_path / "x"),
                  "--size-budgets", f"150000,{budgets}"], tmp_path, timeout=300)
         assert r.returncode == 2 and r.stderr.strip().endswith(
-            f"error: --size-budgets: {budgets}: a budget is a whole number of bytes > 0"), r.stderr[-2000:]
+            f"error: --size-budgets: {budgets}: a budget is a whole number of bytes > 0, or a compression such as 8x "
+            "(at least 1x)"), r.stderr[-2000:]
+    r = run([sys.executable, "-m", "vitq.report", "export", "--study", "nope", "--out", str(tmp_path / "x"),
+             "--size-budgets", "150000,8x,1.5x"], tmp_path, timeout=300)  # both forms pass; the study is missing
+    assert r.returncode == 2 and "no study (experiment) 'nope'" in r.stderr.strip().splitlines()[-1], r.stderr[-2000:]
     r = run([sys.executable, "-m", "vitq.report", "presets"], tmp_path, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "FQ-ViT: PTF + LIS (quant=fqvit)" in r.stdout and "MinMax W8A8, 4-bit attention maps" in r.stdout

@@ -31,7 +31,7 @@ from vitq.quant.config import POINTS, WEIGHT_POINTS, ConfigError
 from vitq.redact import redact, say
 from vitq.tracking import DEFAULT_OBJECTIVES, resolve_uri
 
-__all__ = ["ReportError", "Study", "front_metrics", "load_study", "observer_table", "pareto_configs",
+__all__ = ["ReportError", "SizeBudget", "Study", "front_metrics", "load_study", "observer_table", "pareto_configs",
            "point_bits", "points", "sensitivity_table"]
 
 
@@ -161,8 +161,43 @@ def observer_table(trials: pd.DataFrame, metric: str = "top1",
     return mean.where(n >= min_n), n
 
 
-def front_metrics(study: Study, size_budgets: list[int]) -> dict[str, float | None]:
-    """Best top-1 within each weight-size budget (bytes; None where no trial fits) and the front's normalized
+@dataclass(frozen=True)
+class SizeBudget:
+    """A weight-size budget: whole bytes (``150000``), or a compression over the model's FP32 weights (``8x``: at
+    most an eighth of their bytes), which fits any model."""
+
+    bytes: int | None = None
+    ratio: float | None = None
+
+    RULE = "a budget is a whole number of bytes > 0, or a compression such as 8x (at least 1x)"
+
+    @classmethod
+    def parse(cls, text: str) -> SizeBudget:
+        """ValueError with :attr:`RULE` unless ``text`` is one of the two forms."""
+        ratio = text.endswith("x")
+        try:
+            v = float(text[:-1] if ratio else text)
+        except ValueError:
+            v = math.nan
+        if ratio and math.isfinite(v) and v >= 1:
+            return cls(ratio=v)
+        if not ratio and math.isfinite(v) and v > 0 and v == int(v):
+            return cls(bytes=int(v))
+        raise ValueError(cls.RULE)
+
+    @property
+    def key(self) -> str:
+        return f"best_top1_at_{self.bytes}B" if self.ratio is None else f"best_top1_at_{self.ratio:g}x"
+
+    def fits(self, trials: pd.DataFrame) -> pd.Series:
+        """Which trials are within the budget."""
+        if self.ratio is None:
+            return trials["metrics.weight_bytes"] <= self.bytes
+        return trials["metrics.compression"] >= self.ratio
+
+
+def front_metrics(study: Study, size_budgets: list[SizeBudget]) -> dict[str, float | None]:
+    """Best top-1 within each weight-size budget (None where no trial fits) and the front's normalized
     hypervolume.
 
     The hypervolume is over (top-1, weight bytes / FP32 bytes) up to the reference point (0, 1): 1.0 would
@@ -172,8 +207,8 @@ def front_metrics(study: Study, size_budgets: list[int]) -> dict[str, float | No
     out: dict[str, float | None] = {"n_trials": float(len(t)), "pareto_size": float(t["pareto"].sum()),
                                     "best_top1": float(t["metrics.top1"].max())}
     for b in size_budgets:
-        ok = t[t["metrics.weight_bytes"] <= b]
-        out[f"best_top1_at_{b}B"] = float(ok["metrics.top1"].max()) if len(ok) else None
+        ok = t[b.fits(t)]
+        out[b.key] = float(ok["metrics.top1"].max()) if len(ok) else None
     size = "metrics.fp32_bytes" if "metrics.fp32_bytes" in t else "metrics.weight_bytes"
     fp32 = float(t[size].max())
     pts = np.stack([t["metrics.top1"].to_numpy(), t["metrics.weight_bytes"].to_numpy() / fp32], axis=1)
@@ -182,7 +217,7 @@ def front_metrics(study: Study, size_budgets: list[int]) -> dict[str, float | No
 
 
 # -------------------------------------------------------------------------------------------- CLI
-def export(uri: str | None, study: str, out: Path, size_budgets: list[int]) -> dict[str, float | None]:
+def export(uri: str | None, study: str, out: Path, size_budgets: list[SizeBudget]) -> dict[str, float | None]:
     """Write ``pareto_front.csv`` (the parent run's own artifact), ``all_trials.csv`` and ``metrics.json``."""
     s = load_study(uri, study)
     out.mkdir(parents=True, exist_ok=True)
@@ -290,7 +325,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m vitq.report") -> 
         p.add_argument("--out", required=True, type=Path)
         if name == "export":
             p.add_argument("--size-budgets", default="100000,150000,200000",
-                           help="comma-separated weight-size budgets in bytes")
+                           help="comma-separated weight-size budgets: bytes, or compressions over the FP32 weights "
+                                "(8x)")
     p = sub.add_parser("presets", help="FQ-ViT (PTF + LIS) against MinMax W8A8 and 4-bit attention maps")
     p.add_argument("overrides", nargs="*", metavar="OVERRIDES", help="model=, data=, device= (the sweep's)")
     args = ap.parse_args(argv)
@@ -298,12 +334,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m vitq.report") -> 
         budgets = []
         for text in filter(None, (b.strip() for b in args.size_budgets.split(","))):
             try:
-                b = float(text)
-            except ValueError:
-                b = math.nan
-            if not (math.isfinite(b) and b > 0 and b == int(b)):
-                ap.error(f"--size-budgets: {text}: a budget is a whole number of bytes > 0")
-            budgets.append(int(b))
+                budgets.append(SizeBudget.parse(text))
+            except ValueError as e:
+                ap.error(f"--size-budgets: {text}: {e}")
     if args.cmd == "presets":
         from vitq.sweep import QUANT_KEYS, refuse_unread
 
