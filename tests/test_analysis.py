@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -19,7 +20,15 @@ import pandas as pd
 import pytest
 from _util import mlflow_server, run, run_sweep
 
-from vitq.report import SizeBudget, front_metrics, load_study, observer_table, run_notebook, sensitivity_table
+from vitq.report import (
+    ReportError,
+    SizeBudget,
+    front_metrics,
+    load_study,
+    observer_table,
+    run_notebook,
+    sensitivity_table,
+)
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,6 +71,9 @@ def test_notebook_runs_against_a_small_sweep(tmp_path, capfd):
     fifth = t["metrics.weight_bytes"] * 5 <= t["metrics.fp32_bytes"]
     assert 0 < fifth.sum() < len(t) and m["best_top1_at_5x"] == t.loc[fifth, "metrics.top1"].max() > 0.9
     assert m["best_top1_at_1000x"] is None
+    old = dataclasses.replace(study, trials=t.drop(columns=["metrics.fp32_bytes", "metrics.compression"]))
+    with pytest.raises(ReportError, match="'nb_study': its trials have no metric fp32_bytes, compression"):
+        front_metrics(old, [SizeBudget.parse("8x")])  # it normalized the hypervolume by the largest trial instead
     # offline and honest: plotly embedded, no warnings in the rendered notebook, no mean of fewer than 3 trials
     page = mlflow.artifacts.load_text(f"runs:/{study.parent_id}/pareto/pareto_front.html")
     assert not re.search(r"<script[^>]*src=[\"']https?:", page) and "Plotly.newPlot" in page

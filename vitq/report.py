@@ -204,13 +204,15 @@ def front_metrics(study: Study, size_budgets: list[SizeBudget]) -> dict[str, flo
     be 100 % top-1 at zero size.
     """
     t = study.trials
+    lacking = [m for m in ("top1", "weight_bytes", "fp32_bytes", "compression") if f"metrics.{m}" not in t]
+    if lacking:  # (a study of another tool or version: no size to measure budgets and the hypervolume against)
+        raise ReportError(f"study {study.name!r}: its trials have no metric {', '.join(lacking)}")
     out: dict[str, float | None] = {"n_trials": float(len(t)), "pareto_size": float(t["pareto"].sum()),
                                     "best_top1": float(t["metrics.top1"].max())}
     for b in size_budgets:
         ok = t[b.fits(t)]
         out[b.key] = float(ok["metrics.top1"].max()) if len(ok) else None
-    size = "metrics.fp32_bytes" if "metrics.fp32_bytes" in t else "metrics.weight_bytes"
-    fp32 = float(t[size].max())
+    fp32 = float(t["metrics.fp32_bytes"].max())
     pts = np.stack([t["metrics.top1"].to_numpy(), t["metrics.weight_bytes"].to_numpy() / fp32], axis=1)
     out["hypervolume"] = hypervolume_2d(pts, ["maximize", "minimize"], np.array([0.0, 1.0]))
     return out
