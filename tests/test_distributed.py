@@ -191,6 +191,43 @@ def _cold_start(tmp_path: Path, workers, storage, rounds: int, tracking=None) ->
         assert sorted(runs["status"]) == ["FINISHED"] * 6
 
 
+def _check_each(root: Path, barrier, n: int) -> None:  # noqa: ANN001
+    from vitq.paths import check_creatable
+
+    for i in range(n):
+        barrier.wait()
+        check_creatable(root / str(i) / "multirun" / "day" / "time", "hydra.sweep.dir")
+
+
+def test_output_folder_check_removes_no_folder_another_worker_makes(tmp_path):
+    """The sweep folder's check, run by one worker while another creates that folder (as Hydra does, ``mkdir`` with
+    its parents), each time at once: the other's ``mkdir`` never fails and its folders stay (the check removed the
+    parents it had found missing: 134 of 1500 such ``mkdir`` failed, ENOENT, the cold start's rc 2), and the check
+    leaves nothing of its own."""
+    import multiprocessing
+
+    n = 300
+    ctx = multiprocessing.get_context("fork")
+    barrier = ctx.Barrier(2)
+    checker = ctx.Process(target=_check_each, args=(tmp_path, barrier, n))
+    checker.start()
+    failed = []
+    try:
+        for i in range(n):
+            barrier.wait(timeout=60)
+            try:
+                (tmp_path / str(i) / "multirun" / "day" / "time").mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                failed.append(f"{i}: {e}")
+    finally:
+        checker.join(timeout=60)
+        if checker.is_alive():
+            checker.kill()
+    assert checker.exitcode == 0 and failed == []
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == sorted(
+        f"{i}{sub}" for i in range(n) for sub in ("", "/multirun", "/multirun/day", "/multirun/day/time"))
+
+
 def test_three_workers_cold_start_sqlite(tmp_path, workers):
     _cold_start(tmp_path, workers, lambda cwd: f"sqlite:///{cwd / 'optuna.db'}", rounds=1)
 

@@ -239,7 +239,7 @@ def test_grid_without_mlflow_exits_1_when_a_trial_fails(tmp_path):
     assert lines[-1].startswith("vitq: 1 trial(s) of the grid failed (first: trial 0 failed: NonFiniteOutputError")
     assert lines[-1].endswith("MLflow is off (tracking=none)") and len(lines) == 2
     assert len(trial_lines(r.stdout + r.stderr)) == 1  # job 1 ran
-    assert not list(tmp_path.rglob(".vitq_failed")) and not (tmp_path / "mlflow.db").exists()
+    assert not list(tmp_path.rglob(".vitq_failed*")) and not (tmp_path / "mlflow.db").exists()
     r = _sweep(tmp_path, "-m", "layers.attn_qkv.bit_type.bits=4,8", "tracking=none")
     assert r.returncode == 0 and "vitq: " not in r.stderr, r.stderr[-3000:]
 
@@ -256,7 +256,7 @@ def test_grid_job_failing_before_its_run_opens_counts(tmp_path):
     children = runs[runs["tags.vitq.role"] == "trial"]
     assert list(parent["status"]) == ["FAILED"] and list(children["tags.trial_number"]) == ["1"]
     assert list(children["status"]) == ["FINISHED"]
-    assert not list(tmp_path.rglob(".vitq_failed"))  # the failure lines were read once and removed
+    assert not list(tmp_path.rglob(".vitq_failed*"))  # the failure lines were read once and removed
 
 
 def test_kill_and_resume(tmp_path):

@@ -10,13 +10,14 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["CONF_DIR", "NOTEBOOK", "PRESETS_DIR", "REPO_ROOT", "SWEEPS_DIR", "FolderError", "cache_root", "file_lock",
-           "output_folder"]
+__all__ = ["CONF_DIR", "NOTEBOOK", "PRESETS_DIR", "REPO_ROOT", "SWEEPS_DIR", "FolderError", "cache_root",
+           "check_creatable", "file_lock", "output_folder"]
 
 log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -65,6 +66,27 @@ def output_folder(folder: str | Path, key: str) -> Path:
     return path
 
 
+def check_creatable(folder: str | Path, key: str) -> None:
+    """A FolderError naming ``key`` when ``folder`` could not be created or written, found without creating it: its
+    missing part is made, and removed, inside a private probe folder in its deepest existing ancestor. So workers of
+    one sweep, started together, never remove a folder that another is creating (which failed that one's ``mkdir``)."""
+    path = Path(folder).expanduser().absolute()
+    base = path
+    while not os.path.lexists(base) and base != base.parent:
+        base = base.parent
+    missing = path.relative_to(base)
+    try:
+        probe = Path(tempfile.mkdtemp(prefix=".vitq-probe-", dir=base))
+    except OSError as e:
+        raise FolderError(key, f"cannot create {path}: {e.strerror or e}") from None
+    try:
+        (probe / missing).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FolderError(key, f"cannot create {path}: {e.strerror or e}") from None
+    finally:
+        shutil.rmtree(probe, ignore_errors=True)
+
+
 def cache_root(sub: str = "") -> Path:
     """``$VITQ_CACHE/sub`` (created), or a temp-dir fallback when the cache cannot be written."""
     path = _writable_root(os.environ.get("VITQ_CACHE", "~/.cache/vitq")) / sub
@@ -89,4 +111,4 @@ def file_lock(path: str | Path) -> Iterator[None]:
 
 def grid_failures_dir(sweep_dir: str | Path, token: str) -> Path:
     """Where a Hydra grid's failed jobs leave one line each (``token``: this multirun's own), read at its end."""
-    return Path(sweep_dir) / ".vitq_failed" / token
+    return Path(sweep_dir) / f".vitq_failed-{token}"  # one per multirun: removing it never races another one

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from vitq.faults import fault, maybe_kill, maybe_meet
 from vitq.logs import progress_enabled, quiet_libraries
 from vitq.paths import CONF_DIR as PATHS_CONF_DIR
-from vitq.paths import FolderError, grid_failures_dir, output_folder
+from vitq.paths import FolderError, check_creatable, grid_failures_dir, output_folder
 from vitq.quant.config import POINTS, SECTIONS, ConfigError, LayerQuantConfig, split_block, unknown_choice
 from vitq.redact import fail, install_log_redaction, redact, redact_tree, say
 from vitq.schema import check_known_keys, register
@@ -315,19 +315,12 @@ def _check_mode_keys(config: DictConfig, multirun: bool) -> None:
 
 def _check_output_dir(config: DictConfig, key: str) -> None:
     """Hydra creates this folder itself, with a traceback when it cannot: one line and rc 2 instead, before any
-    work (and before a sweep's MLflow parent run or study opens). What the check creates it removes again, so bad
-    input found later leaves no empty folders."""
-    path = Path(OmegaConf.select(config, key)).expanduser().absolute()
-    new = [p for p in (path, *path.parents) if not p.exists()]
+    work (and before a sweep's MLflow parent run or study opens). The check creates nothing there, so bad input found
+    later leaves no empty folders, and workers starting together do not race (:func:`check_creatable`)."""
     try:
-        output_folder(path, key)
+        check_creatable(OmegaConf.select(config, key), key)
     except FolderError as e:
         fail(e)
-    for p in new:  # deepest first
-        try:
-            p.rmdir()
-        except OSError:  # (another worker of the sweep wrote into it meanwhile)
-            break
 
 
 def _check_grid_values(config: DictConfig) -> None:
@@ -385,13 +378,10 @@ def take_grid_failures() -> dict[int, str]:
     folder = os.environ.pop(GRID_FAILURES_ENV, None)
     if folder is None:
         return {}
-    import contextlib
     import shutil
 
     lines = {int(p.stem): p.read_text().strip() for p in Path(folder).glob("*.txt")}
     shutil.rmtree(folder, ignore_errors=True)
-    with contextlib.suppress(OSError):  # (another multirun of this sweep folder may still use it)
-        Path(folder).parent.rmdir()
     return lines
 
 
