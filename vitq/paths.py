@@ -77,14 +77,12 @@ def check_creatable(folder: str | Path, key: str) -> None:
     missing = path.relative_to(base)
     try:
         probe = Path(tempfile.mkdtemp(prefix=".vitq-probe-", dir=base))
+        try:
+            (probe / missing).mkdir(parents=True, exist_ok=True)
+        finally:
+            shutil.rmtree(probe, ignore_errors=True)
     except OSError as e:
         raise FolderError(key, f"cannot create {path}: {e.strerror or e}") from None
-    try:
-        (probe / missing).mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise FolderError(key, f"cannot create {path}: {e.strerror or e}") from None
-    finally:
-        shutil.rmtree(probe, ignore_errors=True)
 
 
 def cache_root(sub: str = "") -> Path:
